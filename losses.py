@@ -1,0 +1,288 @@
+"""Training objectives of reinforcement distillation, and the log-probabilities they are built from.
+
+Every objective is a short function of per-sequence *summed* log-probabilities logπ(y|x) = Σ_t logπ(y_t|x, y_<t)
+and token counts |y|, so the formula in its docstring can be read next to the paper:
+
+  sft_loss           SFT on positive traces: token-mean negative log-likelihood.
+  redi_loss          REDI (Xu et al. 2025): −logπ(y_w|x)/|y_w| + α·logπ(y_l|x)/|y_l|.
+  dpo_loss           DPO (Rafailov et al. 2023), against precomputed reference log-probs.
+  simpo_loss         SimPO (Meng et al. 2024): reference-free, length-normalised, with a margin γ.
+  group_advantages   GRPO-style z-scored rewards within each prompt's group of samples.
+  weighted_nll_loss  AdvDistill (Padarha 2025): reward-weighted, length-normalised NLL.
+
+Each loss returns (loss, metrics). Metrics use TRL's names (logps/chosen, rewards/margins, ...) and are
+detached 0-dim tensors, so a trainer can all-reduce them without a host sync.
+
+Batch normalisation. A loss is Σ_i ℓ_i / N. N defaults to this batch's count (sequences, pairs or loss tokens),
+giving the batch mean. Under gradient accumulation or DDP the trainer passes `normalizer` = the count of the
+whole *global* batch (all micro-batches of the optimizer step, all ranks): the summed gradients then equal
+those of one big batch exactly, however unevenly the micro-batches are filled. (Averaging per-micro-batch
+means instead weights a token in a short micro-batch more than one in a long micro-batch: the
+gradient-accumulation normalisation bug.)
+
+The log-probs come from `token_logps`, which never holds the [tokens, vocabulary] logits tensor whole: at
+16k tokens × 151,936 vocabulary that tensor is 10 GB in fp32, and its gradient another 10 GB.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# token_logps processes tokens in chunks whose fp32 logits take about this many bytes (one [chunk, V] buffer
+# is live at a time, see _ChunkedTokenLogps). 256 MiB is 441 tokens at Qwen2's 151,936 vocabulary: large
+# enough that each chunk's matmul is efficient, small enough that memory does not grow with tokens × vocab.
+CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk = CHUNK_BYTES / (4 bytes × V), at least 1."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token and sequence log-probabilities
+# --------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """logp_t = z_t[y_t] − logsumexp(z_t), with logits z_t = W h_t, computed chunk by chunk.
+
+    Forward keeps only logsumexp(z_t) per token. Backward recomputes each chunk's logits and uses
+        ∂logp_t/∂z_t = onehot(y_t) − softmax(z_t),
+    so with upstream gradient g_t and dz_t = g_t (onehot(y_t) − softmax(z_t)):
+        ∂L/∂h_t = W^T dz_t,    ∂L/∂W = Σ_t dz_t h_t^T.
+    Logits are computed in fp32 (or fp64 for fp64 inputs) whatever the input dtype, because bf16 logits
+    are off by ~0.1 nats; gradients are returned in the inputs' dtypes. Ignored targets give 0, no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+        compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        # Our own dtype choice must win over an enclosing torch.autocast (which would run the matmul in bf16).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight_c = weight.to(compute_dtype)
+            valid = targets != ignore_index
+            safe_targets = torch.where(valid, targets, 0)
+            logps = torch.zeros(targets.shape, dtype=compute_dtype, device=hidden.device)
+            logsumexp = torch.zeros_like(logps)
+            for start in range(0, targets.numel(), chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = hidden[rows].to(compute_dtype) @ weight_c.T  # [chunk, V], the only big buffer
+                target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)
+                # logsumexp in place (torch.logsumexp would allocate two more [chunk, V] temporaries).
+                row_max = logits.amax(dim=1, keepdim=True)
+                lse = logits.sub_(row_max).exp_().sum(dim=1).log_() + row_max.squeeze(1)
+                logsumexp[rows] = lse
+                logps[rows] = torch.where(valid[rows], target_logits - lse, 0.0)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, logsumexp)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, safe_targets, valid, logsumexp = ctx.saved_tensors
+        compute_dtype = logsumexp.dtype
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight_c = weight.to(compute_dtype)
+            grad_per_token = torch.where(valid, grad_logps.to(compute_dtype), 0.0)
+            grad_hidden = torch.zeros(hidden.shape, dtype=compute_dtype, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
+            for start in range(0, safe_targets.numel(), ctx.chunk_size):
+                rows = slice(start, start + ctx.chunk_size)
+                hidden_c = hidden[rows].to(compute_dtype)
+                g = grad_per_token[rows]
+                # dz = g·(onehot − softmax), built in the logits buffer itself: softmax = exp(z − logsumexp).
+                grad_logits = (hidden_c @ weight_c.T).sub_(logsumexp[rows, None]).exp_().mul_(-g[:, None])
+                grad_logits.scatter_add_(1, safe_targets[rows, None], g[:, None])
+                grad_hidden[rows] = grad_logits @ weight_c
+                grad_weight.addmm_(grad_logits.T, hidden_c)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
+
+
+def token_logps(hidden, weight, targets, chunk_size=None, ignore_index=IGNORE_INDEX):
+    """logπ(y_t | context) = log_softmax(hidden_t @ weight^T)[y_t] for every position t, without ever holding
+    the full [tokens, vocabulary] logits (or their gradient): tokens are processed `chunk_size` at a time
+    (default: default_chunk_size(V), about 256 MiB of fp32 logits per chunk). Gradients are exact.
+
+    hidden [..., H] (final normed hidden states), weight [V, H] (the output projection), targets [...] ids.
+    Returns fp32 log-probs shaped like targets (fp64 for fp64 inputs), 0 where targets == ignore_index.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"losses.token_logps: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} "
+                         "plus a hidden dimension")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"losses.token_logps: weight {tuple(weight.shape)} must be [vocab, {hidden.shape[-1]}]")
+    vocab_size = weight.shape[0]
+    valid = targets != ignore_index
+    out_of_range = valid & ((targets < 0) | (targets >= vocab_size))
+    if out_of_range.any():
+        raise ValueError(f"losses.token_logps: {int(out_of_range.sum())} target ids are outside [0, {vocab_size}) "
+                         f"and not ignore_index={ignore_index}; check the tokenizer matches the model's vocabulary")
+    chunk_size = chunk_size or default_chunk_size(vocab_size)
+    flat = _ChunkedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                    chunk_size, ignore_index)
+    return flat.view(targets.shape)
+
+
+def sequence_logps(token_logps, targets, document_ids, num_sequences, ignore_index=IGNORE_INDEX):
+    """Per-sequence sums over a packed row: logπ(y_s|x_s) = Σ_{t: doc(t)=s} logp_t and
+    |y_s| = #{t: doc(t)=s, target_t ≠ ignore_index}. Returns (sum_logps [S], lengths [S] long)."""
+    if not (token_logps.shape == targets.shape == document_ids.shape):
+        raise ValueError(f"losses.sequence_logps: token_logps {tuple(token_logps.shape)}, targets "
+                         f"{tuple(targets.shape)} and document_ids {tuple(document_ids.shape)} must have one shape")
+    valid = (targets != ignore_index).reshape(-1)
+    # Positions without a loss token contribute nothing, so their document id does not matter (padding may
+    # carry any id); only loss tokens must point at one of the S sequences.
+    documents = torch.where(valid, document_ids.reshape(-1), 0)
+    bad = (documents < 0) | (documents >= num_sequences)
+    if bad.any():
+        raise ValueError(f"losses.sequence_logps: {int(bad.sum())} loss tokens have a document id outside "
+                         f"[0, {num_sequences}); num_sequences must match the packed batch's document_ids")
+    values = torch.where(valid, token_logps.reshape(-1), 0.0)
+    sum_logps = values.new_zeros(num_sequences).index_add(0, documents, values)
+    lengths = torch.zeros(num_sequences, dtype=torch.long, device=documents.device).index_add(
+        0, documents, valid.long())
+    return sum_logps, lengths
+
+
+# --------------------------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(loss_name, **tensors):
+    """All inputs of a loss are 1-D and of one length (one entry per sequence or pair)."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise ValueError(f"losses.{loss_name}: inputs must be 1-D tensors of one length, got {shapes}")
+
+
+def _per_token(sum_logps, lengths):
+    """logπ(y|x)/|y| with |y| clamped to ≥ 1, so a fully masked sequence gives 0, not NaN."""
+    return sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
+
+
+def _normalise(per_item_loss, normalizer):
+    """Σ_i ℓ_i / N, with N = `normalizer` (the global batch's count) or this batch's size, clamped to ≥ 1."""
+    if normalizer is None:
+        normalizer = per_item_loss.numel()
+    normalizer = torch.as_tensor(normalizer, dtype=per_item_loss.dtype, device=per_item_loss.device)
+    return per_item_loss.sum() / normalizer.clamp(min=1)
+
+
+def _mean(values):
+    """Detached mean for a metric (0 for an empty batch rather than NaN)."""
+    values = values.detach().float()
+    return values.sum() / max(values.numel(), 1)
+
+
+def _preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
+    return {
+        "logps/chosen": _mean(chosen_logps),
+        "logps/rejected": _mean(rejected_logps),
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": _mean(chosen_rewards > rejected_rewards),
+    }
+
+
+def sft_loss(sum_logps, lengths, normalizer=None):
+    """SFT: L = −Σ_s logπ(y_s|x_s) / N, the negative log-likelihood per response token.
+
+    N defaults to Σ_s |y_s| (this batch's loss tokens, clamped to ≥ 1). The trainer passes N = the loss-token
+    count of the global batch (all micro-batches and ranks of the step), so every token has weight 1/N and
+    gradient accumulation and DDP give exactly the update of one big batch.
+    """
+    _check_batch("sft_loss", sum_logps=sum_logps, lengths=lengths)
+    loss = _normalise(-sum_logps, lengths.sum() if normalizer is None else normalizer)
+    metrics = {"logps/chosen": _mean(sum_logps),
+               "nll/token": -sum_logps.detach().float().sum() / lengths.sum().clamp(min=1),
+               "num_tokens": lengths.detach().sum().float()}
+    return loss, metrics
+
+
+def redi_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, alpha=0.8, *, normalizer=None):
+    """REDI: L = mean over pairs of  −logπ(y_w|x)/|y_w| + α·logπ(y_l|x)/|y_l|.
+
+    α = 0.8 is the paper's default; α = 1 the symmetric variant; α = 0 plain SFT on the positives (each
+    sequence's token-mean). The gradient w.r.t. the summed log-probs is constant: −1/|y_w| for the positive,
+    +α/|y_l| for the negative (reported as redi/coef_chosen and redi/coef_rejected, batch means).
+    Implicit reward for the metrics: the length-normalised log-prob logπ(y|x)/|y|.
+    """
+    _check_batch("redi_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_avg = _per_token(chosen_logps, chosen_lengths)
+    rejected_avg = _per_token(rejected_logps, rejected_lengths)
+    loss = _normalise(-chosen_avg + alpha * rejected_avg, normalizer)
+    metrics = _preference_metrics(chosen_logps, rejected_logps, chosen_avg, rejected_avg)
+    metrics["redi/coef_chosen"] = _mean(-1.0 / chosen_lengths.clamp(min=1))
+    metrics["redi/coef_rejected"] = _mean(alpha / rejected_lengths.clamp(min=1))
+    return loss, metrics
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, *, normalizer=None):
+    """DPO: L = mean over pairs of  −log σ(β[(logπ_w − logπ_ref,w) − (logπ_l − logπ_ref,l)]).
+
+    The reference log-probs are computed once, in a pass over the data before training, so no second model
+    is held in memory; they are constants here (detached). Implicit reward: β(logπ − logπ_ref).
+    """
+    _check_batch("dpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps.detach())
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps.detach())
+    loss = _normalise(-F.logsigmoid(chosen_rewards - rejected_rewards), normalizer)
+    return loss, _preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=1.0, *,
+               normalizer=None):
+    """SimPO: L = mean over pairs of  −log σ(β(logπ_w/|y_w| − logπ_l/|y_l|) − γ).
+
+    Reference-free; γ is the target reward margin. Implicit reward (as in the paper and TRL): β·logπ(y|x)/|y|.
+    """
+    _check_batch("simpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_rewards = beta * _per_token(chosen_logps, chosen_lengths)
+    rejected_rewards = beta * _per_token(rejected_logps, rejected_lengths)
+    loss = _normalise(-F.logsigmoid(chosen_rewards - rejected_rewards - gamma), normalizer)
+    return loss, _preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+
+
+def group_advantages(rewards, group_size, eps=1e-4, clip_negative=False):
+    """A_i = (r_i − mean_g) / (std_g + eps) within each prompt's group g of `group_size` samples.
+
+    rewards [N] are laid out group after group (N a multiple of group_size). std is the sample standard
+    deviation (n − 1), as torch.std and TRL's GRPO compute it. A group whose rewards are all equal carries no
+    signal and gets advantage exactly 0 (so does group_size 1, where std is undefined). clip_negative=True
+    sets negative advantages to 0 (learn only from better-than-average samples). Returns fp32 [N], no grad.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"losses.group_advantages: rewards must be 1-D [N], got {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"losses.group_advantages: {rewards.numel()} rewards do not split into groups of "
+                         f"group_size={group_size}; pass every sample of every prompt, group after group")
+    groups = rewards.detach().float().view(-1, group_size)
+    if group_size == 1:
+        return torch.zeros_like(groups).view(-1)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + eps)
+    # Exactly 0, not rounding noise divided by eps, when a group's rewards are all equal.
+    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    advantages = advantages.masked_fill(all_equal, 0.0)
+    if clip_negative:
+        advantages = advantages.clamp(min=0.0)
+    return advantages.view(-1)
+
+
+def weighted_nll_loss(logps, lengths, weights, *, normalizer=None):
+    """AdvDistill's reward-weighted NLL: L = mean over sequences of  −w·logπ(y|x)/|y|.
+
+    The weights (e.g. group_advantages of the teacher's rewards) are constants: detached, no gradient.
+    """
+    _check_batch("weighted_nll_loss", logps=logps, lengths=lengths, weights=weights)
+    weights = weights.detach().to(logps.dtype)
+    loss = _normalise(-weights * _per_token(logps, lengths), normalizer)
+    metrics = {"logps/chosen": _mean(logps), "weights/mean": _mean(weights),
+               "weights/positive_fraction": _mean(weights > 0)}
+    return loss, metrics

@@ -1,0 +1,554 @@
+"""Qwen2 in plain PyTorch: the decoder of Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen, computed exactly as
+transformers' `Qwen2ForCausalLM` computes it, loading and saving Hugging Face safetensors checkpoints.
+
+Read top to bottom:
+  1. Qwen2Config      a flat dataclass whose fields are the keys of config.json.
+  2. The layers       RMSNorm, rotary embeddings (rotate-half form), grouped-query attention, SwiGLU MLP.
+  3. Qwen2            the model: training forward (packed documents, activation checkpointing, hidden-state
+                      output for chunked losses) and inference (a static KV cache, prefill, one-token decode).
+  4. Checkpoints      the explicit map of Hugging Face tensor names, from_pretrained and save_pretrained.
+
+Conventions worth knowing:
+  - A packed row holds several documents; `position_ids` restart at 0 in each, and `document_ids` confine
+    attention to the document (a document-causal mask). Per-document logits equal separate forwards.
+  - The KV cache has one row ("slot") per sequence being decoded. Every slot has its own position, so rows
+    of different prompt lengths decode together; a finished slot is simply prefilled again with a new prompt.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config this implementation cannot load faithfully; the message says what and why."""
+
+
+@dataclass
+class Qwen2Config:
+    """The fields of a Qwen2 config.json (defaults: Qwen2.5-1.5B). Keys we do not use are kept in `extra`
+    so that a save writes them back unchanged."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # absent in Qwen2 configs: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                                  f"num_key_value_heads ({self.num_key_value_heads})")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "Qwen2Config":
+        """Read a config.json dict, in the transformers 4.x spelling (top-level `rope_theta`, `torch_dtype`)
+        or the 5.x one (`rope_parameters: {rope_theta, rope_type}`, `dtype`). Refuse what we cannot honour."""
+
+        def refuse(key, why):
+            raise CheckpointError(f"{source}: {key}: {why}")
+
+        if raw.get("model_type", "qwen2") != "qwen2":
+            refuse("model_type", f"is {raw['model_type']!r}; this implementation computes only 'qwen2'")
+        if raw.get("use_sliding_window"):
+            refuse("use_sliding_window", "is true; sliding-window attention is not implemented "
+                   "(every Qwen2.5 / R1-Distill checkpoint has it false)")
+        if raw.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", f"is {raw['hidden_act']!r}; Qwen2 uses 'silu'")
+        if raw.get("attention_dropout", 0.0):
+            refuse("attention_dropout", "is non-zero; attention dropout is not implemented")
+        if raw.get("rope_scaling") not in (None, {}):
+            refuse("rope_scaling", f"is {raw['rope_scaling']!r}; only default RoPE is implemented")
+        rope_parameters = raw.get("rope_parameters") or {}
+        if rope_parameters.get("rope_type", "default") != "default":
+            refuse("rope_parameters.rope_type", f"is {rope_parameters['rope_type']!r}; only 'default' is implemented")
+        extra_rope_keys = set(rope_parameters) - {"rope_theta", "rope_type"}
+        if extra_rope_keys:
+            refuse("rope_parameters", f"has {sorted(extra_rope_keys)}; only default RoPE is implemented")
+
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: raw[k] for k in known if k in raw and raw[k] is not None}
+        if "rope_theta" in rope_parameters:
+            values["rope_theta"] = rope_parameters["rope_theta"]
+        missing = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads"} - set(values)
+        if missing:
+            refuse(", ".join(sorted(missing)), "missing; a Qwen2 config.json must give the model's shape")
+        values.setdefault("num_key_value_heads", values["num_attention_heads"])
+        extra = {k: v for k, v in raw.items() if k not in known}
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str) -> "Qwen2Config":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=path)
+
+    def to_dict(self, dtype: torch.dtype | None = None) -> dict:
+        """config.json contents: the unused keys as read, then our fields. rope_theta and the dtype are
+        written in both spellings (4.x top-level `rope_theta`/`torch_dtype`, 5.x `rope_parameters`/`dtype`)
+        so that transformers 4.x and 5.x and vLLM all read the same model."""
+        out = dict(self.extra)
+        for f in fields(self):
+            if f.name not in ("extra", "head_dim"):
+                out[f.name] = getattr(self, f.name)
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            out["head_dim"] = self.head_dim
+        out.setdefault("model_type", "qwen2")
+        out.setdefault("architectures", ["Qwen2ForCausalLM"])
+        out.setdefault("hidden_act", "silu")
+        out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if dtype is not None:
+            out["torch_dtype"] = out["dtype"] = str(dtype).removeprefix("torch.")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Layers
+
+
+class RMSNorm(nn.Module):
+    """y = w * cast(x / sqrt(mean(x^2) + eps)), normalising in fp32 and casting back to x's dtype *before*
+    the weight multiplies (the order transformers uses; it matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos/sin of angle p * theta^(-2i/d) for i < d/2, duplicated to length d (rotate-half layout).
+    Frequencies and angles in fp32 whatever the model dtype; cast to `dtype` last, as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim))
+    angles = position_ids[..., None].float() * inv_freq  # [B, T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x*cos + rotate_half(x)*sin with rotate_half([a, b]) = [-b, a]; x [B, H, T, d], cos/sin [B, T, d]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values: [slots, kv_heads, max_seq_len, head_dim], indexed by position."""
+
+    def __init__(self, slots, kv_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (slots, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write_prompt(self, k, v, slots):
+        """Copy one prompt's keys/values [1, kv_heads, T, d] into positions 0..T-1 of every slot in `slots`
+        (a problem's prompt is prefilled once and shared by its n samples)."""
+        T = k.shape[2]
+        self.k[slots, :, :T] = k.to(self.k.dtype)
+        self.v[slots, :, :T] = v.to(self.v.dtype)
+
+    def write_token(self, k, v, positions):
+        """Write each slot's new key/value [slots, kv_heads, 1, d] at that slot's own position."""
+        rows = torch.arange(self.k.shape[0], device=positions.device)
+        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
+        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: q/k/v projections with bias, o without; each group of
+    num_attention_heads / num_key_value_heads query heads shares one key/value head."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        self.q = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_len=None):
+        """Three uses. Training / full forward: attend over x itself (causal, or `mask`). Prefill
+        (`cache_slots`): the same, and also store k/v in those cache slots. Decode (`cache_positions`, one new
+        token per slot): store k/v at each slot's position, then attend over the cache up to `kv_len`."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_slots is not None:
+            self.cache.write_prompt(k, v, cache_slots)
+        if cache_positions is not None:
+            self.cache.write_token(k, v, cache_positions)
+            k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, **cache_args):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, **cache_args)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def document_causal_mask(document_ids):
+    """mask[b, 0, i, j] = (j <= i) and doc[b, i] == doc[b, j]: token i sees the earlier tokens of its own
+    document only. A dense [B, 1, T, T] boolean (the simple path, used on CPU and in tests)."""
+    T = document_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The model
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # A tied model has no lm_head module at all: the embedding matrix is the output projection.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.gradient_checkpointing = False
+        self.source_dir: str | None = None  # where from_pretrained read it; save_pretrained copies tokenizer files
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The [vocab, hidden] output projection (the embedding matrix when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random initialisation as transformers does it: N(0, std) matrices, zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, context_len: int) -> float:
+        """Training FLOPs per token, forward + backward: 6N for the matrix multiplies (N without the
+        embedding, which is a lookup) plus 12 * layers * heads * head_dim * context for attention scores and
+        values (the PaLM / nanoGPT estimate, not halved for causality)."""
+        c = self.config
+        n = self.num_params() - self.embed.weight.numel() * (self.lm_head is not None)
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context_len
+
+    # --- training / full forward ---
+
+    def forward(self, input_ids, position_ids=None, document_ids=None, return_hidden=False):
+        """input_ids [B, T] -> logits [B, T, vocab], or with return_hidden the final normed hidden states
+        [B, T, hidden] (losses then compute log-probs chunk by chunk instead of holding T x vocab logits).
+        Packed rows pass position_ids (restarting per document) and document_ids (for the mask)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        mask = None if document_ids is None else document_causal_mask(document_ids)
+        x = self.embed(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations during backward.
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        x = self.norm(x)
+        return x if return_hidden else F.linear(x, self.lm_head_weight)
+
+    # --- inference with a static KV cache ---
+
+    def setup_cache(self, slots: int, max_seq_len: int, dtype=None, device=None):
+        """Allocate a KV cache of `slots` rows x `max_seq_len` positions in every layer (replacing any)."""
+        p = self.embed.weight
+        c = self.config
+        for block in self.layers:
+            block.attn.cache = KVCache(slots, c.num_key_value_heads, max_seq_len, c.head_dim,
+                                       dtype or p.dtype, device or p.device)
+
+    def free_cache(self):
+        for block in self.layers:
+            block.attn.cache = None
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids, slots):
+        """Run one prompt (1-D token ids, positions 0..T-1) causally, store its keys/values in every slot of
+        `slots`, and return the logits of its last token [vocab] (shared by those slots' first samples)."""
+        prompt_ids = torch.as_tensor(prompt_ids, device=self.embed.weight.device).view(1, -1)
+        slots = torch.as_tensor(slots, device=prompt_ids.device).view(-1)
+        T = prompt_ids.shape[1]
+        if T > self.layers[0].attn.cache.k.shape[2]:
+            raise ValueError(f"prompt of {T} tokens does not fit the KV cache")
+        position_ids = torch.arange(T, device=prompt_ids.device).view(1, T)
+        x = self.embed(prompt_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache_slots=slots)
+        return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
+
+    @torch.no_grad()
+    def decode_step(self, tokens, positions, kv_len: int | None = None):
+        """One new token per cache slot: tokens [slots] at positions [slots] (each slot's own position).
+        Attends over cache positions < kv_len (default: the whole cache; pass max(positions) + 1 to skip
+        the empty tail). Returns logits [slots, vocab]."""
+        kv_len = kv_len or self.layers[0].attn.cache.k.shape[2]
+        key_positions = torch.arange(kv_len, device=tokens.device)
+        mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [slots, 1, 1, kv_len]
+        x = self.embed(tokens[:, None])
+        cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache_positions=positions, kv_len=kv_len)
+        return F.linear(self.norm(x[:, 0]), self.lm_head_weight)
+
+    # --- checkpoints (section 4) ---
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Qwen2":
+        return load_pretrained(cls, path, dtype, device)
+
+    def save_pretrained(self, path, generation_config: dict | None = None, max_shard_bytes: int = 5 * 2**30):
+        save_pretrained(self, path, generation_config, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Checkpoints: Hugging Face tensor names, loading and saving
+
+# Our parameter name -> transformers' name. "{}" is the layer index.
+HF_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "layers.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attn.q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attn.q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.attn.k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attn.k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attn.v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attn.v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.attn.o.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+FROM_HF = {hf: ours for ours, hf in HF_NAMES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def _split_layer(name: str):
+    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', '3')."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i] + ["{}"] + parts[i + 1:]), part
+    return name, None
+
+
+def to_hf_name(name: str) -> str:
+    template, layer = _split_layer(name)
+    return HF_NAMES[template].format(layer)
+
+
+def from_hf_name(name: str) -> str | None:
+    template, layer = _split_layer(name)
+    return FROM_HF[template].format(layer) if template in FROM_HF else None
+
+
+def checkpoint_files(path) -> list[str]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards named by
+    model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    if os.path.exists(single):
+        return [single]
+    found = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth")))
+    hint = f" (found {found}: pickle files are not loaded; convert them to safetensors)" if found else ""
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def load_pretrained(cls, path, dtype, device) -> Qwen2:
+    """Build the model on the meta device (no memory), read every tensor straight from safetensors onto
+    `device` in `dtype`, check names and shapes strictly, then load with assign=True so the read tensors
+    become the parameters: the weights exist once, never twice."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")
+    config = Qwen2Config.from_json(os.path.join(path, "config.json"))
+    files = checkpoint_files(path)
+
+    state, unexpected = {}, []
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for hf_name in f.keys():
+                name = from_hf_name(hf_name)
+                if name is None:
+                    unexpected.append(hf_name)
+                    continue
+                state[name] = f.get_tensor(hf_name).to(dtype)
+    if "lm_head.weight" not in state:
+        config.tie_word_embeddings = True  # no lm_head.weight in the files: the output projection is tied
+    elif config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # tied: transformers ignores a stored copy, and so do we
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    missing = sorted(to_hf_name(n) for n in expected.keys() - state.keys())
+    unexpected += sorted(to_hf_name(n) for n in state.keys() - expected.keys())
+    misshaped = [f"{to_hf_name(n)}: file {tuple(state[n].shape)}, model {tuple(s)}"
+                 for n, s in expected.items() if n in state and state[n].shape != s]
+    if missing or unexpected or misshaped:
+        problems = [f"missing tensors: {missing}" if missing else "",
+                    f"unexpected tensors: {unexpected}" if unexpected else "",
+                    f"shape mismatches: {misshaped}" if misshaped else ""]
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json: "
+                              + "; ".join(p for p in problems if p))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.source_dir = os.path.abspath(path)
+    return model.eval()
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same directory and rename: a crash leaves the old file or
+    the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    _atomic_write(path, write)
+
+
+def save_pretrained(model: Qwen2, path, generation_config=None, max_shard_bytes=5 * 2**30):
+    """Write a checkpoint transformers and vLLM load unchanged: config.json, transformers' tensor names in
+    safetensors (a tied lm_head stored once, as the embedding), sharded with an index above max_shard_bytes,
+    and the source checkpoint's tokenizer files. `generation_config`, if given, replaces the copied
+    generation_config.json. Every file is written atomically; the index (or model.safetensors) comes last."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {to_hf_name(n): t.detach().contiguous() for n, t in model.state_dict().items()}
+    dtype = next(iter(tensors.values())).dtype
+
+    shards, current, current_bytes = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = {}, 0
+        current[name] = t
+        current_bytes += nbytes
+    shards.append(current)
+
+    if model.source_dir and os.path.abspath(model.source_dir) != os.path.abspath(path):
+        for name in TOKENIZER_FILES:
+            src = os.path.join(model.source_dir, name)
+            if os.path.exists(src):
+                _atomic_write(os.path.join(path, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
+    if generation_config is not None:
+        _write_json(os.path.join(path, "generation_config.json"), generation_config)
+    _write_json(os.path.join(path, "config.json"), model.config.to_dict(dtype))
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(os.path.join(path, "model.safetensors"),
+                      lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        stale = [os.path.join(path, "model.safetensors.index.json")]
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            shard_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(os.path.join(path, shard_name), lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
+            weight_map.update({name: shard_name for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(os.path.join(path, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        stale = [os.path.join(path, "model.safetensors")]
+    for f in stale:  # a previous save in the other layout would shadow this one
+        if os.path.exists(f):
+            os.remove(f)

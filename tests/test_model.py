@@ -1,0 +1,263 @@
+"""model.py against transformers' Qwen2ForCausalLM: logits, checkpoints, KV cache, packing, errors."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import tiny
+from model import CheckpointError, Qwen2, Qwen2Config, document_causal_mask
+
+transformers.logging.set_verbosity_error()
+
+
+def make_hf_model(seed=0, **overrides):
+    """A tiny random transformers Qwen2 whose biases and norm weights are randomised too (a zero bias or a
+    unit norm would hide a missing or misplaced term)."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(**tiny.tiny_config_dict(**overrides))
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_hf(model, path, **kwargs):
+    model.save_pretrained(path, **kwargs)
+    return str(path)
+
+
+def ids(batch=2, length=17, vocab=400, seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_word_embeddings=True, rope_theta=10000.0),
+    dict(tie_word_embeddings=False, rope_theta=1000000.0),
+    dict(tie_word_embeddings=False, rope_theta=500.0, num_key_value_heads=4),  # MHA
+    dict(tie_word_embeddings=True, rope_theta=10000.0, num_attention_heads=8, num_key_value_heads=1,
+         hidden_size=128, num_hidden_layers=3),  # 8 query heads share one KV head
+])
+def test_fp32_logits_match_transformers(tmp_path, overrides):
+    hf = make_hf_model(**overrides)
+    ours = Qwen2.from_pretrained(save_hf(hf, tmp_path))
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_bf16_logits_no_further_from_fp32_than_transformers(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=False)
+    path = save_hf(hf, tmp_path)
+    x = ids(length=32)
+    with torch.no_grad():
+        reference = hf(x).logits
+        hf_bf16 = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        hf_error = (hf_bf16(x).logits.float() - reference).abs().max().item()
+        ours_error = (Qwen2.from_pretrained(path, dtype=torch.bfloat16)(x).float() - reference).abs().max().item()
+    assert ours_error <= hf_error * 1.0001 + 1e-6, (ours_error, hf_error)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_through_our_save_reloads_in_transformers(tmp_path, tied):
+    hf = make_hf_model(tie_word_embeddings=tied)
+    src = save_hf(hf, tmp_path / "src")
+    tiny.make_tokenizer(src)
+    with open(os.path.join(src, "config.json")) as f:
+        raw = json.load(f)
+    raw["my_custom_key"] = {"kept": True}
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(raw, f)
+
+    ours = Qwen2.from_pretrained(src)
+    ours.save_pretrained(tmp_path / "dst")
+    dst = str(tmp_path / "dst")
+    reloaded = transformers.Qwen2ForCausalLM.from_pretrained(dst).eval()
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, hf(x).logits)
+        assert torch.equal(Qwen2.from_pretrained(dst)(x), ours(x))
+    stored = load_file(os.path.join(dst, "model.safetensors"))
+    assert ("lm_head.weight" in stored) == (not tied)  # a tied head is stored once, as the embedding
+    assert set(stored) == set(load_file(os.path.join(src, "model.safetensors"))) - ({"lm_head.weight"} if tied else set())
+    with open(os.path.join(dst, "config.json")) as f:
+        assert json.load(f)["my_custom_key"] == {"kept": True}
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert os.path.exists(os.path.join(dst, name)), name
+
+
+def test_sharded_checkpoint_loads_and_our_sharded_save_reloads(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=False)
+    src = save_hf(hf, tmp_path / "src", max_shard_size="60KB")
+    assert os.path.exists(os.path.join(src, "model.safetensors.index.json"))
+    assert not os.path.exists(os.path.join(src, "model.safetensors"))
+    ours = Qwen2.from_pretrained(src)
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+    ours.save_pretrained(tmp_path / "dst", max_shard_bytes=60_000)
+    dst = str(tmp_path / "dst")
+    with open(os.path.join(dst, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert len(set(index["weight_map"].values())) > 1
+    with torch.no_grad():
+        assert torch.equal(transformers.Qwen2ForCausalLM.from_pretrained(dst).eval()(x).logits, hf(x).logits)
+
+
+def test_config_spellings_4x_and_5x(tmp_path):
+    hf = make_hf_model(rope_theta=12345.0)
+    path = save_hf(hf, tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+    # transformers 4.x style: top-level rope_theta and torch_dtype, no rope_parameters.
+    raw_4x = {k: v for k, v in raw.items() if k not in ("rope_parameters", "dtype")}
+    raw_4x.update(rope_theta=12345.0, torch_dtype="float32", rope_scaling=None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw_4x, f)
+    assert Qwen2Config.from_json(os.path.join(path, "config.json")).rope_theta == 12345.0
+    with torch.no_grad():
+        assert (Qwen2.from_pretrained(path)(x) - expected).abs().max().item() <= 1e-5
+    # transformers 5.x style: rope_parameters only.
+    raw_5x = {k: v for k, v in raw.items() if k != "rope_theta"}
+    raw_5x["rope_parameters"] = {"rope_theta": 12345.0, "rope_type": "default"}
+    assert Qwen2Config.from_dict(raw_5x).rope_theta == 12345.0
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"model_type": "llama"}, "model_type"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unsupported_config_is_refused_naming_the_key(edit, key):
+    raw = {**tiny.tiny_config_dict(), **edit}
+    with pytest.raises(CheckpointError, match=key):
+        Qwen2Config.from_dict(raw)
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=False)
+    path = save_hf(hf, tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.0.self_attn.k_proj.bias"] = torch.zeros(3)
+    tensors["model.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        Qwen2.from_pretrained(path)
+    message = str(err.value)
+    assert "model.layers.1.mlp.up_proj.weight" in message
+    assert "model.layers.0.self_attn.k_proj.bias" in message and "(3,)" in message
+    assert "model.layers.0.extra.weight" in message
+
+
+def test_checkpoint_without_lm_head_is_tied(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=True)
+    path = save_hf(hf, tmp_path)
+    assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
+    ours = Qwen2.from_pretrained(path)
+    assert ours.lm_head is None and ours.lm_head_weight is ours.embed.weight
+
+
+def test_pickle_checkpoints_are_not_loaded(tmp_path):
+    hf = make_hf_model()
+    path = save_hf(hf, tmp_path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    torch.save(hf.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match="pickle"):
+        Qwen2.from_pretrained(path)
+
+
+def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
+    """assign=True: parameters are the tensors read from safetensors, and nothing remains on meta."""
+    path = save_hf(make_hf_model(), tmp_path)
+    ours = Qwen2.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert not any(b.is_meta for b in ours.buffers())
+
+
+def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=False)
+    model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
+    seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13)]  # three rows of different lengths
+    prompt_lens = [2, 6, 1]
+    model.setup_cache(slots=3, max_seq_len=32)
+    with torch.no_grad():
+        for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
+            last = model.prefill(s[:p], [slot])
+            assert torch.allclose(last, model(s[None, :p])[0, -1], atol=1e-5)
+        steps = max(len(s) - p for s, p in zip(seqs, prompt_lens))
+        for t in range(steps):
+            positions = torch.tensor([min(p + t, len(s) - 1) for s, p in zip(seqs, prompt_lens)])
+            tokens = torch.stack([s[pos] for s, pos in zip(seqs, positions)])
+            logits = model.decode_step(tokens, positions, kv_len=int(positions.max()) + 1)
+            for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
+                if p + t < len(s):
+                    full = hf(s[None, : p + t + 1]).logits[0, -1]
+                    assert (logits[slot] - full).abs().max().item() <= 1e-5, (slot, t)
+
+
+def test_prefill_shares_one_prompt_across_slots(tmp_path):
+    model = Qwen2.from_pretrained(save_hf(make_hf_model(), tmp_path))
+    model.setup_cache(slots=4, max_seq_len=16)
+    prompt = ids(1, 7)[0]
+    model.prefill(prompt, [1, 3])
+    cache = model.layers[0].attn.cache
+    assert torch.equal(cache.k[1, :, :7], cache.k[3, :, :7]) and cache.k[1, :, :7].abs().sum() > 0
+    assert cache.k[0].abs().sum() == 0 and cache.k[2].abs().sum() == 0
+
+
+def test_packed_documents_equal_separate_forwards(tmp_path):
+    hf = make_hf_model()
+    model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
+    docs = [ids(1, n, seed=n)[0] for n in (4, 9, 6)]
+    input_ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    document_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    with torch.no_grad():
+        packed = model(input_ids, position_ids=position_ids, document_ids=document_ids)
+        start = 0
+        for d in docs:
+            separate = hf(d[None]).logits[0]
+            assert (packed[0, start:start + len(d)] - separate).abs().max().item() <= 1e-5
+            start += len(d)
+
+
+def test_document_causal_mask():
+    mask = document_causal_mask(torch.tensor([[0, 0, 1, 1, 1]]))[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+def test_hidden_output_and_gradient_checkpointing_give_same_gradients(tmp_path):
+    model = Qwen2.from_pretrained(save_hf(make_hf_model(tie_word_embeddings=False), tmp_path)).train()
+    x = ids()
+    hidden = model(x, return_hidden=True)
+    assert torch.allclose(hidden @ model.lm_head_weight.T, model(x), atol=1e-5)
+
+    def grads(checkpointing):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(x).float().logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
