@@ -119,7 +119,9 @@ def token_logps(hidden, weight, targets, chunk_size=None, ignore_index=IGNORE_IN
     if out_of_range.any():
         raise ValueError(f"losses.token_logps: {int(out_of_range.sum())} target ids are outside [0, {vocab_size}) "
                          f"and not ignore_index={ignore_index}; check the tokenizer matches the model's vocabulary")
-    chunk_size = chunk_size or default_chunk_size(vocab_size)
+    chunk_size = default_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"losses.token_logps: chunk_size must be ≥ 1 (or None for the default), got {chunk_size}")
     flat = _ChunkedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                     chunk_size, ignore_index)
     return flat.view(targets.shape)

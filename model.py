@@ -216,9 +216,12 @@ class Attention(nn.Module):
         if cache_positions is not None:
             self.cache.write_token(k, v, cache_positions)
             k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = flex_attention(q, k, v, mask, gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -250,6 +253,32 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def document_block_mask(document_ids):
+    """The same document-causal rule as a FlexAttention BlockMask: only the (query block, key block) tiles
+    that hold allowed pairs are computed, so packed attention costs sum(len_i^2) rather than T^2 and no
+    dense [T, T] mask is ever built. The CUDA path for packed training rows."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_causal(b, h, q, kv):
+        return (kv <= q) & (document_ids[b, q] == document_ids[b, kv])
+
+    B, T = document_ids.shape
+    return create_block_mask(document_causal, B, None, T, T, device=document_ids.device)
+
+
+_compiled_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa):
+    """FlexAttention, compiled once (uncompiled it materialises the scores and is only a reference)."""
+    global _compiled_flex_attention
+    from torch.nn.attention import flex_attention as flex
+
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex.flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def document_causal_mask(document_ids):
     """mask[b, 0, i, j] = (j <= i) and doc[b, i] == doc[b, j]: token i sees the earlier tokens of its own
     document only. A dense [B, 1, T, T] boolean (the simple path, used on CPU and in tests)."""
@@ -274,6 +303,9 @@ class Qwen2(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.gradient_checkpointing = False
+        # Packed rows: "flex" (FlexAttention block mask, default on CUDA) or "dense" (a [T, T] boolean mask
+        # through SDPA; CPU, where FlexAttention has no backward, and the reference in tests).
+        self.packed_attention = "auto"
         self.source_dir: str | None = None  # where from_pretrained read it; save_pretrained copies tokenizer files
 
     @property
@@ -312,7 +344,7 @@ class Qwen2(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = None if document_ids is None else document_causal_mask(document_ids)
+        mask = None if document_ids is None else self.packed_mask(document_ids)
         x = self.embed(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.layers:
@@ -323,6 +355,12 @@ class Qwen2(nn.Module):
                 x = block(x, cos, sin, mask)
         x = self.norm(x)
         return x if return_hidden else F.linear(x, self.lm_head_weight)
+
+    def packed_mask(self, document_ids):
+        impl = self.packed_attention
+        if impl == "auto":
+            impl = "flex" if document_ids.is_cuda else "dense"
+        return document_block_mask(document_ids) if impl == "flex" else document_causal_mask(document_ids)
 
     # --- inference with a static KV cache ---
 

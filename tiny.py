@@ -35,7 +35,11 @@ def make_tokenizer(out_dir, texts=None, vocab_size=400):
     `tokenizer_config.json` that transformers' AutoTokenizer can read. Returns the Tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one, as Qwen2's tokenizer does: arithmetic is then learnable by a tiny model.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -261,3 +261,19 @@ def test_hidden_output_and_gradient_checkpointing_give_same_gradients(tmp_path):
     plain, checkpointed = grads(False), grads(True)
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_flex_attention_packed_forward_equals_dense(tmp_path):
+    """The CUDA packed path (FlexAttention block mask) against the dense mask, forward only: FlexAttention
+    has no backward on CPU, the backward is exercised on GPU by bench.py."""
+    model = Qwen2.from_pretrained(save_hf(make_hf_model(), tmp_path))
+    lengths = [40, 90, 30]
+    input_ids = torch.cat([ids(1, n, seed=n)[0] for n in lengths])[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    with torch.no_grad():
+        model.packed_attention = "dense"
+        dense = model(input_ids, position_ids, document_ids)
+        model.packed_attention = "flex"
+        flex = model(input_ids, position_ids, document_ids)
+    assert (flex - dense).abs().max().item() <= 1e-5

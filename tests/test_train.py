@@ -1,0 +1,514 @@
+"""train.py end to end on CPU (gloo), with a tiny random checkpoint and synthetic data made here.
+
+What each group of tests proves:
+  - 2 processes (DDP) = 1 process with gradient accumulation at the same global batch, for sft (with a short
+    last batch that leaves one rank without examples), redi and weighted (groups of unequal size); FSDP2 = DDP.
+    The micro-batches differ between the runs, so a per-micro-batch normalisation would fail these.
+  - The first logged loss of every stage equals the paper's formula computed straightforwardly from
+    transformers' logits of each sequence alone (no packing, no chunking): the wiring of chosen/rejected,
+    normalisers, α, β, γ and advantages.
+  - SFT memorises a small set; every stage's output loads in transformers and gives finite logits.
+  - Resume reproduces the uninterrupted run; DPO's reference cache is reused on resume, recomputed when stale,
+    and matches transformers; an interrupted save leaves the previous checkpoint; a non-finite loss stops the
+    run with the last good checkpoint kept; bad input fails before any compute with a message naming the flag.
+
+Single-process runs call train.main in-process (fast); multi-process runs go through torchrun as users run it.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+def problem(i):
+    return f"What is {i} + {i + 3}?"
+
+
+def solution(i, correct=True):
+    answer = 2 * i + 3 if correct else 2 * i + 4
+    return f"{i} + {i + 3} = {answer}. The answer is \\boxed{{{answer}}}."
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+class Workspace:
+    """A tiny checkpoint, one data file per format, and the runs made so far (each made once per module)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = str(root / "ckpt")
+        torch.manual_seed(0)
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**tiny.tiny_config_dict()))
+        hf.save_pretrained(self.model)
+        tiny.make_tokenizer(self.model)
+        system = {"role": "system", "content": "Please reason step by step."}
+        # 13 rows at batch 4: the 4th batch of each epoch holds one example, so on 2 ranks rank 1 gets none.
+        self.sft = write_jsonl(root / "sft.jsonl", [
+            {"messages": [system, {"role": "user", "content": problem(i)},
+                          {"role": "assistant", "content": solution(i)}]} for i in range(13)])
+        self.pairs = write_jsonl(root / "pairs.jsonl", [
+            {"prompt": [{"role": "user", "content": problem(i)}], "chosen": solution(i),
+             "rejected": solution(i, False) + " Maybe."} for i in range(10)])
+        sizes_and_rewards = [[1.0, 0.0, 0.0], [1.0, 0.0], [1.0, 1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [1.0, 0.0],
+                             [0.0, 0.0, 1.0]]
+        self.groups = write_jsonl(root / "groups.jsonl", [
+            {"prompt": [{"role": "user", "content": problem(i)}],
+             "completions": [solution(i + k, correct=k % 2 == 0) for k in range(len(rewards))],
+             "rewards": rewards} for i, rewards in enumerate(sizes_and_rewards)])
+        self.outs = {}
+
+    def out(self, name):
+        return str(self.root / name)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    # One thread, as the torchrun workers get (OMP_NUM_THREADS=1): tiny matrices gain nothing from more, and
+    # on a shared CPU extra threads only wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Workspace(tmp_path_factory.mktemp("train"))
+    torch.set_num_threads(threads)
+
+
+def run_inprocess(args):
+    train.main([str(a) for a in args])
+
+
+def run_torchrun(args, nproc=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "train.py", *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def sft_args(ws):
+    return ["--stage", "sft", "--model", ws.model, "--data", ws.sft, "--batch-size", 4, "--epochs", 2,
+            "--max-steps", 6, "--lr", 1e-3]
+
+
+def redi_args(ws):  # 10 pairs at batch 4: batches of 4, 4, 2 per epoch
+    return ["--stage", "redi", "--model", ws.model, "--data", ws.pairs, "--batch-size", 4, "--epochs", 2,
+            "--lr", 1e-3]
+
+
+def dpo_args(ws):
+    return ["--stage", "dpo", "--model", ws.model, "--data", ws.pairs, "--batch-size", 4, "--epochs", 2,
+            "--lr", 1e-3]
+
+
+def weighted_args(ws):  # groups of 2 to 4 completions; batch 2 prompts
+    return ["--stage", "weighted", "--model", ws.model, "--data", ws.groups, "--batch-size", 2, "--epochs", 2,
+            "--lr", 1e-3]
+
+
+RUNS = {
+    # name: (args, number of processes)
+    "sft-1": (lambda ws: sft_args(ws) + ["--micro-batch-size", 2, "--save-every", 3], 1),
+    "sft-ddp": (lambda ws: sft_args(ws) + ["--micro-batch-size", 1], 2),
+    "sft-fsdp": (lambda ws: sft_args(ws) + ["--micro-batch-size", 1, "--fsdp", "--save-every", 3], 2),
+    "redi-1": (lambda ws: redi_args(ws) + ["--micro-batch-size", 2], 1),
+    "redi-ddp": (lambda ws: redi_args(ws) + ["--micro-batch-size", 1], 2),
+    "weighted-1": (lambda ws: weighted_args(ws) + ["--micro-batch-size", 1, "--grad-checkpointing"], 1),
+    "weighted-ddp": (lambda ws: weighted_args(ws) + ["--micro-batch-size", 1], 2),
+    "dpo-1": (lambda ws: dpo_args(ws) + ["--micro-batch-size", 2, "--save-every", 3], 1),
+    "simpo-1": (lambda ws: ["--stage", "simpo", "--model", ws.model, "--data", ws.pairs, "--batch-size", 4,
+                            "--micro-batch-size", 2, "--lr", 1e-3], 1),
+}
+
+
+def get_run(ws, name):
+    """Run a configuration of RUNS once per module; return its output directory."""
+    if name not in ws.outs:
+        make_args, nproc = RUNS[name]
+        args = make_args(ws) + ["--out", ws.out(name)]
+        run_inprocess(args) if nproc == 1 else run_torchrun(args, nproc)
+        ws.outs[name] = ws.out(name)
+    return ws.outs[name]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def rel_diff(a, b):
+    """||a - b|| / ||b|| over all tensors of two state dicts."""
+    assert a.keys() == b.keys()
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    den = sum((b[k].double() ** 2).sum() for k in b)
+    return math.sqrt(num / den)
+
+
+def metrics(out):
+    with open(os.path.join(out, train.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------- 2 processes = 1 process (DDP, FSDP)
+
+
+@pytest.mark.parametrize("one, ddp", [("sft-1", "sft-ddp"), ("redi-1", "redi-ddp"),
+                                      ("weighted-1", "weighted-ddp")])
+def test_two_processes_match_one_process_with_accumulation(ws, one, ddp):
+    single, double, start = weights(get_run(ws, one)), weights(get_run(ws, ddp)), weights(ws.model)
+    diff = rel_diff(double, single)
+    assert diff <= 1e-3
+    # The test has teeth: the weights moved from the start (by > 1%), and the runs agree to a tiny fraction
+    # of that move.
+    moved = rel_diff(start, single)
+    assert moved > 0.01 and diff < 1e-3 * moved
+    m1, m2 = metrics(get_run(ws, one)), metrics(get_run(ws, ddp))
+    assert len(m1) == len(m2) == 6
+    for a, b in zip(m1, m2):  # the logged global loss and metrics agree step by step
+        for key in a:
+            if key not in ("tokens_per_s", "mfu"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_sft_runs_include_a_rank_without_examples(ws):
+    """The sft comparison above covers the short last batch: one example for two ranks."""
+    batches = data.global_batches(13, 4, seed=0, epoch=0)
+    assert [len(b) for b in batches] == [4, 4, 4, 1]
+    assert data.shard(batches[3], 1, 2) == []
+    assert metrics(get_run(ws, "sft-ddp"))[3]["tokens"] < metrics(get_run(ws, "sft-ddp"))[2]["tokens"]
+
+
+def test_fsdp2_matches_ddp(ws):
+    fsdp, ddp = get_run(ws, "sft-fsdp"), get_run(ws, "sft-ddp")
+    assert rel_diff(weights(fsdp), weights(ddp)) <= 1e-3
+    # One ordinary Hugging Face checkpoint, whole, not shards per rank.
+    model = transformers.Qwen2ForCausalLM.from_pretrained(fsdp)
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in weights(ws.model).values())
+
+
+def test_fsdp2_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
+    """Sharded AdamW state is gathered into one trainer_state.pt and re-sharded on resume; RNG states of
+    both ranks are kept."""
+    full = get_run(ws, "sft-fsdp")
+    state = torch.load(os.path.join(full, "step-3", train.TRAINER_STATE), weights_only=True)
+    assert len(state["rng"]) == 2 and state["step"] == 3
+    exp_avg = state["optimizer"]["state"]["model.embed.weight"]["exp_avg"]
+    assert exp_avg.shape == weights(ws.model)["model.embed_tokens.weight"].shape  # whole, not a shard
+    out = tmp_path / "resumed"
+    run_torchrun(RUNS["sft-fsdp"][0](ws) + ["--out", out, "--resume", os.path.join(full, "step-3")])
+    assert rel_diff(weights(out), weights(full)) <= 1e-5
+
+
+# ------------------------------------------------------------------ every stage: loss formula, HF loading
+
+
+def hf_logps(hf, example):
+    """logπ(y|x) summed over the loss tokens, and their count, from transformers' logits of the sequence
+    alone: the loss tokens are those with loss_mask 1 after the first position."""
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, :-1].double()
+    token_logps = F.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(example.loss_mask[1:], dtype=torch.bool)
+    return token_logps[mask].sum().item(), int(mask.sum())
+
+
+def expected_first_loss(ws, stage, batch_size, alpha=0.8, beta=None, gamma=1.0):
+    """The stage's loss on the first global batch, from the formulas in the papers, by hand."""
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
+    tokenizer = data.load_tokenizer(ws.model)
+    if stage == "sft":
+        items, _ = data.tokenize_sft(data.load_sft(ws.sft), tokenizer, "qwen", None)
+    elif stage == "weighted":
+        items, _ = data.tokenize_groups(data.load_groups(ws.groups), tokenizer, "qwen", None)
+    else:
+        items, _ = data.tokenize_pairs(data.load_pairs(ws.pairs), tokenizer, "qwen", None)
+    batch = [items[i] for i in data.global_batches(len(items), batch_size, seed=0, epoch=0)[0]]
+    if stage == "sft":  # −Σ logp / Σ loss tokens
+        sums = [hf_logps(hf, e) for e in batch]
+        return -sum(s for s, _ in sums) / sum(n for _, n in sums)
+    if stage == "weighted":  # Σ −A·logπ/|y| / #completions, A z-scored in each group (std n−1, eps 1e-4)
+        total, count = 0.0, 0
+        for examples, rewards in batch:
+            r = torch.tensor(rewards, dtype=torch.float64)
+            adv = (r - r.mean()) / (r.std() + 1e-4) if len(set(rewards)) > 1 else torch.zeros_like(r)
+            for e, a in zip(examples, adv.tolist()):
+                s, n = hf_logps(hf, e)
+                total += -a * s / n
+                count += 1
+        return total / count
+    per_pair = []
+    for chosen, rejected in batch:
+        (sc, nc), (sr, nr) = hf_logps(hf, chosen), hf_logps(hf, rejected)
+        if stage == "redi":
+            per_pair.append(-sc / nc + alpha * sr / nr)
+        elif stage == "simpo":
+            margin = beta * (sc / nc - sr / nr) - gamma
+            per_pair.append(math.log1p(math.exp(-margin)))  # −log σ(margin)
+        else:  # dpo at step 1: policy = reference, so −log σ(0)
+            per_pair.append(math.log(2.0))
+    return sum(per_pair) / len(per_pair)
+
+
+STAGE_RUNS = {"sft": ("sft-1", 4, {}), "redi": ("redi-1", 4, {}), "dpo": ("dpo-1", 4, {}),
+              "simpo": ("simpo-1", 4, {"beta": 2.0}), "weighted": ("weighted-1", 2, {})}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_RUNS))
+def test_every_stage_runs_and_loads_in_transformers(ws, stage):
+    name, batch_size, kwargs = STAGE_RUNS[stage]
+    out = get_run(ws, name)
+    log = metrics(out)
+    assert log[0]["loss"] == pytest.approx(expected_first_loss(ws, stage, batch_size, **kwargs), rel=1e-4)
+    for record in log:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= record.keys()
+        assert record["mfu"] is None  # CPU
+    if stage in ("redi", "dpo", "simpo"):
+        assert {"logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"} <= log[0].keys()
+
+    model = transformers.Qwen2ForCausalLM.from_pretrained(out)
+    ids = torch.tensor([data.encode_prompt(data.load_tokenizer(out), "qwen", data.problem_messages("1+1?", "qwen"))])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    assert rel_diff(weights(out), weights(ws.model)) > 1e-3  # it trained
+    with open(os.path.join(out, "generation_config.json")) as f:
+        generation = json.load(f)
+    tokenizer = data.load_tokenizer(out)
+    assert generation["eos_token_id"] == [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == generation["eos_token_id"]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_sft_loss_falls_on_a_memorisation_set(ws, tmp_path):
+    small = write_jsonl(tmp_path / "four.jsonl", [json.loads(line) for line in open(ws.sft).readlines()[:4]])
+    out = tmp_path / "out"
+    run_inprocess(["--stage", "sft", "--model", ws.model, "--data", small, "--out", out, "--batch-size", 4,
+                   "--epochs", 30, "--lr", 1e-2, "--warmup-ratio", 0])
+    losses = [r["loss"] for r in metrics(out)]
+    assert len(losses) == 30
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_learning_rate_schedule(ws):
+    total, warmup, peak = 10, train.warmup_steps_for(10, 0.25), 2.0
+    assert warmup == 3
+    lrs = [train.learning_rate(s, total, warmup, peak) for s in range(total)]
+    assert lrs[:3] == pytest.approx([2 / 3, 4 / 3, 2.0])  # rises linearly to the peak at the 3rd update
+    assert lrs[3:] == pytest.approx([2.0 * (10 - s) / 7 for s in range(3, 10)])  # then falls to 0 after the last
+    assert train.learning_rate(0, 5, 0, 1.0) == 1.0
+    # The run logs exactly these values.
+    logged = [r["lr"] for r in metrics(get_run(ws, "sft-1"))]
+    assert logged == pytest.approx([train.learning_rate(s, 6, 1, 1e-3) for s in range(6)])
+
+
+# ------------------------------------------------------------------------------------- resume and saving
+
+
+def test_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
+    full = get_run(ws, "sft-1")
+    assert sorted(os.listdir(full)).count("step-3") == 1
+    out = tmp_path / "resumed"
+    run_inprocess(RUNS["sft-1"][0](ws) + ["--out", out, "--resume", os.path.join(full, "step-3")])
+    assert rel_diff(weights(out), weights(full)) <= 1e-5
+    assert [r["step"] for r in metrics(out)] == [4, 5, 6]
+    assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(full)[3:]], rel=1e-6)
+    state = torch.load(os.path.join(full, "step-3", train.TRAINER_STATE), weights_only=True)
+    assert (state["step"], state["epoch"], state["total_steps"]) == (3, 0, 6)
+    assert state["optimizer"]["state"] and len(state["rng"]) == 1
+
+
+def test_dpo_reference_cache_is_reused_on_resume_and_matches_transformers(ws, tmp_path, capsys):
+    full = get_run(ws, "dpo-1")
+    cache = ws.pairs + ".ref_logps.safetensors"
+    table = load_file(cache)["ref_logps"]
+    # The cached reference log-probs are logπ_ref(chosen), logπ_ref(rejected) of each pair, in file order.
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
+    pairs, _ = data.tokenize_pairs(data.load_pairs(ws.pairs), data.load_tokenizer(ws.model), "qwen", None)
+    expected = torch.tensor([[hf_logps(hf, c)[0], hf_logps(hf, r)[0]] for c, r in pairs])
+    assert table.shape == (10, 2)
+    assert torch.allclose(table.double(), expected.double(), rtol=1e-5, atol=1e-4)
+
+    mtime = os.stat(cache).st_mtime_ns
+    capsys.readouterr()
+    out = tmp_path / "resumed"
+    run_inprocess(RUNS["dpo-1"][0](ws) + ["--out", out, "--resume", os.path.join(full, "step-3")])
+    assert "reusing reference log-probs" in capsys.readouterr().out
+    assert os.stat(cache).st_mtime_ns == mtime
+    assert rel_diff(weights(out), weights(full)) <= 1e-5
+
+    # A changed data file makes the cache stale: it is recomputed, not trusted.
+    os.utime(ws.pairs, ns=(mtime + 10**9, mtime + 10**9))
+    run_inprocess(dpo_args(ws) + ["--out", tmp_path / "stale", "--max-steps", 1])
+    assert "recomputing" in capsys.readouterr().out
+    assert torch.allclose(load_file(cache)["ref_logps"], table, rtol=1e-6)
+
+
+def test_dpo_on_two_processes_splits_the_reference_pass(ws, tmp_path):
+    one = get_run(ws, "dpo-1")
+    other_cache = tmp_path / "ref.safetensors"
+    out = tmp_path / "dpo-ddp"
+    run_torchrun(dpo_args(ws) + ["--micro-batch-size", 1, "--out", out, "--ref-cache", other_cache])
+    assert torch.allclose(load_file(other_cache)["ref_logps"], load_file(ws.pairs + ".ref_logps.safetensors")[
+        "ref_logps"], rtol=1e-5, atol=1e-5)
+    assert rel_diff(weights(out), weights(one)) <= 1e-3
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(ws, tmp_path, monkeypatch):
+    """The weights file of the second checkpoint fails half-written (a full disk, a kill); step-2 stays loadable,
+    no step-4 appears, and resuming from step-2 finishes with the uninterrupted run's weights."""
+    import safetensors.torch
+
+    real_save_file, calls = safetensors.torch.save_file, []
+
+    def crash_on_second_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)  # half a file
+            raise OSError("simulated crash while writing weights")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_save)
+    out = tmp_path / "out"
+    args = sft_args(ws) + ["--micro-batch-size", 2, "--out", out, "--save-every", 2]
+    with pytest.raises(OSError, match="simulated crash"):
+        run_inprocess(args)
+    assert os.path.isdir(out / "step-2") and not os.path.exists(out / "step-4")
+    assert not os.path.exists(out / "config.json")  # no final model either
+    transformers.Qwen2ForCausalLM.from_pretrained(out / "step-2")
+    monkeypatch.undo()
+
+    # A fresh start into this OUT is refused (it would overwrite step-2); resuming from step-2 is allowed.
+    with pytest.raises(train.ConfigError, match="already holds step-2"):
+        run_inprocess(args)
+    run_inprocess(args + ["--resume", out / "step-2"])
+    assert rel_diff(weights(out), weights(get_run(ws, "sft-1"))) <= 1e-5
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ws, tmp_path):
+    out = tmp_path / "out"
+    # lr 1e30 makes step 1's update blow the weights up; step 2's loss is NaN.
+    with pytest.raises(train.NonFiniteLossError, match=r"step 2: the loss is nan.*step-1"):
+        run_inprocess(sft_args(ws) + ["--lr", 1e30, "--out", out, "--save-every", 1])
+    assert sorted(n for n in os.listdir(out) if not n.endswith(".jsonl")) == ["step-1"]
+    model = transformers.Qwen2ForCausalLM.from_pretrained(out / "step-1")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("change, env, message", [
+    ({"--micro-batch-size": 3}, {}, r"--batch-size 4 must be a multiple of .*--micro-batch-size"),
+    ({"--micro-batch-size": 2}, {"WORLD_SIZE": "4"}, r"world size \(4\) x --micro-batch-size \(2\) = 8"),
+    ({"--data": "PAIRS"}, {}, r"holds preference \(prompt/chosen/rejected\) rows, but --stage sft needs SFT"),
+    ({"--data": "MISSING_DATA"}, {}, r"--data .*missing.jsonl: no such file"),
+    ({"--model": "MISSING_MODEL"}, {}, r"--model .*missing-model: not a directory"),
+    ({"--model": "NO_CONFIG"}, {}, r"--model .*empty: no config.json"),
+    ({"--dtype": "bf16"}, {}, r"--dtype bf16 needs a CUDA GPU"),
+    ({"--resume": "NO_STATE"}, {}, r"--resume .*ckpt: no trainer_state.pt"),
+])
+def test_bad_input_fails_before_any_compute(ws, tmp_path, monkeypatch, change, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "empty").mkdir()
+    paths = {"PAIRS": ws.pairs, "MISSING_DATA": str(tmp_path / "missing.jsonl"),
+             "MISSING_MODEL": str(tmp_path / "missing-model"), "NO_CONFIG": str(tmp_path / "empty"),
+             "NO_STATE": ws.model}
+    args = dict(zip(sft_args(ws)[::2], sft_args(ws)[1::2]))
+    args.update({k: paths.get(v, v) for k, v in change.items()})
+    out = tmp_path / "out"
+    with pytest.raises(train.ConfigError, match=message):
+        run_inprocess([x for kv in args.items() for x in kv] + ["--out", out])
+    assert not out.exists()  # failed before writing anything
+
+
+def test_cli_error_message_and_exit_code(ws, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--stage", "redi", "--model", ws.model, "--data", ws.sft,
+                             "--out", tmp_path / "out"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("train.py: error: --data ") and "suits --stage sft" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoints_are_never_overwritten_and_resume_settings_must_match(ws, tmp_path):
+    full = get_run(ws, "sft-1")
+    args = RUNS["sft-1"][0](ws)
+    before = sorted(os.listdir(full)), os.stat(os.path.join(full, "model.safetensors")).st_mtime_ns
+    with pytest.raises(train.ConfigError, match=r"--out .* already holds step-3, a final model; choose a new"):
+        run_inprocess(args + ["--out", full])
+    with pytest.raises(train.ConfigError, match="is the final model of a finished run"):
+        run_inprocess(args + ["--out", full, "--resume", full])
+    with pytest.raises(train.ConfigError, match="a final model, newer than --resume"):
+        run_inprocess(args + ["--out", full, "--resume", os.path.join(full, "step-3")])
+    assert (sorted(os.listdir(full)), os.stat(os.path.join(full, "model.safetensors")).st_mtime_ns) == before
+    changed = list(args)
+    changed[changed.index("--batch-size") + 1] = 8
+    with pytest.raises(train.ConfigError, match="--batch-size 4 but this run has 8"):
+        run_inprocess(changed + ["--out", tmp_path / "o", "--resume", os.path.join(full, "step-3")])
+
+
+def test_max_length_drops_and_counts_and_r1_template(ws, tmp_path, capsys):
+    tokenizer = data.load_tokenizer(ws.model)
+    lengths = sorted(len(e.input_ids) for e in data.tokenize_sft(data.load_sft(ws.sft), tokenizer, "r1", None)[0])
+    max_length = lengths[len(lengths) // 2]
+    dropped = sum(n > max_length for n in lengths)
+    assert 0 < dropped < len(lengths)
+    out = tmp_path / "out"
+    run_inprocess(["--stage", "sft", "--model", ws.model, "--data", ws.sft, "--out", out, "--template", "r1",
+                   "--max-length", max_length, "--batch-size", 4, "--epochs", 1, "--lr", 1e-3])
+    assert f"kept {len(lengths) - dropped}, dropped_too_long {dropped}" in capsys.readouterr().out
+    assert len(metrics(out)) == math.ceil((len(lengths) - dropped) / 4)
+    with open(out / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == [tokenizer.token_to_id("<｜end▁of▁sentence｜>")]
+
+
+def test_config_file_keys_defaults_and_overrides(ws, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"stage": "simpo", "model": ws.model, "data": ws.pairs, "out": "x",
+                                  "micro-batch-size": 2, "grad_checkpointing": True, "lr": "2e-6"}))
+    args = train.parse_args(["--config", str(config), "--micro-batch-size", "4"])
+    assert (args.stage, args.micro_batch_size, args.grad_checkpointing, args.lr) == ("simpo", 4, True, 2e-6)
+    assert (args.beta, args.gamma, args.batch_size, args.epochs, args.alpha) == (2.0, 1.0, 32, 1, 0.8)
+    assert (args.warmup_ratio, args.weight_decay, args.dtype) == (0.1, 1e-4, "fp32")
+    sft = train.parse_args(["--stage", "sft", "--model", "m", "--data", "d", "--out", "o"])
+    assert (sft.lr, sft.batch_size, sft.epochs) == (5e-5, 128, 5)
+    assert train.parse_args(["--stage", "dpo", "--model", "m", "--data", "d", "--out", "o"]).beta == 0.1
+    assert train.parse_args(["--stage", "redi", "--model", "m", "--data", "d", "--out", "o"]).lr == 1e-6
+
+    config.write_text(json.dumps({"stage": "sft", "learning_rate": 1e-5}))
+    with pytest.raises(train.ConfigError, match="unknown key 'learning_rate'"):
+        train.parse_args(["--config", str(config)])
+    config.write_text(json.dumps({"stage": "ppo"}))
+    with pytest.raises(train.ConfigError, match="'stage' = 'ppo'; choose one of"):
+        train.parse_args(["--config", str(config)])
+    config.write_text(json.dumps({"epochs": 1.5}))
+    with pytest.raises(train.ConfigError, match="must be an integer"):
+        train.parse_args(["--config", str(config)])
+    with pytest.raises(train.ConfigError, match="missing --stage, --model, --data, --out"):
+        train.parse_args([])

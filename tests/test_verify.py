@@ -1,0 +1,469 @@
+r"""Tests for verify.py, the answer checker.
+
+What is proven here:
+  * every MATH-500 gold solution is accepted against its own answer field, and answers of other
+    problems are rejected (all but a handful of genuine equalities, printed);
+  * every AIME gold accepts its zero-padded answer_raw form ("025");
+  * one table per supported form (extraction, numbers, fractions, roots, functions, units, bases,
+    equations, tuples, sets, intervals, matrices, choices, text, expressions, exactness), each with
+    accepted and rejected pairs;
+  * hostile input — code injection, power towers, huge factorials, deep nesting, 5,000-digit numbers —
+    is inert and answered within the 2 s bound, also from threads; exceptions never escape grade;
+  * the CLI prints the verdict and both parsed forms; the benchmark runs without Math-Verify.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import verify
+from verify import extract_answer, grade, is_equiv
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOUND_S = 2.0          # the issue's wall-time bound for any single call
+
+
+def read_jsonl(name: str) -> list[dict]:
+    path = DATA / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found: the shared data folder must sit beside the checkout")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def check_table(table):
+    """Assert every (pred, gold, expected) row; report all failures at once."""
+    failures = [(p, g, want) for p, g, want in table if is_equiv(p, g) is not want]
+    assert not failures, "\n".join(f"is_equiv({p!r}, {g!r}) should be {w}" for p, g, w in failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance on the real data
+# ---------------------------------------------------------------------------------------------
+def test_math500_every_gold_solution_is_accepted():
+    rows = read_jsonl("math500.jsonl")
+    assert len(rows) == 500
+    rejected = [r["unique_id"] for r in rows if not grade(r["solution"], r["answer"])]
+    assert rejected == []
+
+
+def test_math500_answers_of_other_problems_are_rejected():
+    rows = read_jsonl("math500.jsonl")
+    accepted, compared = [], 0
+    for shift in (1, 2, 7, 101):
+        for i, row in enumerate(rows):
+            other = rows[(i + shift) % len(rows)]["answer"]
+            if other == row["answer"]:
+                continue
+            compared += 1
+            if grade(row["solution"], other):
+                accepted.append((row["answer"], other))
+    print(f"\nmismatched MATH-500 pairs accepted: {len(accepted)} of {compared}: {accepted}")
+    assert compared > 1900
+    assert len(accepted) <= 5
+    # The only such pair in the data is a genuine equality: the answer "5" vs the answer "x=5".
+    assert all(is_equiv(a, b) for a, b in accepted)
+
+
+@pytest.mark.parametrize("name", ["aime24.jsonl", "aime25.jsonl"])
+def test_aime_golds_accept_answer_raw(name):
+    rows = read_jsonl(name)
+    assert len(rows) == 30
+    assert any(r["answer_raw"] != r["answer"] for r in rows) or name == "aime25.jsonl"
+    for r in rows:
+        assert is_equiv(r["answer_raw"], r["answer"]), r["id"]
+        assert grade(f"so the answer is $\\boxed{{{r['answer_raw']}}}$", r["answer"]), r["id"]
+        assert not grade(f"\\boxed{{{int(r['answer']) + 1:03d}}}", r["answer"]), r["id"]
+        assert not grade(f"\\boxed{{{r['answer']}0}}", r["answer"]), r["id"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+EXTRACTION = [
+    ("The answer is $\\boxed{5}$.", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                       # balanced braces
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                             # escaped braces inside
+    ("first \\boxed{1}, later we see \\boxed{2}", "2"),             # the last box
+    ("\\boxed{1}, \\boxed{2}", "1, 2"),                              # adjacent boxes: a list
+    ("$\\boxed{1}$ and $\\boxed{2}$", "1, 2"),
+    ("$\\boxed{\\frac{639}{40}}$ or $\\boxed{15\\frac{39}{40}}$", "15\\frac{39}{40}"),  # alternatives
+    ("\\fbox{7}", "7"),
+    ("\\framebox{204} minutes", "204"),
+    ("so $\\boxed 5$", "5"),
+    ("\\boxed{3} and then \\boxed{}", "3"),                          # empty box ignored
+    ("<think>maybe \\boxed{1}</think>The answer is \\boxed{2}.", "2"),
+    ("reasoning</think>\n\\boxed{42}", "42"),                        # prompt holds the <think>
+    ("<think>maybe \\boxed{1}</think> I give up.", None),            # nothing after </think>
+    ("<think>maybe \\boxed{1} and the output was cut", None),        # unfinished: truncated
+    ("so \\boxed{\\frac{1}{2", None),                                # truncated box
+    ("Final Answer: The final answer is $12$. I hope it is correct.", "12"),
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
+    ("Thus the final answer is 3.5.", "3.5"),
+    ("The final answer is \\(x=2\\)", "x=2"),
+    ("The result is 711", None),                                    # no tail-of-number fallback
+    ("I think 11 is wrong, it's 711", None),
+    ("025", "025"),                                                 # a bare answer
+    ("$\\frac{1}{2}$", "$\\frac{1}{2}$"),
+    ("", None),
+    ("   \n ", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTION)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_rejects_non_strings():
+    assert extract_answer(None) is None
+    assert extract_answer(42) is None
+
+
+def test_no_fallback_reads_the_tail_of_a_number():
+    assert not grade("\\boxed{711}", "11")
+    assert not grade("The sum is 711.", "11")
+    assert not grade("711", "11")
+    assert grade("\\boxed{11}", "11")
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence tables, one per supported form: (pred, gold, expected)
+# ---------------------------------------------------------------------------------------------
+INTEGERS_AND_SEPARATORS = [
+    ("42", "42", True), ("+42", "42", True), ("-0", "0", True), ("025", "25", True), ("25", "025", True),
+    ("10,080", "10080", True), ("10{,}080", "10080", True), ("10,\\!080", "10,080", True),
+    ("1 000", "1000", True), ("1\\,000", "1000", True), ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    ("1,000,000", "10^6", True), ("58,500", "58500", True),
+    ("42", "43", False), ("-42", "42", False), ("10,080", "1080", False), ("1 000", "1", False),
+    ("1,000", "1", False), ("(1,000)", "1000", False),               # inside brackets a comma separates
+]
+DECIMALS = [
+    ("0.5", "\\frac12", True), (".35625", "0.35625", True), ("3.210", "3.21", True), ("5.", "5", True),
+    ("0.333333", "\\frac13", True), ("3.14159", "\\pi", True), ("1.4142136", "\\sqrt2", True),
+    ("0.3333", "\\frac13", False), ("3.14", "\\pi", False), ("326.53", "326.5", False),
+    ("0.5", "0.05", False), ("1.5", "15", False),
+]
+FRACTIONS = [
+    ("\\frac{1}{2}", "1/2", True), ("\\dfrac{3}{4}", "\\frac34", True), ("\\tfrac{3}{4}", "0.75", True),
+    ("\\frac12", "\\frac{1}{2}", True), ("\\frac 59", "\\frac{5}{9}", True), ("\\frac9{19}", "9/19", True),
+    ("\\frac{270}7", "\\frac{270}{7}", True), ("\\frac{6}{8}", "\\frac{3}{4}", True), ("-\\frac{1}{2}", "\\frac{-1}{2}", True),
+    ("\\frac{1}{2}", "\\frac{2}{1}", False), ("\\frac{1}{3}", "0.33", False), ("-\\frac{1}{2}", "\\frac12", False),
+]
+MIXED_NUMBERS = [
+    ("2\\frac{1}{2}", "\\frac52", True), ("137 \\frac{1}{2}", "137.5", True), ("1\\frac{4}{5}", "\\frac{9}{5}", True),
+    ("-2\\frac{1}{2}", "-2.5", True), ("2\\frac12", "2.5", True), ("2\\frac{\\pi}{3}", "\\frac{2\\pi}{3}", True),
+    ("2\\frac{1}{2}", "1", False), ("x^2\\frac{1}{2}", "x^{5/2}", False),
+]
+ROOTS_AND_POWERS = [
+    ("\\sqrt{2}", "\\sqrt2", True), ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\sqrt{117}", "3\\sqrt{13}", True),
+    ("\\sqrt[3]{27}", "3", True), ("\\sqrt[3]{-8}", "-2", True), ("2^{10}", "1024", True),
+    ("8^{2/3}", "4", True), ("\\frac{1}{\\sqrt3}", "\\frac{\\sqrt{3}}{3}", True), ("x^{1/2}", "\\sqrt{x}", True),
+    ("\\frac{2}{\\sqrt5-1}", "\\frac{1+\\sqrt5}{2}", True), ("2^{-3}", "\\frac18", True), ("\\sqrt(2)", "\\sqrt2", True),
+    ("\\sqrt{32}", "5\\sqrt{2}", False), ("\\sqrt[3]{8}", "\\sqrt{8}", False), ("2^{10}", "1000", False),
+]
+CONSTANTS = [
+    ("\\pi", "\\pi", True), ("2\\pi", "\\pi \\cdot 2", True), ("e^{i\\pi}", "-1", True), ("i^2", "-1", True),
+    ("\\infty", "\\infty", True), ("-\\infty", "-\\infty", True), ("6-5i", "6 - 5i", True), ("e^2", "\\exp(2)", True),
+    ("\\pi", "3", False), ("e", "2.71", False), ("-\\infty", "\\infty", False), ("6+5i", "6-5i", False),
+]
+OPERATORS = [
+    ("2 \\times 3", "6", True), ("2 \\cdot 3", "6", True), ("6 \\div 3", "2", True), ("2*3", "6", True),
+    ("2\\left(3\\right)", "6", True), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)", True),
+    ("3xy", "3yx", True), ("(a+5)(b+2)", "ab+2a+5b+10", True), ("|-3|", "3", True), ("\\left|-3\\right|", "3", True),
+    ("2 \\times 3", "5", False), ("xy", "x+y", False), ("-x^2", "x^2", False),
+]
+FUNCTIONS = [
+    ("\\sin(\\pi/6)", "\\frac12", True), ("\\cos^2 x + \\sin^2 x", "1", True), ("2\\sin x\\cos x", "\\sin 2x", True),
+    ("\\frac{\\cos x}{\\sin x}", "\\cot x", True), ("\\tan x", "\\frac{\\sin x}{\\cos x}", True),
+    ("\\arcsin 1", "\\frac{\\pi}{2}", True), ("\\sin^{-1}(1)", "\\frac{\\pi}{2}", True), ("\\log_2 8", "3", True),
+    ("\\log_{2}(8)", "3", True), ("\\ln(e^3)", "3", True), ("\\ln 8", "3\\ln 2", True), ("\\sec x", "\\frac{1}{\\cos x}", True),
+    ("\\sin x", "\\cos x", False), ("\\log_2 8", "4", False), ("\\ln 8", "\\ln 9", False),
+]
+BINOMIALS_AND_FACTORIALS = [
+    ("\\binom{5}{2}", "10", True), ("\\dbinom{6}{3}", "20", True), ("\\tbinom{6}{3}", "\\binom{6}{3}", True),
+    ("5!", "120", True), ("\\frac{10!}{8!}", "90", True), ("0!", "1", True),
+    ("\\binom{5}{2}", "20", False), ("5!", "5", False),
+]
+SCIENTIFIC = [
+    ("1.5e3", "1500", True), ("2e10", "2 \\times 10^{10}", True), ("1.5 \\times 10^{3}", "1500", True),
+    ("6.72\\times 10^{-5}", ".0000672", True), ("1.5E-3", "0.0015", True),
+    ("1.5e3", "150", False), ("6.72\\times 10^{-4}", ".0000672", False), ("2e-1", "0.2", False),  # 2e-1 = 2e - 1
+]
+PLUS_MINUS = [
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True), ("1-\\sqrt{19}, 1+\\sqrt{19}", "1 \\pm \\sqrt{19}", True),
+    ("\\pm 3", "3, -3", True), ("3 \\mp 2", "1, 5", True), ("\\{1\\pm\\sqrt{5},-2\\}", "\\{-2, 1-\\sqrt5, 1+\\sqrt5\\}", True),
+    ("\\frac{-1\\pm\\sqrt5}{2}", "\\frac{-1+\\sqrt5}{2}, \\frac{-1-\\sqrt5}{2}", True), ("x = 1 \\pm 2", "3, -1", True),
+    ("1+\\sqrt{19}", "1 \\pm \\sqrt{19}", False), ("3", "\\pm 3", False), ("1 \\pm 2", "1, 2", False),
+]
+UNICODE = [
+    ("√2", "\\sqrt2", True), ("2π", "2\\pi", True), ("3 × 4", "12", True), ("−5", "-5", True), ("90°", "90^\\circ", True),
+    ("±2", "\\pm 2", True), ("√3", "\\sqrt2", False), ("π", "3.14", False),
+]
+UNITS_AND_ANNOTATIONS = [
+    ("5 \\text{ cm}", "5", True), ("5 cm", "5", True), ("5 inches", "5", True), ("5\\mbox{ cm}^2", "5", True),
+    ("864", "864 \\mbox{ inches}^2", True), ("864 \\text{ square inches}", "864 \\mbox{ inches}^2", True),
+    ("\\frac{270}{7}", "\\frac{270}7\\text{ degrees}", True), ("90", "90^\\circ", True), ("90^{\\circ}", "90", True),
+    ("5.4", "5.4 \\text{ cents}", True), ("50\\%", "50", True), ("50\\%", "0.5", True), ("50", "50\\%", True),
+    ("\\$32,348", "\\$32,\\!348", True), ("32348", "\\$32,\\!348", True), ("\\$18.90", "18.9", True),
+    ("6 \\text{ cm}", "5", False), ("89", "90^\\circ", False), ("25\\%", "0.5", False), ("\\$5", "6", False),
+]
+NUMBER_BASES = [
+    ("52_8", "52_8", True), ("52_{8}", "52_8", True), ("52", "52_8", True), ("4210_{5}", "4210_5", True),
+    ("A3_{16}", "a3_{16}", True),
+    ("42", "52_8", False), ("52_9", "52_8", False), ("53_8", "52_8", False), ("101_2", "5", False),
+]
+EQUATIONS_AND_MEMBERSHIP = [
+    ("x=5", "5", True), ("5", "x=5", True), ("5 = x", "5", True), ("y=2x+3", "2x+3", True), ("y = 2x + 3", "y=3+2x", True),
+    ("y-2x=3", "y=2x+3", True), ("-10x+14y-22z-8=0", "5x - 7y + 11z + 4 = 0", True),
+    ("5x - 7y + 11z = -4", "5x - 7y + 11z + 4 = 0", True), ("x = \\frac{4}{2} = 2", "2", True),
+    ("x \\in [-2,7]", "[-2,7]", True), ("x \\in (1,2)", "(1,2)", True), ("x=1 \\text{ or } x=-2", "1,-2", True),
+    ("x = 1, x = -2", "-2, 1", True),
+    ("x=6", "5", False), ("y=2x+4", "y=2x+3", False), ("5x - 7y + 11z + 5 = 0", "5x - 7y + 11z + 4 = 0", False),
+    ("x \\in [-2,7)", "[-2,7]", False), ("x = 1", "1, -2", False),
+]
+TUPLES = [
+    ("(1,2,3)", "(1, 2, 3)", True), ("(6,31,-1)", "\\left(6, 31, -1\\right)", True), ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("(0.5, -13)", "\\left( \\frac{3}{2}, -13 \\right)", False), ("(1,3,2)", "(1,2,3)", False), ("(1,2)", "(1,2,3)", False),
+    ("(-2,1)", "(1,-2)", False),
+]
+SETS_AND_LISTS = [
+    ("\\{3,1,2\\}", "\\{1,2,3\\}", True), ("1,2", "\\{1,2\\}", True), ("3, 5, 7", "7,3,5", True), ("-2,1", "1,-2", True),
+    ("2 \\text{ and } 3", "2, 3", True), ("\\{5\\}", "5", True), ("\\emptyset", "\\{\\}", True),
+    ("1,2", "1,2,3", False), ("1", "1,2", False), ("1,2,3", "1,2", False), ("1,1", "1,2", False),
+    ("\\{1,2\\}", "\\{1,3\\}", False),
+]
+INTERVALS = [
+    ("[1,2)", "[1,2)", True), ("(3,4]", "\\left(3, 4\\right]", True), ("(2,\\infty)", "(2, \\infty)", True),
+    ("(-\\infty, 0]", "x \\le 0", True), ("x > 5", "(5, \\infty)", True), ("x \\ge 5", "[5,\\infty)", True),
+    ("1 < x < 2", "(1,2)", True), ("-2 \\le x \\le 7", "[-2,7]", True), ("\\mathbb{R}", "(-\\infty,\\infty)", True),
+    ("(9,36) \\cup (0,9)", "(0,9) \\cup (9,36)", True), ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", True),
+    ("\\left[ \\frac{\\pi^2}{8}, \\frac{5 \\pi^2}{4} \\right]", "[\\pi^2/8, 5\\pi^2/4]", True),
+    ("[1,2]", "[1,2)", False), ("(3,4)", "(3,4]", False), ("x < 0", "(-\\infty, 0]", False),
+    ("(0,9) \\cup (9,37)", "(0,9) \\cup (9,36)", False), ("(0,36)", "(0,9) \\cup (9,36)", False),
+]
+MATRICES = [
+    ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}", True),
+    ("(-2,-14,-7)", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", True),
+    ("\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+    ("\\begin{pmatrix}1&2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\\\3\\end{pmatrix}", False),
+    ("(-2,-7,-14)", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", False),
+]
+MULTIPLE_CHOICE = [
+    ("(C)", "\\text{(C)}", True), ("C", "\\text{(C)}", True), ("\\textbf{(C)}", "\\text{(C)}", True),
+    ("\\text{(C)} 12", "\\text{(C)}", True), ("\\text{C}", "(C)", True), ("(c)", "\\text{(C)}", True),
+    ("(D)", "\\text{(C)}", False), ("D", "\\text{(C)}", False), ("12", "\\text{(C)}", False),
+]
+TEXT_ANSWERS = [
+    ("\\text{Evelyn}", "\\text{Evelyn}", True), ("Evelyn", "\\text{Evelyn}", True), ("\\text{EAST}", "\\text{east}", True),
+    ("east", "\\text{east}", True), ("\\textbf{even}", "\\text{even}", True), ("\\text{ellipse.}", "\\text{ellipse}", True),
+    ("west", "\\text{east}", False), ("\\text{odd}", "\\text{even}", False), ("\\text{Navin}", "\\text{Evelyn}", False),
+    ("\\text{parabola}", "\\text{ellipse}", False),
+]
+EXPRESSIONS = [
+    ("p - q", "-q + p", True), ("x^5 - x^4 + x^3 - x^2 + x - 1", "x^5+x^3+x-x^4-x^2-1", True), ("2k+2", "2(k+1)", True),
+    ("(x+1)^2", "x^2+2x+1", True), ("\\frac{x^2-1}{x-1}", "x+1", True), ("\\frac{11+9a}{20}", "\\frac{9a}{20} + \\frac{11}{20}", True),
+    ("6r^2-4r-24", "2(3r^2-2r-12)", True), ("3R^2", "3 R^2", True), ("\\sqrt{x^2}", "x", True),  # equal at positive points
+    ("(x+1)^2", "x^2+x+1", False), ("3R^2", "3r^2", False), ("2k+2", "2k+1", False), ("p-q", "q-p", False),
+    ("x", "y", False), ("x^8 + x^7 + 1", "x^8 + x^6 + 1", False),
+]
+EXACTNESS = [
+    ("\\frac{1}{2^{98}}", "\\frac{1}{2^{99}}", False), ("10^{20}+1", "10^{20}", False),
+    ("100000000000000000001", "10^{20}+1", True), ("\\sqrt{10^{40}+1}", "10^{20}", False),
+    ("2^{64}", "18446744073709551616", True), ("2^{64}", "18446744073709551617", False),
+    ("\\frac{1}{3} + 10^{-30}", "\\frac{1}{3}", False), ("\\pi + 10^{-30}", "\\pi", False),
+    ("(\\sqrt2+1)(\\sqrt2-1)", "1", True),
+]
+
+TABLES = {
+    "integers_and_separators": INTEGERS_AND_SEPARATORS, "decimals": DECIMALS, "fractions": FRACTIONS,
+    "mixed_numbers": MIXED_NUMBERS, "roots_and_powers": ROOTS_AND_POWERS, "constants": CONSTANTS,
+    "operators": OPERATORS, "functions": FUNCTIONS, "binomials_and_factorials": BINOMIALS_AND_FACTORIALS,
+    "scientific": SCIENTIFIC, "plus_minus": PLUS_MINUS, "unicode": UNICODE, "units": UNITS_AND_ANNOTATIONS,
+    "number_bases": NUMBER_BASES, "equations": EQUATIONS_AND_MEMBERSHIP, "tuples": TUPLES,
+    "sets_and_lists": SETS_AND_LISTS, "intervals": INTERVALS, "matrices": MATRICES,
+    "multiple_choice": MULTIPLE_CHOICE, "text": TEXT_ANSWERS, "expressions": EXPRESSIONS, "exactness": EXACTNESS,
+}
+
+
+@pytest.mark.parametrize("category", list(TABLES))
+def test_equivalence_table(category):
+    table = TABLES[category]
+    assert any(want for _, _, want in table) and not all(want for _, _, want in table), "need both kinds"
+    check_table(table)
+
+
+@pytest.mark.parametrize("category", list(TABLES))
+def test_equivalence_is_symmetric(category):
+    """Swapping prediction and gold never changes the verdict."""
+    check_table([(g, p, want) for p, g, want in TABLES[category]])
+
+
+def test_grade_extracts_then_compares():
+    assert grade("We get $x=5$, so the answer is $\\boxed{5}$.", "x=5")
+    assert grade("<think>it is 4? no</think>\n\nThe answer is $\\boxed{\\dfrac{1}{2}}$", "0.5")
+    assert not grade("<think>\\boxed{5}", "5")
+    assert not grade("The answer is \\boxed{6}.", "5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Safety and bounds
+# ---------------------------------------------------------------------------------------------
+def test_injection_is_inert_and_never_evaluated(tmp_path, monkeypatch):
+    """Python inside a box is parsed as (failing) LaTeX: nothing runs. eval and sympy's string parser
+    are trapped while grading, so any use of them would fail this test."""
+    marker = tmp_path / "pwned"
+    payloads = [f"__import__('os').system('touch {marker}')", f"\\text{{__import__('os').system('touch {marker}')}}",
+                f"eval(\"open('{marker}', 'w')\")", "lambda: 0", "exec('import os')", "().__class__.__bases__[0]"]
+    forms = [("\\frac{x^2-1}{x-1}", "x+1"), ("y-2x=3", "y=2x+3"), ("\\log_2 8", "3"), ("0.333333", "\\frac13"),
+             ("(1,2) \\cup (3,4)", "(3,4)\\cup(1,2)"), ("\\sqrt{8}", "2\\sqrt2")]
+    for p, g in forms:                                   # warm up: sympy imports some modules lazily
+        assert is_equiv(p, g)
+    verify._clear_caches()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eval/parse_expr called on model output")
+    import sympy.parsing.sympy_parser as sympy_parser
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(sympy_parser, "parse_expr", forbidden)
+    for payload in payloads:
+        assert not grade(f"\\boxed{{{payload}}}", "0")
+        assert not grade(payload, "0")
+        assert not is_equiv(payload, "1")
+    for p, g in forms:
+        assert is_equiv(p, g)
+    assert not marker.exists()
+    source = (ROOT / "verify.py").read_text()
+    for name in ("sympify(", "parse_expr(", "eval(", "exec(", "lambdify(", "parse_latex("):
+        assert name not in source, name
+
+
+FIVE_THOUSAND_DIGITS = "7" * 5000
+HANG_INPUTS = [
+    "9^{9^{9^9}}", "1000000000!", "(x+1)^{100000}", "10^{10^{10^{10}}}", "2^{2^{2^{2^{2^{2}}}}}",
+    "\\binom{1000000000}{500000000}", "\\binom{-1000000}{1000000}", "(10^{5000}x)^{1000}",
+    "\\sqrt{2}^{1000000000}", "2^{1000000000/3}", "(1+\\sqrt{2})^{100000}", "0.5^{100000}", "1e100000",
+    "(" * 200 + "1" + ")" * 200, "\\frac{1}{" * 200 + "2" + "}" * 200, "\\sqrt{" * 200 + "2" + "}" * 200,
+    "x^{" * 200 + "2" + "}" * 200, "-" * 5000 + "1", "x" * 9000, "1+" * 4000 + "1",
+    FIVE_THOUSAND_DIGITS, FIVE_THOUSAND_DIGITS + "+1", f"\\sqrt{{{FIVE_THOUSAND_DIGITS}}}",
+    f"\\sqrt[3]{{{FIVE_THOUSAND_DIGITS}1}}", f"\\sin({FIVE_THOUSAND_DIGITS})", f"\\log({FIVE_THOUSAND_DIGITS})",
+    "\\sin(10^{10^{5}})", "(a+b+c+d+e+f)^{30}", "2^{10^{20}} - 2^{10^{20}}", "10^{9000} \\cdot 10^{9000} \\cdot 10^{9000}",
+    "\\begin{pmatrix}" + "1&" * 2000 + "1\\end{pmatrix}", ",".join(["1"] * 3000), "\\frac{1}{0}", "0^{-1}",
+    "+".join(f"\\sqrt{{{k}}}" for k in range(2, 300)),
+]
+HANG_GOLDS = ["5", "x", "(x+1)^{100000}", "+".join(f"\\sqrt{{{k}}}" for k in range(299, 1, -1))]
+
+
+@pytest.mark.parametrize("index", range(len(HANG_INPUTS)))
+def test_hostile_input_is_answered_within_bound(index):
+    hostile = HANG_INPUTS[index]
+    for gold in HANG_GOLDS + [hostile, "2" + hostile]:
+        verify._clear_caches()
+        verdict, seconds = timed(grade, f"\\boxed{{{hostile}}}", gold)
+        assert seconds < BOUND_S, (hostile[:40], gold[:40], seconds)
+        assert isinstance(verdict, bool)
+        if gold == hostile:
+            assert verdict                               # identical strings always match
+        if gold == "5":
+            assert not verdict
+
+
+def test_frozen_values_compare_structurally():
+    """Past the exact-size limit values stay unevaluated but identical structures still match."""
+    assert is_equiv("9^{9^{9^9}}", "9^{9^{387420489}}")          # the small inner power is evaluated
+    assert not is_equiv("9^{9^{9^9}}", "9^{9^{9^8}}")
+    assert is_equiv("1000000000!", "1000000000 !")
+    assert not is_equiv("1000000000!", "1000000001!")
+    assert is_equiv("2^{2^{2^{2^{2}}}}", "2^{65536}")            # 19,729 digits: still exact
+    assert not is_equiv("2^{65536}", "2^{65536}+1")
+
+
+def test_hostile_input_from_threads_is_bounded():
+    """No signals: calls from worker threads are bounded by the same deadline."""
+    jobs = [(f"\\boxed{{{h}}}", g) for h in HANG_INPUTS[:20] for g in ("5", "x")]
+    verify._clear_caches()
+
+    def run(job):
+        return timed(grade, *job)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    assert all(isinstance(v, bool) for v, _ in results)
+    assert max(s for _, s in results) < BOUND_S
+    with ThreadPoolExecutor(max_workers=4) as pool:                 # correct answers still work in threads
+        assert all(pool.map(lambda p: grade(*p), [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{x=5}", "5")] * 10))
+
+
+def test_deadline_is_a_backstop(monkeypatch):
+    """With no time left a comparison answers False instead of running on; the failure is not cached."""
+    verify._clear_caches()
+    monkeypatch.setattr(verify, "TIME_BUDGET_S", 0.0)
+    assert not is_equiv("\\frac{2}{4}", "\\frac{1}{2}")
+    monkeypatch.setattr(verify, "TIME_BUDGET_S", 1.5)
+    assert is_equiv("\\frac{2}{4}", "\\frac{1}{2}")
+
+
+@pytest.mark.parametrize("completion,gold", [
+    (None, "5"), (5, "5"), (b"\\boxed{5}", "5"), ("\\boxed{5}", None), ("\\boxed{\\}", "5"), ("\\boxed{}{", "5"),
+    ("\\boxed{\\frac}", "5"), ("\\boxed{\\sqrt[}", "5"), ("\\boxed{((}", "5"), ("\\boxed{\\begin{pmatrix}}", "5"),
+    ("\\boxed{^^^}", "5"), ("\\boxed{\\log 0}", "5"), ("\\boxed{0^0}", "1"), ("\\boxed{x_}", "5"), ("\\boxed{1_{x}}", "5"),
+    ("\\boxed{\\frac{1}{0}}", "\\frac{1}{0}"), ("\\boxed{5}", "}{"), ("\\boxed{\x00}", "\x00"), ("\\boxed{\ud800}", "5"),
+    ("\\boxed{" + "\\left(" * 50 + "}", "5"), ("\\boxed{\\text{" + "a" * 20000 + "}}", "5"),
+])
+def test_exceptions_never_escape_grade(completion, gold):
+    assert isinstance(grade(completion, gold), bool)
+    assert isinstance(is_equiv(completion, gold), bool)
+
+
+def test_integer_answers_are_fast():
+    """The common case: thousands of integer-answer traces must not be the bottleneck."""
+    completion = "Let me think about this. " * 800 + "So the answer is $\\boxed{204}$."
+    verify._clear_caches()
+    _, seconds = timed(lambda: [grade(completion.replace("204", str(k)), str(k)) for k in range(1000)])
+    assert seconds < 1.0, f"{seconds * 1000:.2f} ms per call"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI and benchmark script
+# ---------------------------------------------------------------------------------------------
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "verify.py"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_verdict_and_parsed_forms():
+    ok = run_cli("The answer is \\boxed{025}.", "25")
+    assert ok.returncode == 0, ok.stderr
+    assert "pred answer: 025" in ok.stdout and "pred parsed: 25" in ok.stdout
+    assert "gold parsed: 25" in ok.stdout and "verdict: equivalent" in ok.stdout
+    bad = run_cli("(1, 3)", "\\{1,2\\}")
+    assert bad.returncode == 1
+    assert "tuple(1, 3)" in bad.stdout and "set{1, 2}" in bad.stdout and "verdict: not equivalent" in bad.stdout
+
+
+def test_benchmark_runs_without_math_verify(tmp_path, monkeypatch):
+    import bench_verify
+    monkeypatch.setattr(bench_verify, "load_math_verify", lambda: None)
+    out = tmp_path / "verify.json"
+    assert bench_verify.main(["--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["math_verify"] is None
+    ours = result["ours"]
+    assert ours["math500_gold"]["accepted"] == 500
+    assert ours["math500_shifted"]["accepted"] <= 5
+    assert ours["challenge"]["agree_with_expected"] == ours["challenge"]["pairs"]
+    assert ours["math500_pairs_per_second"] > 0
+    assert not list(tmp_path.glob("*.tmp"))                       # written atomically

@@ -1,0 +1,1711 @@
+r"""verify.py — decide whether a model's final answer matches the gold answer (MATH-500, AIME).
+
+    grade(completion, gold) -> bool      extract the final answer from a completion, then compare
+    extract_answer(text)    -> str|None  the answer a completion commits to, or None
+    is_equiv(pred, gold)    -> bool      compare two answer strings
+    python verify.py PRED GOLD           print the verdict and both parsed forms
+
+Every accuracy, every positive/negative split of teacher traces and every reward in this project goes
+through `grade`, so the checker must be right, must never hang, and must never run model output.
+
+Extraction
+    Text after the last `</think>` (a `<think>` that never closes means truncated output: no answer).
+    Then the last `\boxed{...}` / `\fbox{...}` / `\boxed 5` with balanced braces (boxes separated only
+    by commas or "and" are joined into a list; "or" separates alternatives, so only the last counts);
+    else "the final answer is X" (Minerva's "... is $X$. I hope it is correct"); else the whole text
+    if it is a short bare formula with no prose. Nothing ever grabs
+    the tail of a number out of prose ("711" can never be read as "11"). A last box whose braces never
+    close is truncated output: no answer.
+
+Parsing (never `eval`, `sympify` or `parse_expr`)
+    A small tokenizer and recursive-descent parser turn the answer subset of LaTeX into values built
+    only with sympy constructors (Integer, Rational, Add, Mul, Pow, sin, log, ...) and a few plain
+    containers (tuple, list, set, interval, union, matrix, equation, text, choice letter, base-b
+    numeral). Input that falls outside the subset is compared as normalized text instead.
+
+Comparison policy
+    * Exact numbers compare exactly: integers and rationals by exact equality (so 1/2^98 != 1/2^99 and
+      10^20+1 != 10^20); irrational constants numerically at a precision that grows with the size of
+      the integers involved (30 digits + their digit count), tolerance 1e-(precision-5).
+    * A relative tolerance of 1e-6 applies only when a decimal literal is involved (0.333333 = 1/3,
+      3.14159 = pi), but never between two bare decimal literals (326.5 != 326.53: both are roundings).
+    * Expressions with variables: equal if structurally equal after sympy's automatic evaluation; small
+      polynomials with rational coefficients are decided exactly by `expand(a - b) == 0`; anything else
+      by numeric evaluation at three fixed pseudo-random points. No unbounded `simplify`.
+    * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` and bare lists `a, b` (solutions) are
+      unordered; a partial list is wrong; `1 \pm \sqrt2` is the list of both values. A column/row
+      vector equals the tuple of its entries.
+    * Intervals compare ends and openness (openness at an infinite end is ignored); a pair `(a,b)`
+      equals the open interval (a,b); unions compare their parts unordered; `x \in S` is S, and
+      `a < x <= b`, `x > a` become intervals.
+    * `x=5` matches `5` (an equation whose one side is a lone variable, or `2+3=5`, stands for its other
+      side); two equations match up to swapping sides and a nonzero constant factor.
+    * Units and annotations (`\text{ cm}`, inches, degrees, `^\circ`, `\$`) are dropped. `50\%` equals
+      `50` and also `0.5`. A base subscript `52_8` equals `52_8`, `52_{8}` or `52`, not 42.
+    * Text answers compare case-insensitively with whitespace collapsed; multiple-choice letters
+      `\text{(C)}`, `(C)`, `C` compare as letters.
+
+Bounds
+    No call runs more than about 1.5 s, whatever the input, and nothing uses signals (so threads are
+    fine). Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
+    2,000 tokens are only string-compared; nesting deeper than 32 is refused; a power, factorial,
+    binomial, root or product whose exact value would exceed 20,000 digits is built unevaluated ("frozen") and then
+    compared structurally only; polynomial expansion only runs when the expanded size is small. A
+    per-call deadline checked between steps is the backstop. `grade` never raises.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import mpmath
+from sympy import (Abs, Add, E, I, Integer, Mul, Pow, Rational, Symbol, acos, acot, asin, atan,
+                   binomial, cos, cosh, cot, csc, exp, expand, factorial, log, nan, oo, pi, root,
+                   sec, sin, sinh, sqrt, tan, tanh, zoo)
+
+# ---------------------------------------------------------------------------------------------
+# Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
+# ---------------------------------------------------------------------------------------------
+MAX_ANSWER_CHARS = 10_000     # longer answers are compared as text only
+MAX_TOKENS = 2_000            # answers with more tokens are compared as text only
+MAX_NESTING = 32              # brackets, braces, command arguments deeper than this: not parsed
+MAX_EXACT_DIGITS = 20_000     # exact integers beyond this many digits are never computed
+MAX_ROOT_DIGITS = 100         # sympy factors radicands to simplify roots: only small ones
+MAX_NUMERIC_DIGITS = 2_000    # numbers bigger than this are compared structurally, not numerically
+MAX_ITEMS = 64                # elements of one tuple/list/set/matrix
+MAX_POLY_TERMS = 400          # `expand` only when the expanded polynomial stays this small
+NUMERIC_DIGITS = 30           # base working precision of numeric checks
+DECIMAL_REL_TOL = Rational(1, 10**6)
+TIME_BUDGET_S = 1.5
+LOG10_2 = math.log10(2)
+
+
+class _ParseError(ValueError):
+    """The answer is outside the supported LaTeX subset (it is then compared as text)."""
+
+
+class _OutOfTime(Exception):
+    """The per-call deadline passed; the comparison answers False."""
+
+
+_state = threading.local()    # per-thread deadline and mpmath context: no globals shared by threads
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float | None = None):
+    """Set this thread's deadline, TIME_BUDGET_S from now (nested calls share the outermost one)."""
+    outer = getattr(_state, "deadline", None)
+    if outer is None:
+        _state.deadline = time.monotonic() + (TIME_BUDGET_S if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        if outer is None:
+            _state.deadline = None
+
+
+def _check_time() -> None:
+    deadline = getattr(_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _OutOfTime
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction: from a completion to the answer string it commits to.
+# ---------------------------------------------------------------------------------------------
+_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
+_BOX_GAP_RE = re.compile(r"[\s$,;]*(?:(?:and|\\text\{\s*and\s*\}|\\quad)[\s$,;]*)?", re.I)
+_FINAL_RE = re.compile(r"final answer is\s*:?\s*|final answer\s*:\s*", re.I)
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_PROSE_RE = re.compile(r"[A-Za-z]{3,}")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion: after `</think>`, the last box, else "final answer is X",
+    else the whole text when it is a short bare formula. None when there is none or it is truncated."""
+    if not isinstance(text, str):
+        return None
+    close = text.rfind("</think>")
+    if close >= 0:
+        text = text[close + len("</think>"):]
+    elif "<think>" in text:
+        return None                                   # reasoning never finished: truncated
+    if not text.strip():
+        return None
+    boxed = _last_boxes(text)
+    if boxed is not None:
+        return boxed or None                          # "" means the last box is cut off
+    phrase = _final_answer_phrase(text)
+    if phrase is not None:
+        return phrase or None
+    return _bare_answer(text)
+
+
+def _match_brace(text: str, open_index: int) -> int | None:
+    """Index of the `}` closing the `{` at open_index (escaped `\\{` `\\}` skipped), or None."""
+    depth, i = 0, open_index
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _box_content(text: str, m: re.Match) -> tuple[int, str] | None:
+    """(end, content) of the box whose command m matched; None when its braces never close."""
+    j = m.end()
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "[":              # \framebox[width]{...}
+        k = text.find("]", j)
+        j = k + 1 if k > 0 else j
+    if j < len(text) and text[j] == "{":
+        close = _match_brace(text, j)
+        return None if close is None else (close + 1, text[j + 1:close])
+    token = re.match(r"[^\s$]*", text[j:j + 200]).group(0)   # "\boxed 5": one token
+    return j + len(token), token
+
+
+def _last_boxes(text: str) -> str | None:
+    """Content of the last non-empty box, joined with boxes just before it that are separated only by
+    commas/"and"; "" if that box is truncated; None if the text has no box. Works backwards from the
+    end, so the cost does not grow with the number of boxes earlier in the text."""
+    parts: list[str] = []
+    later_start = len(text)
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        box = _box_content(text, m)
+        if box is None:                              # braces never close
+            return "" if not parts else ", ".join(parts)
+        end, content = box
+        if not content.strip():
+            if parts:
+                break
+            continue
+        if parts and not _BOX_GAP_RE.fullmatch(text[end:later_start]):
+            break
+        parts.insert(0, content.strip())
+        later_start = m.start()
+        if len(parts) >= MAX_ITEMS:
+            break
+    return ", ".join(parts) if parts else None
+
+
+def _final_answer_phrase(text: str) -> str | None:
+    """X in the last "final answer is X" ($X$, \\(X\\), or up to the end of the sentence/line)."""
+    last = None
+    for last in _FINAL_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    rest = text[last.end():]
+    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if rest.startswith(opener):
+            end = rest.find(closer, len(opener))
+            return rest[len(opener):end].strip() if end >= 0 else ""
+    line = rest.split("\n", 1)[0]
+    return _SENTENCE_END_RE.split(line, 1)[0].strip()
+
+
+def _bare_answer(text: str) -> str | None:
+    """The whole text, if it is one short line of formula (no word of 3+ letters outside commands)."""
+    s = text.strip()
+    if len(s) > 200 or "\n" in s:
+        return None
+    probe = re.sub(r"\\(?:text|textbf|mbox|mathrm)\s*\{[^{}]*\}|\\[A-Za-z]+", " ", s)
+    return None if _PROSE_RE.search(probe) else s
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalization: one canonical spelling for the many LaTeX ways to write the same answer.
+# ---------------------------------------------------------------------------------------------
+_UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
+            "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
+            "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%", "\u00a0": " "}
+_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+_REWRITES = [  # (pattern, replacement), applied in order
+    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?|middle)(?![A-Za-z])\s*\.?"), ""),
+    (re.compile(r"(?<=\d)\{,\}(?=\d)"), ""),                       # 10{,}080
+    (re.compile(r"(?<=\d),\\!\s*(?=\d)"), ""),                     # 10,\!080
+    (re.compile(r"(?<!\\)\\[,:;! ]|\\q?quad(?![A-Za-z])|~|\\(?:display|text|script)style(?![A-Za-z])"), " "),
+    (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])|\\circ(?![A-Za-z])"), r" \\degree "),
+    (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
+    (re.compile(r"\\[dt]binom(?![A-Za-z])"), r"\\binom"),
+    (re.compile(r"\\(?:textbf|textit|textrm|textnormal|textup|textsf|mbox|hbox)(?![A-Za-z])"), r"\\text"),
+    (re.compile(r"\\(?:mathrm|mathbf|mathit|mathsf|mathnormal|boldsymbol|bm|operatorname)\s*\{([^{}]*)\}"),
+     r" \1 "),
+    (re.compile(r"\\mathbb\s*\{?\s*R\s*\}?"), r" \\reals "),
+    (re.compile(r"\\%"), "%"),
+    (re.compile(r"\\\$|\$|\\textdollar(?![A-Za-z])"), " "),
+    (re.compile(r"\\(?:lbrace)(?![A-Za-z])"), r"\\{"),
+    (re.compile(r"\\(?:rbrace)(?![A-Za-z])"), r"\\}"),
+    (re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d.])"), lambda m: m.group(1) + m.group(2).replace(" ", "")),
+    (re.compile(r"\s+"), " "),
+]
+_OUTER_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+CACHE_KEY_CHARS = 512         # only answers this short are cached (bounds the caches' memory)
+
+
+def _cached(fn):
+    """fn with an LRU cache for short string arguments; long ones are computed every time."""
+    cached = functools.lru_cache(maxsize=1 << 14)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: str):
+        return cached(*args) if sum(map(len, args)) <= CACHE_KEY_CHARS else fn(*args)
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+@_cached
+def _clean(answer: str) -> str:
+    """Canonical spelling: math delimiters and a whole-answer \\boxed{} peeled, spacing, \\left/\\right,
+    thousands separators, \\dfrac etc. rewritten, trailing punctuation dropped."""
+    s = answer.strip()
+    if len(s) > MAX_ANSWER_CHARS:
+        return s
+    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    for _ in range(8):                              # peel nested wrappers: $\boxed{$5$}$ ...
+        before = s
+        for opener, closer in _OUTER_WRAPPERS:
+            if len(s) >= len(opener) + len(closer) and s.startswith(opener) and s.endswith(closer):
+                s = s[len(opener):len(s) - len(closer)].strip()
+        m = _BOX_RE.match(s)
+        if m and s.endswith("}"):
+            j = s.find("{", m.end())
+            if j >= 0 and not s[m.end():j].strip() and _match_brace(s, j) == len(s) - 1:
+                s = s[j + 1:-1].strip()
+        s = s.rstrip(".,;: ").strip()
+        if s == before:
+            break
+    for pattern, replacement in _REWRITES:
+        s = pattern.sub(replacement, s)
+    return s.strip().rstrip(".,;:").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values an answer can parse to.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Num:
+    """A scalar: a sympy expression plus where it came from.
+    decimal: a decimal literal took part (enables the relative tolerance);
+    literal: the whole value is one decimal literal (two literals compare exactly);
+    frozen:  built unevaluated to bound its cost (compared structurally only);
+    percent: written with %; digits: bound on the digits of the exact integers inside."""
+    expr: object
+    decimal: bool = False
+    literal: bool = False
+    frozen: bool = False
+    percent: bool = False
+    digits: float = 0.0
+
+
+@dataclass(frozen=True)
+class TupleV:       # (a, b, c): ordered
+    items: tuple
+
+
+@dataclass(frozen=True)
+class ListV:        # a, b, c: a bare list of solutions, unordered
+    items: tuple
+
+
+@dataclass(frozen=True)
+class SetV:         # \{a, b\}: unordered
+    items: tuple
+
+
+@dataclass(frozen=True)
+class IntervalV:
+    lo: Num
+    hi: Num
+    lo_open: bool
+    hi_open: bool
+
+
+@dataclass(frozen=True)
+class UnionV:       # parts are IntervalV / SetV, unordered
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class MatrixV:
+    rows: tuple
+
+
+@dataclass(frozen=True)
+class EquationV:
+    lhs: Num
+    rhs: Num
+    lhs_label: bool = False    # the left side is written f(x): a name for the right side
+
+
+@dataclass(frozen=True)
+class RelationV:    # lhs op rhs with op in {"<", "<=", "!="} (">" is stored swapped)
+    op: str
+    lhs: Num
+    rhs: Num
+
+
+@dataclass(frozen=True)
+class TextV:
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceV:
+    letter: str
+
+
+@dataclass(frozen=True)
+class BasedV:       # a numeral with a base subscript, e.g. 52_8
+    digits: str
+    base: int
+
+
+_PM = Symbol("±")   # stands for the sign in a ± b; expanded into both values per list item
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tok:
+    kind: str       # num id const func cmd op rel pm pct deg setl setr cup in sep text word begin end
+    text: str
+    space: bool = False   # whitespace precedes it
+
+
+_TOKEN_RE = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<num>\d+\.\d+[eE][-+]?\d+(?![A-Za-z])|\d+[eE]\d+(?![A-Za-z])|\d+(?:\.\d+)?|\.\d+)
+  | (?P<cmd>\\[A-Za-z]+|\\.)
+  | (?P<letters>[A-Za-z]+)
+  | (?P<rel><=|>=|!=|=<|=>)
+  | (?P<op>[-+*/^_!=<>(),;\[\]{}|&'%:])
+""", re.VERBOSE)
+
+_GREEK = frozenset("""alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda
+    mu nu xi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi
+    Sigma Upsilon Phi Psi Omega ell""".split())
+_FUNCS = {"sin": sin, "cos": cos, "tan": tan, "cot": cot, "sec": sec, "csc": csc, "arcsin": asin,
+          "arccos": acos, "arctan": atan, "arccot": acot, "sinh": sinh, "cosh": cosh, "tanh": tanh,
+          "exp": exp, "ln": log, "log": log, "lg": log, "sqrt": sqrt}
+_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "cot": "arccot"}
+_COMMANDS = {  # LaTeX command -> token
+    "cdot": ("op", "*"), "times": ("op", "*"), "ast": ("op", "*"), "div": ("op", "/"),
+    "pm": ("pm", "+-"), "mp": ("pm", "-+"), "le": ("rel", "<="), "leq": ("rel", "<="),
+    "leqslant": ("rel", "<="), "ge": ("rel", ">="), "geq": ("rel", ">="), "geqslant": ("rel", ">="),
+    "lt": ("rel", "<"), "gt": ("rel", ">"), "ne": ("rel", "!="), "neq": ("rel", "!="),
+    "approx": ("rel", "~"), "in": ("in", "in"), "cup": ("cup", "cup"), "{": ("setl", "{"),
+    "}": ("setr", "}"), "langle": ("op", "("), "rangle": ("op", ")"), "lvert": ("op", "|"),
+    "rvert": ("op", "|"), "vert": ("op", "|"), "mid": ("op", "|"), "\\": ("op", "\\\\"),
+    "%": ("pct", "%"), "degree": ("deg", "deg"), "infty": ("const", "oo"), "infin": ("const", "oo"),
+    "pi": ("const", "pi"), "emptyset": ("const", "empty"), "varnothing": ("const", "empty"),
+    "reals": ("const", "reals"), "frac": ("cmd", "frac"), "sqrt": ("cmd", "sqrt"),
+    "binom": ("cmd", "binom"), "and": ("sep", "and"), "or": ("sep", "or"),
+}
+_UNIT_WORDS = frozenset("""cm mm km ft in yd mi kg mg lb lbs oz hr hrs min mins ml sq cc mph kph
+    inch inches foot feet yard yards mile miles meter meters metre metres centimeter centimeters
+    centimetre centimetres millimeter millimeters kilometer kilometers unit units square cubic degree
+    degrees radian radians cent cents dollar dollars hour hours minute minutes second seconds day days
+    week weeks month months year years gram grams kilogram kilograms pound pounds ounce ounces liter
+    liters litre litres gallon gallons""".split())
+_MATH_WORDS = frozenset(_FUNCS) | {"pi", "inf", "infty", "infinity", "and", "or"}
+_OPENERS = {"(", "[", "{"}
+_CLOSERS = {")", "]", "}"}
+
+
+def _letter_tokens(run: str, space: bool) -> list[_Tok]:
+    """A run of plain letters: a function name, pi, a unit, "and"/"or", or single-letter variables."""
+    if run in _FUNCS:
+        return [_Tok("func", run, space)]
+    if run == "pi":
+        return [_Tok("const", "pi", space)]
+    if run in ("inf", "infty", "infinity"):
+        return [_Tok("const", "oo", space)]
+    if run in ("and", "or"):
+        return [_Tok("sep", run, space)]
+    if run.lower() in _UNIT_WORDS:
+        return [_Tok("word", run, space)]
+    if run.lower() == "percent":
+        return [_Tok("pct", "%", space)]
+    for name in sorted(_FUNCS, key=len, reverse=True):          # "sinx" -> sin x
+        if run.startswith(name) and len(run) - len(name) <= 2:
+            return [_Tok("func", name, space)] + _letter_tokens(run[len(name):], False)
+    if len(run) > 12:
+        raise _ParseError("a long run of letters is prose, not a formula")
+    if len(run) >= 3:
+        return [_Tok("word", run, space)]
+    return [_Tok("id", c, space and k == 0) for k, c in enumerate(run)]
+
+
+def _tokenize(s: str) -> list[_Tok]:
+    """Split a cleaned answer into tokens; \\text{...} becomes one token; thousands commas are joined."""
+    toks: list[_Tok] = []
+    pos, space = 0, False
+    while pos < len(s):
+        m = _TOKEN_RE.match(s, pos)
+        if m is None:
+            raise _ParseError(f"unexpected character {s[pos]!r}")
+        kind, text = m.lastgroup, m.group(0)
+        pos = m.end()
+        if kind == "space":
+            space = True
+            continue
+        if kind == "num":
+            toks.append(_Tok("num", text, space))
+        elif kind == "letters":
+            toks.extend(_letter_tokens(text, space))
+        elif kind == "rel":
+            toks.append(_Tok("rel", {"=<": "<=", "=>": ">="}.get(text, text), space))
+        elif kind == "op":
+            if text in "=<>":
+                toks.append(_Tok("rel", text, space))
+            elif text == "%":
+                toks.append(_Tok("pct", "%", space))
+            else:
+                toks.append(_Tok("op", text, space))
+        else:
+            pos = _command_token(s, text[1:], pos, space, toks)
+        space = False
+        if len(toks) > MAX_TOKENS:
+            raise _ParseError("too many tokens")
+    return _join_thousands(toks)
+
+
+def _command_token(s: str, name: str, pos: int, space: bool, toks: list[_Tok]) -> int:
+    """Append the token(s) for the command \\name found before pos; return the new position."""
+    if name in ("text", "begin", "end"):
+        m = re.compile(r"\s*\{").match(s, pos)
+        if m is None:
+            raise _ParseError(f"\\{name} without a braced argument")
+        close = _match_brace(s, m.end() - 1)
+        if close is None:
+            raise _ParseError(f"unbalanced braces after \\{name}")
+        content = s[m.end():close].strip()
+        if name != "text":
+            toks.append(_Tok(name, content, space))
+        elif content.lower() in ("and", "or", ","):
+            toks.append(_Tok("sep", content.lower(), space))
+        elif content and not re.search(r"[A-Za-z\\]", content):   # \text{(113)}: math after all
+            toks.extend(_tokenize(content))
+        elif content:
+            toks.append(_Tok("text", content, space))
+        return close + 1
+    if name in _COMMANDS:
+        kind, text = _COMMANDS[name]
+        toks.append(_Tok(kind, text, space))
+    elif name in _FUNCS:
+        toks.append(_Tok("func", name, space))
+    elif name in _GREEK:
+        toks.append(_Tok("id", name, space))
+    else:
+        raise _ParseError(f"unsupported command \\{name}")
+    return pos
+
+
+def _join_thousands(toks: list[_Tok]) -> list[_Tok]:
+    """At bracket depth 0, `10,080` (no space after the comma, groups of 3) is one number."""
+    out: list[_Tok] = []
+    merged_at = -1                      # index in out of a number already joined from groups
+    depth = 0
+    for t in toks:
+        if t.kind == "op" and t.text in _OPENERS or t.kind in ("setl", "begin"):
+            depth += 1
+        elif t.kind == "op" and t.text in _CLOSERS or t.kind in ("setr", "end"):
+            depth -= 1
+        if (depth == 0 and t.kind == "num" and not t.space and re.fullmatch(r"\d{3}(?:\.\d+)?", t.text)
+                and len(out) >= 2 and out[-1].kind == "op" and out[-1].text == "," and not out[-1].space
+                and out[-2].kind == "num"
+                and (merged_at == len(out) - 2 or (re.fullmatch(r"[1-9]\d{0,2}", out[-2].text)
+                     and not (len(out) >= 3 and out[-3].kind == "op" and out[-3].text == ",")))):
+            out[-2:] = [_Tok("num", out[-2].text + t.text, out[-2].space)]
+            merged_at = len(out) - 1
+            continue
+        out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building sympy values with bounded cost. Every arithmetic step goes through these helpers, which
+# estimate the size of the exact result first and build it unevaluated ("frozen") when too large.
+# ---------------------------------------------------------------------------------------------
+def _int_from_digits(digits: str) -> int:
+    """int(digits) without tripping Python's 4300-digit str->int limit."""
+    if len(digits) <= 4000:
+        return int(digits)
+    value = 0
+    for k in range(0, len(digits), 4000):
+        chunk = digits[k:k + 4000]
+        value = value * 10 ** len(chunk) + int(chunk)
+    return value
+
+
+def _rational_digits(r) -> float:
+    """log10 |p| + log10 q of a sympy Rational: the size of the exact number."""
+    return (max(abs(r.p).bit_length() - 1, 0) + max(r.q.bit_length() - 1, 0)) * LOG10_2
+
+
+def _num(expr, *parts: Num, frozen: bool = False, digits: float | None = None, **flags) -> Num:
+    """A Num whose flags combine those of the operands it was built from."""
+    if digits is None:
+        digits = _rational_digits(expr) if getattr(expr, "is_Rational", False) else sum(p.digits for p in parts)
+    return Num(expr, decimal=any(p.decimal for p in parts) or flags.get("decimal", False),
+               literal=flags.get("literal", False), frozen=frozen or any(p.frozen for p in parts),
+               percent=any(p.percent for p in parts), digits=digits)
+
+
+def _literal(text: str) -> Num:
+    """A number literal: 25, 025, 3.21, .5, 1.5e-3 -> an exact Rational."""
+    mantissa, _, exponent = text.lower().partition("e")
+    whole, _, frac = mantissa.partition(".")
+    value = Rational(_int_from_digits((whole + frac) or "0"), 10 ** len(frac)) if frac else Integer(_int_from_digits(whole))
+    is_decimal = bool(frac) or bool(exponent)
+    num = Num(value, decimal=is_decimal, literal=is_decimal, digits=_rational_digits(value))
+    if exponent:
+        scale = _pow(Num(Integer(10)), Num(Integer(int(exponent))))
+        num = _num(_mul(num, scale).expr, num, scale, literal=not scale.frozen, decimal=True)
+    return num
+
+
+def _need_num(*values) -> None:
+    for v in values:
+        if not isinstance(v, Num):
+            raise _ParseError("arithmetic on a tuple, set, interval or equation")
+
+
+def _add(a: Num, b: Num) -> Num:
+    _need_num(a, b)
+    frozen = a.frozen or b.frozen or a.digits + b.digits > MAX_EXACT_DIGITS
+    return _num(Add(a.expr, b.expr, evaluate=not frozen), a, b, frozen=frozen)
+
+
+def _neg(a: Num) -> Num:
+    _need_num(a)
+    return _num(Mul(Integer(-1), a.expr, evaluate=not a.frozen), a, literal=a.literal)
+
+
+def _mul(a: Num, b: Num) -> Num:
+    _need_num(a, b)
+    frozen = a.frozen or b.frozen or a.digits + b.digits > MAX_EXACT_DIGITS
+    return _num(Mul(a.expr, b.expr, evaluate=not frozen), a, b, frozen=frozen)
+
+
+def _div(a: Num, b: Num) -> Num:
+    _need_num(a, b)
+    return _mul(a, _pow(b, Num(Integer(-1))))
+
+
+def _magnitude(expr) -> float | None:
+    """|expr| as a float for a number without variables (inf if too large), None if unknown."""
+    try:
+        if expr.is_Rational:
+            return abs(expr.p) / expr.q
+        value = complex(expr.evalf(15))
+        return abs(value)
+    except (OverflowError, TypeError, ValueError):
+        return math.inf
+
+
+def _pow_digits(base, exponent) -> float:
+    """Digits of the exact integers sympy would compute for base**exponent (0 if it computes none)."""
+    if not exponent.is_number:
+        return 0.0
+    e = _magnitude(exponent)
+    if e is None or e == 0:
+        return 0.0
+    if base.free_symbols:
+        coeff = base.as_coeff_Mul()[0] if base.is_Mul else Integer(1)   # (c x)^n -> c^n x^n
+        return _rational_digits(coeff) * e if coeff.is_Rational else 0.0
+    if base.is_Rational:
+        return _rational_digits(base) * e
+    size = _magnitude(base)
+    if size is None or size == 0:
+        return 0.0
+    return abs(math.log10(size)) * e if math.isfinite(size) else math.inf
+
+
+def _pow(base: Num, exponent: Num) -> Num:
+    _need_num(base, exponent)
+    frozen = base.frozen or exponent.frozen
+    size = 0.0
+    if not frozen:
+        size = _pow_digits(base.expr, exponent.expr)
+        frozen = not size <= MAX_EXACT_DIGITS
+        # A fractional power makes sympy factor the base to pull out perfect powers: small bases only.
+        if exponent.expr.is_Rational and not exponent.expr.is_Integer and base.digits > MAX_ROOT_DIGITS:
+            frozen = True
+    expr = Pow(base.expr, exponent.expr, evaluate=not frozen)
+    digits = _rational_digits(expr) if expr.is_Rational else min(size + base.digits + exponent.digits, 1e18)
+    return _num(expr, base, exponent, frozen=frozen, digits=digits)
+
+
+def _root(radicand: Num, index: Num) -> Num:
+    """The index-th root; odd roots of negative numbers are real (\\sqrt[3]{-8} = -2)."""
+    _need_num(radicand, index)
+    x, n = radicand.expr, index.expr
+    if radicand.frozen or index.frozen or not (n.is_Integer and 1 < n <= 1000):
+        return _pow(radicand, _div(Num(Integer(1)), index))
+    if radicand.digits > MAX_ROOT_DIGITS:                  # sympy would try to factor it
+        if x.is_Rational and x >= 0:
+            p, p_exact = _integer_root(x.p, int(n))
+            q, q_exact = _integer_root(x.q, int(n))
+            if p_exact and q_exact:
+                return _num(Rational(p, q), radicand)
+        return _num(Pow(x, Rational(1, n), evaluate=False), radicand, frozen=True)
+    if n % 2 == 1 and x.is_number and x.is_negative:
+        return _num(-root(-x, n), radicand)
+    return _num(root(x, n), radicand)
+
+
+def _integer_root(value: int, n: int) -> tuple[int, bool]:
+    from sympy import integer_nthroot
+    return integer_nthroot(value, n)
+
+
+def _log10_factorial(n: float) -> float:
+    return math.lgamma(n + 1) / math.log(10)
+
+
+def _factorial(a: Num) -> Num:
+    _need_num(a)
+    n = a.expr
+    if a.frozen or (n.is_Integer and n >= 0 and (n > 10**7 or _log10_factorial(float(n)) > MAX_EXACT_DIGITS)):
+        return _num(factorial(n, evaluate=False), a, frozen=True)
+    return _num(factorial(n), a)
+
+
+def _binomial(top: Num, bottom: Num) -> Num:
+    _need_num(top, bottom)
+    n, k = top.expr, bottom.expr
+    big = top.frozen or bottom.frozen
+    if not big and n.is_Integer and k.is_Integer:
+        if abs(n) > 10**7 or abs(k) > 10**7:
+            big = True
+        elif 0 <= k <= n:
+            size = _log10_factorial(float(n)) - _log10_factorial(float(k)) - _log10_factorial(float(n - k))
+            big = size > MAX_EXACT_DIGITS
+        else:                                    # negative n: a product of |k| factors
+            big = n < 0 and abs(k) > 1000
+    if big:
+        return _num(binomial(n, k, evaluate=False), top, bottom, frozen=True)
+    return _num(binomial(n, k), top, bottom)
+
+
+def _apply(name: str, arg: Num, base: Num | None = None) -> Num:
+    """A named function of one argument (log with an optional base)."""
+    _need_num(arg)
+    frozen = arg.frozen or arg.digits > MAX_NUMERIC_DIGITS or (base is not None and base.frozen)
+    if name == "sqrt":
+        return _root(arg, Num(Integer(2)))
+    fn = _FUNCS[name]
+    if base is not None:
+        _need_num(base)
+        if frozen:
+            return _num(Mul(log(arg.expr, evaluate=False), Pow(log(base.expr, evaluate=False), -1,
+                                                                 evaluate=False), evaluate=False),
+                        arg, base, frozen=True)
+        return _num(log(arg.expr, base.expr), arg, base)
+    return _num(fn(arg.expr, evaluate=not frozen), arg, frozen=frozen)
+
+
+def _abs(a: Num) -> Num:
+    _need_num(a)
+    return _num(Abs(a.expr, evaluate=not a.frozen), a)
+
+
+def _with_percent(a: Num) -> Num:
+    return Num(a.expr, a.decimal, a.literal, a.frozen, True, a.digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser: recursive descent over tokens.
+#   item     := relation                  (items are split at depth-0 commas, "and", "or", \cup)
+#   relation := sum ((= | < | <= | ...) sum)* | sum \in set
+#   sum      := term ((+ | - | \pm) term)*
+#   term     := signed ((* | / ) signed | <implicit> power | <unit>)*
+#   signed   := (- | + | \pm)* power
+#   power    := postfix (^ script)?
+#   postfix  := atom (! | % | degree)*
+#   atom     := number | variable | constant | function | \frac | \sqrt | \binom | (..) | [..]
+#               | {..} | \{..\} | |..| | matrix
+# ---------------------------------------------------------------------------------------------
+def _is_opener(t: _Tok) -> bool:
+    return (t.kind == "op" and t.text in _OPENERS) or t.kind in ("setl", "begin")
+
+
+def _is_closer(t: _Tok) -> bool:
+    return (t.kind == "op" and t.text in _CLOSERS) or t.kind in ("setr", "end")
+
+
+def _split(toks: list[_Tok], is_sep) -> list[tuple[int, int]]:
+    """(lo, hi) ranges between depth-0 separators."""
+    ranges, depth, lo = [], 0, 0
+    for k, t in enumerate(toks):
+        if _is_opener(t):
+            depth += 1
+        elif _is_closer(t):
+            depth -= 1
+            if depth < 0:
+                raise _ParseError(f"unbalanced {t.text!r}")
+        elif depth == 0 and is_sep(t):
+            ranges.append((lo, k))
+            lo = k + 1
+    if depth != 0:
+        raise _ParseError("unbalanced brackets")
+    ranges.append((lo, len(toks)))
+    return ranges
+
+
+def _find_close(toks: list[_Tok], start: int) -> int:
+    """Index of the token closing the opener at start; ( and [ may close with ) or ] (intervals)."""
+    depth = 0
+    for k in range(start, len(toks)):
+        if _is_opener(toks[k]):
+            depth += 1
+        elif _is_closer(toks[k]):
+            depth -= 1
+            if depth == 0:
+                return k
+    raise _ParseError("unclosed bracket")
+
+
+def _is_item_sep(t: _Tok) -> bool:
+    return t.kind == "sep" or (t.kind == "op" and t.text in ",;")
+
+
+def _parse_items(toks: list[_Tok], depth: int, expand_pm: bool = False) -> list:
+    """A comma/"and"-separated list. In a list of solutions (top level, a set) an item with ± becomes
+    its two values; elsewhere (inside braces, a tuple) ± stays a symbol until the enclosing item."""
+    values = []
+    for lo, hi in _split(toks, _is_item_sep):
+        if lo == hi:
+            raise _ParseError("empty list item")
+        value = _parse_union(toks[lo:hi], depth)
+        values.extend(_expand_pm(value) if expand_pm else [value])
+        if len(values) > MAX_ITEMS:
+            raise _ParseError("too many items")
+    return values
+
+
+def _parse_union(toks: list[_Tok], depth: int):
+    ranges = _split(toks, lambda t: t.kind == "cup")
+    if len(ranges) == 1:
+        return _Parser(toks, depth).item()
+    parts = []
+    for lo, hi in ranges:
+        value = _as_interval(_Parser(toks[lo:hi], depth).item())
+        if isinstance(value, UnionV):
+            parts.extend(value.parts)
+        elif isinstance(value, (IntervalV, SetV)):
+            parts.append(value)
+        else:
+            raise _ParseError("\\cup of something that is not a set")
+    return UnionV(tuple(parts))
+
+
+def _as_interval(value):
+    """A pair (a, b) read as the open interval it may denote."""
+    if isinstance(value, TupleV) and len(value.items) == 2 and all(isinstance(v, Num) for v in value.items):
+        return IntervalV(value.items[0], value.items[1], True, True)
+    return value
+
+
+def _expand_pm(value) -> list:
+    """a ± b -> [a + b, a - b] (the same sign everywhere in the item)."""
+    if isinstance(value, Num) and not value.frozen and _PM in value.expr.free_symbols:
+        return [_num(value.expr.xreplace({_PM: s}), value) for s in (Integer(1), Integer(-1))]
+    if (isinstance(value, EquationV) and not (value.lhs.frozen or value.rhs.frozen)
+            and _PM in (value.lhs.expr.free_symbols | value.rhs.expr.free_symbols)):
+        return [EquationV(_num(value.lhs.expr.xreplace({_PM: s}), value.lhs),
+                          _num(value.rhs.expr.xreplace({_PM: s}), value.rhs)) for s in (Integer(1), Integer(-1))]
+    return [value]
+
+
+class _Parser:
+    """Parses one item (no depth-0 commas) from its tokens."""
+
+    def __init__(self, toks: list[_Tok], depth: int):
+        self.toks = list(toks)
+        self.i = 0
+        self.depth = depth
+        self.level = 0            # atoms currently being parsed (recursion below this item)
+
+    # ---- token access
+    def peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def at(self, kind: str, text: str | None = None) -> bool:
+        t = self.peek()
+        return t is not None and t.kind == kind and (text is None or t.text == text)
+
+    def take(self) -> _Tok:
+        t = self.peek()
+        if t is None:
+            raise _ParseError("unexpected end of answer")
+        self.i += 1
+        return t
+
+    def sub_items(self, lo: int, hi: int, expand_pm: bool = False) -> list:
+        return _parse_items(self.toks[lo:hi], self.depth + self.level + 1, expand_pm)
+
+    # ---- grammar
+    def item(self):
+        value = self.relation()
+        if self.i < len(self.toks):
+            raise _ParseError(f"unexpected {self.toks[self.i].text!r}")
+        return value
+
+    def relation(self):
+        start = self.i
+        first = self.sum()
+        if self.at("in"):                          # x \in S: the answer is S
+            self.take()
+            return self.sum()
+        label = self.is_call(start, self.i)        # f(x) = ...
+        terms, ops = [first], []
+        while self.at("rel"):
+            op = self.take().text
+            if op == "~" and (ops or not _lone_symbol(first)):   # a = b \approx 1.23: drop the rest
+                self.i = len(self.toks)
+                break
+            op = "=" if op == "~" else op            # x \approx 1.23 is all there is
+            ops.append(op)
+            terms.append(self.sum())
+        return _relation_value(terms, ops, label) if ops else first
+
+    def is_call(self, lo: int, hi: int) -> bool:
+        """Tokens lo..hi are exactly `f(...)`: a single-letter name applied to an argument."""
+        return (hi - lo >= 3 and self.toks[lo].kind == "id" and self.toks[lo + 1].kind == "op"
+                and self.toks[lo + 1].text == "(" and not self.toks[lo + 1].space
+                and _find_close(self.toks, lo + 1) == hi - 1)
+
+    def sum(self):
+        value = self.term()
+        while True:
+            if self.at("op", "+"):
+                self.take()
+                value = _add(value, self.term())
+            elif self.at("op", "-"):
+                self.take()
+                value = _add(value, _neg(self.term()))
+            elif self.at("pm"):
+                sign = self.take().text
+                signed = _mul(Num(_PM), self.term())
+                value = _add(value, signed if sign == "+-" else _neg(signed))
+            else:
+                return value
+
+    def term(self):
+        value = self.signed()
+        while True:
+            t = self.peek()
+            if t is None:
+                return value
+            if t.kind == "op" and t.text in "*/":
+                self.take()
+                rhs = self.signed()
+                value = _mul(value, rhs) if t.text == "*" else _div(value, rhs)
+            elif t.kind == "text" or (t.kind == "word" and t.text.lower() in _UNIT_WORDS):
+                self.take()                        # a unit or annotation: dropped
+                if self.at("op", "^"):
+                    self.take()
+                    self.script()
+            elif self.starts_atom(t):
+                value = _mul(value, self.power())
+            else:
+                return value
+
+    def starts_atom(self, t: _Tok) -> bool:
+        if t.kind in ("num", "id", "const", "func", "cmd", "setl", "begin", "word"):
+            return True
+        return t.kind == "op" and t.text in "([{"
+
+    def signed(self):
+        negate, pm = False, None
+        while True:
+            if self.at("op", "-"):
+                negate = not negate
+            elif self.at("op", "+"):
+                pass
+            elif self.at("pm") and pm is None:
+                pm = self.peek().text
+            else:
+                break
+            self.take()
+        value = self.power()
+        if pm is not None:
+            value = _mul(Num(_PM), value)
+        return _neg(value) if negate else value
+
+    def power(self):
+        value = self.postfix()
+        if self.at("op", "^"):
+            self.take()
+            value = _pow(value, self.script())
+            if self.at("op", "^"):
+                raise _ParseError("double superscript")
+            value = self.postfix_ops(value)
+        return value
+
+    def postfix(self):
+        return self.postfix_ops(self.atom())
+
+    def postfix_ops(self, value):
+        while True:
+            if self.at("op", "!"):
+                self.take()
+                value = _factorial(value)
+            elif self.at("pct"):
+                self.take()
+                _need_num(value)
+                value = _with_percent(value)
+            elif self.at("deg"):
+                self.take()
+            else:
+                return value
+
+    def atom(self):
+        self.level += 1
+        if self.depth + self.level > MAX_NESTING:
+            raise _ParseError("nested too deeply")
+        _check_time()
+        try:
+            return self._atom()
+        finally:
+            self.level -= 1
+
+    def _atom(self):
+        t = self.take()
+        if t.kind == "num":
+            return self.number(t)
+        if t.kind == "id":
+            return self.variable(t.text)
+        if t.kind == "const":
+            return {"pi": lambda: Num(pi), "oo": lambda: Num(oo), "empty": lambda: SetV(()),
+                    "reals": lambda: IntervalV(Num(-oo), Num(oo), True, True)}[t.text]()
+        if t.kind == "func":
+            return self.function(t.text)
+        if t.kind == "cmd":
+            if t.text == "frac":
+                return _div(self.argument(), self.argument())
+            if t.text == "binom":
+                return _binomial(self.argument(), self.argument())
+            index = Num(Integer(2))
+            if self.at("op", "["):                 # \sqrt[3]{x}
+                close = _find_close(self.toks, self.i)
+                items = self.sub_items(self.i + 1, close)
+                self.i = close + 1
+                if len(items) != 1:
+                    raise _ParseError("bad root index")
+                index = items[0]
+            return _root(self.argument(), index)
+        if t.kind == "op" and t.text in "([":
+            return self.bracket()
+        if t.kind == "op" and t.text == "{":
+            return self.group()
+        if t.kind == "setl":
+            close = _find_close(self.toks, self.i - 1)
+            items = self.sub_items(self.i, close, expand_pm=True) if close > self.i else []
+            self.i = close + 1
+            return SetV(tuple(items))
+        if t.kind == "op" and t.text == "|":
+            return self.absolute()
+        if t.kind == "begin":
+            return self.matrix(t.text)
+        if t.kind == "word" and t.text.lower() not in _UNIT_WORDS:
+            value = Num(Integer(1))                # an unknown word: a product of variables
+            for c in t.text:
+                value = _mul(value, self.variable(c))
+            return value
+        raise _ParseError(f"unexpected {t.text!r}")
+
+    def number(self, t: _Tok) -> Num:
+        if self.at("op", "_"):                     # 52_8: a numeral in base 8
+            self.take()
+            base = self.script()
+            if not (base.expr.is_Integer and 2 <= base.expr <= 36) or "." in t.text:
+                raise _ParseError("bad number base")
+            try:
+                return Num(Integer(int(t.text, int(base.expr))))
+            except ValueError:
+                raise _ParseError("digit out of range for its base") from None
+        value = _literal(t.text)
+        if t.text.isdigit() and self.at("cmd", "frac"):
+            mixed = self.mixed_fraction(value)
+            if mixed is not None:
+                return mixed
+        return value
+
+    def mixed_fraction(self, whole: Num) -> Num | None:
+        """2\\frac{1}{2} = 5/2: an integer followed by a proper fraction of integer literals."""
+        saved_i, saved = self.i, list(self.toks)
+        try:
+            self.take()
+            parts = []
+            for _ in range(2):
+                t = self.peek()
+                if t is not None and t.kind == "op" and t.text == "{":
+                    close = _find_close(self.toks, self.i)
+                    inner = self.toks[self.i + 1:close]
+                    if len(inner) != 1 or inner[0].kind != "num" or not inner[0].text.isdigit():
+                        raise _ParseError("not a mixed number")
+                    parts.append(int(inner[0].text))
+                    self.i = close + 1
+                elif t is not None and t.kind == "num" and t.text.isdigit():
+                    parts.append(self.argument().expr)
+                else:
+                    raise _ParseError("not a mixed number")
+            numerator, denominator = (int(p) for p in parts)
+            if not 0 < numerator < denominator:
+                raise _ParseError("not a proper fraction")
+            return _add(whole, Num(Rational(numerator, denominator)))
+        except _ParseError:
+            self.i, self.toks = saved_i, saved
+            return None
+
+    def variable(self, name: str) -> Num:
+        if self.at("op", "_"):                     # x_1, a_{n}
+            self.take()
+            t = self.peek()
+            if t is not None and t.kind == "op" and t.text == "{":
+                close = _find_close(self.toks, self.i)
+                sub = "".join(x.text for x in self.toks[self.i + 1:close])
+                self.i = close + 1
+            elif t is not None and t.kind in ("num", "id"):
+                sub = self.take().text
+                if t.kind == "num" and len(sub) > 1:   # x_12 is x_1 times 2 in LaTeX; keep it simple
+                    self.i -= 1
+                    self.toks[self.i] = _Tok("num", sub[1:])
+                    sub = sub[0]
+            else:
+                raise _ParseError("bad subscript")
+            return Num(Symbol(f"{name}_{sub}"))
+        if name == "e":
+            return Num(E)
+        if name == "i":
+            return Num(I)
+        return Num(Symbol(name))
+
+    def argument(self):
+        """A command argument: {group} or a single character (\\frac12, \\sqrt2)."""
+        t = self.peek()
+        if t is None:
+            raise _ParseError("missing argument")
+        if t.kind == "num" and len(t.text) > 1 and t.text[0].isdigit():
+            self.toks[self.i] = _Tok("num", t.text[1:])
+            return _literal(t.text[0])
+        if t.kind == "num":
+            self.take()
+            return _literal(t.text)
+        if t.kind == "op" and t.text == "{":
+            self.take()
+            return self.group()
+        if t.kind in ("num", "id", "const", "cmd", "func") or (t.kind == "op" and t.text == "("):
+            return self.power() if t.kind == "func" else self.atom()
+        raise _ParseError(f"bad argument {t.text!r}")
+
+    def script(self):
+        """What follows ^ or _: an argument, optionally signed (x^-1)."""
+        if self.at("op", "-"):
+            self.take()
+            return _neg(self.argument())
+        if self.at("op", "+"):
+            self.take()
+        return self.argument()
+
+    def group(self):
+        """After `{`: the braced content (a single item)."""
+        close = _find_close(self.toks, self.i - 1)
+        items = self.sub_items(self.i, close)
+        self.i = close + 1
+        if len(items) != 1:
+            raise _ParseError("a list inside braces")
+        return items[0]
+
+    def bracket(self):
+        """After `(` or `[`: grouping, a tuple, or an interval, by the closer and the item count."""
+        opener = self.toks[self.i - 1].text
+        close = _find_close(self.toks, self.i - 1)
+        closer = self.toks[close].text
+        if closer not in ")]":
+            raise _ParseError("mismatched brackets")
+        items = self.sub_items(self.i, close)
+        self.i = close + 1
+        if len(items) == 1 and opener + closer in ("()", "[]"):
+            return items[0]
+        if len(items) == 2 and opener + closer != "()":
+            _need_num(*items)
+            return IntervalV(items[0], items[1], opener == "(", closer == ")")
+        if opener + closer in ("()", "[]"):
+            return TupleV(tuple(items))
+        raise _ParseError("bad interval")
+
+    def absolute(self) -> Num:
+        """After `|`: |x|, up to the next `|` at the same depth."""
+        depth = 0
+        for k in range(self.i, len(self.toks)):
+            t = self.toks[k]
+            if _is_opener(t):
+                depth += 1
+            elif _is_closer(t):
+                depth -= 1
+            elif depth == 0 and t.kind == "op" and t.text == "|":
+                items = self.sub_items(self.i, k)
+                self.i = k + 1
+                if len(items) != 1:
+                    raise _ParseError("a list inside |...|")
+                return _abs(items[0])
+        raise _ParseError("unclosed |")
+
+    def matrix(self, env: str) -> MatrixV:
+        if env not in ("pmatrix", "bmatrix", "Bmatrix", "vmatrix", "Vmatrix", "matrix", "smallmatrix", "array"):
+            raise _ParseError(f"unsupported environment {env}")
+        close = _find_close(self.toks, self.i - 1)
+        body = self.toks[self.i:close]
+        self.i = close + 1
+        if env == "array" and body and body[0].kind == "op" and body[0].text == "{":
+            body = body[_find_close(body, 0) + 1:]          # drop the column spec {cc}
+        rows = []
+        for lo, hi in _split(body, lambda t: t.kind == "op" and t.text == "\\\\"):
+            if lo == hi and rows:
+                continue                                      # trailing \\
+            cells = []
+            for clo, chi in _split(body[lo:hi], lambda t: t.kind == "op" and t.text == "&"):
+                items = _parse_items(body[lo:hi][clo:chi], self.depth + self.level + 1)
+                if len(items) != 1 or not isinstance(items[0], Num):
+                    raise _ParseError("bad matrix entry")
+                cells.append(items[0])
+            rows.append(tuple(cells))
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows) * len(rows[0]) > MAX_ITEMS:
+            raise _ParseError("ragged or oversized matrix")
+        return MatrixV(tuple(rows))
+
+    def function(self, name: str) -> Num:
+        """\\sin x, \\sin(x), \\sin^2 x, \\sin^{-1} x, \\log_2 8, \\ln x."""
+        power = base = None
+        if self.at("op", "^"):
+            self.take()
+            power = self.script()
+        if name in ("log", "lg") and self.at("op", "_"):
+            self.take()
+            base = self.script()
+        elif name == "lg":
+            base = Num(Integer(10))
+        if self.at("op", "("):
+            self.take()
+            arg = self.bracket()
+        else:                                      # \sin 2x: juxtaposed factors
+            arg = self.power()
+            while (t := self.peek()) is not None and t.kind in ("num", "id", "const"):
+                arg = _mul(arg, self.power())
+        if power is not None and power.expr == -1 and name in _INVERSE:
+            return _apply(_INVERSE[name], arg)
+        value = _apply(name, arg, base)
+        return _pow(value, power) if power is not None else value
+
+
+def _lone_symbol(v) -> bool:
+    return isinstance(v, Num) and isinstance(v.expr, Symbol) and v.expr != _PM
+
+
+def _relation_value(terms: list, ops: list[str], lhs_label: bool = False):
+    """a = b (= c): an equation of the first and last sides. Inequalities on one variable become
+    intervals (a < x <= b, x > a); other inequalities stay relations."""
+    _need_num(*terms)
+    if all(op == "=" for op in ops):
+        return EquationV(terms[0], terms[-1], lhs_label)
+    if "=" in ops or "!=" in ops and len(ops) > 1:
+        raise _ParseError("mixed relation chain")
+    if len(ops) == 1 and ops[0] == "!=":
+        return RelationV("!=", terms[0], terms[1])
+    if ops[0] in (">", ">="):                      # write every chain increasing
+        terms, ops = terms[::-1], [{">": "<", ">=": "<="}.get(op, op) for op in ops[::-1]]
+    if any(op not in ("<", "<=") for op in ops):
+        raise _ParseError("inconsistent inequality chain")
+    if len(ops) == 2 and _lone_symbol(terms[1]) and not terms[0].expr.free_symbols and not terms[2].expr.free_symbols:
+        return IntervalV(terms[0], terms[2], ops[0] == "<", ops[1] == "<")
+    if len(ops) == 1 and _lone_symbol(terms[0]) and not terms[1].expr.free_symbols:
+        return IntervalV(Num(-oo), terms[1], True, ops[0] == "<")
+    if len(ops) == 1 and _lone_symbol(terms[1]) and not terms[0].expr.free_symbols:
+        return IntervalV(terms[0], Num(oo), ops[0] == "<", True)
+    if len(ops) == 1:
+        return RelationV(ops[0], terms[0], terms[1])
+    raise _ParseError("unsupported inequality chain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole answers: special forms first (choice letter, base-b numeral, text), then the parser.
+# ---------------------------------------------------------------------------------------------
+_TEXT_WRAP_RE = re.compile(r"\\text\s*\{([^{}]*)\}")
+_CHOICE_RE = re.compile(r"\(\s*([A-Za-z])\s*\)(?:\s.*)?")
+_BASED_RE = re.compile(r"([0-9A-Za-z]+)\s*_\s*\{?\s*(\d+)\s*\}?")
+_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z\s'\-]*")
+_INT_RE = re.compile(r"[-+]?\d+")
+
+
+def _unwrap_text(s: str) -> str:
+    return _TEXT_WRAP_RE.sub(lambda m: m.group(1), s).strip()
+
+
+def _special_form(s: str):
+    """A choice letter, a base-b numeral or a text answer, or None for everything else."""
+    plain = _unwrap_text(s).rstrip(".,;: ")
+    if m := _CHOICE_RE.fullmatch(plain):
+        return ChoiceV(m.group(1).upper())
+    if plain != s and len(plain) == 1 and plain.isalpha():   # \text{C}
+        return ChoiceV(plain.upper())
+    if m := _BASED_RE.fullmatch(plain):
+        digits, base = m.group(1).upper().lstrip("0") or "0", int(m.group(2))
+        if 2 <= base <= 36 and re.search(r"\d", digits) and all(int(c, 36) < base for c in digits):
+            return BasedV(digits, base)
+    if _TEXT_RE.fullmatch(plain) and any(w.lower() not in _MATH_WORDS for w in _PROSE_RE.findall(plain)):
+        return TextV(" ".join(plain.lower().replace("-", " ").split()))
+    return None
+
+
+@_cached
+def _parse(s: str):
+    """The value of a cleaned answer, or None when it is outside the supported subset."""
+    if not s or len(s) > MAX_ANSWER_CHARS:
+        return None
+    try:
+        special = _special_form(s)
+        if special is not None:
+            return special
+        values = _parse_items(_tokenize(s), 0, expand_pm=True)
+        for v in values:
+            _check_defined(v)
+        return values[0] if len(values) == 1 else ListV(tuple(values))
+    except _OutOfTime:
+        raise
+    except Exception:                            # _ParseError, or sympy refusing an odd construct
+        return None
+
+
+def _check_defined(value) -> None:
+    """Reject 1/0 and the like (sympy's zoo / nan)."""
+    for num in _scalars(value):
+        if not num.frozen and num.expr.has(zoo, nan):
+            raise _ParseError("undefined value")
+
+
+def _scalars(value):
+    if isinstance(value, Num):
+        yield value
+    elif isinstance(value, (TupleV, ListV, SetV)):
+        for v in value.items:
+            yield from _scalars(v)
+    elif isinstance(value, UnionV):
+        for v in value.parts:
+            yield from _scalars(v)
+    elif isinstance(value, MatrixV):
+        for row in value.rows:
+            yield from row
+    elif isinstance(value, (IntervalV,)):
+        yield value.lo
+        yield value.hi
+    elif isinstance(value, (EquationV, RelationV)):
+        yield value.lhs
+        yield value.rhs
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------
+def _equal(a, b) -> bool:
+    """Are two parsed values the same answer? (policy: module docstring)"""
+    _check_time()
+    if a == b:
+        return True
+    for x, y in ((a, b), (b, a)):
+        verdict = _compare_directed(x, y)
+        if verdict is not None:
+            return verdict
+    return False
+
+
+def _compare_directed(a, b) -> bool | None:
+    """The rule for the pair (type(a), type(b)) in this order, or None if there is none."""
+    if isinstance(a, EquationV) and not isinstance(b, EquationV):
+        side = _assigned_value(a)                # x = 5 stands for 5
+        return side is not None and _equal(side, b)
+    if isinstance(a, Num) and isinstance(b, Num):
+        return _num_equal(a, b)
+    if isinstance(a, EquationV) and isinstance(b, EquationV):
+        return _equation_equal(a, b)
+    if isinstance(a, RelationV) and isinstance(b, RelationV):
+        return a.op == b.op and _proportional(_difference(a), _difference(b), positive=a.op != "!=")
+    if isinstance(a, TextV) and isinstance(b, TextV):
+        return a.text == b.text
+    if isinstance(b, ChoiceV):                   # (C) vs (C), \text{C}, or a bare C
+        if isinstance(a, ChoiceV):
+            return a.letter == b.letter
+        letter = a.text if isinstance(a, TextV) else str(a.expr) if _lone_symbol(a) else ""
+        return letter.upper() == b.letter
+    if isinstance(b, BasedV):                    # 52_8 vs 52_{8}, or 52 (the subscript dropped)
+        if isinstance(a, BasedV):
+            return a.base == b.base and a.digits == b.digits
+        return (isinstance(a, Num) and a.expr.is_Integer and b.digits.isdigit()
+                and a.expr == Integer(_int_from_digits(b.digits)))
+    if isinstance(a, (ListV, SetV)) and isinstance(b, (ListV, SetV)):
+        return _unordered_equal(a.items, b.items)
+    if isinstance(a, (TupleV, ListV)) and isinstance(b, TupleV):
+        return _ordered_equal(a.items, b.items)
+    if isinstance(a, IntervalV) and isinstance(b, TupleV):
+        return _equal(a, _as_interval(b))
+    if isinstance(a, IntervalV) and isinstance(b, IntervalV):
+        return (_end_equal(a.lo, b.lo, a.lo_open, b.lo_open) and _end_equal(a.hi, b.hi, a.hi_open, b.hi_open))
+    if isinstance(a, UnionV) and isinstance(b, UnionV):
+        return _unordered_equal(a.parts, b.parts)
+    if isinstance(a, ListV) and isinstance(b, UnionV):    # x < 1 or x > 2
+        parts = tuple(_as_interval(v) for v in a.items)
+        return all(isinstance(p, (IntervalV, SetV)) for p in parts) and _unordered_equal(parts, b.parts)
+    if isinstance(b, MatrixV):
+        if isinstance(a, MatrixV):
+            return (len(a.rows) == len(b.rows) and len(a.rows[0]) == len(b.rows[0])
+                    and _ordered_equal(sum(a.rows, ()), sum(b.rows, ())))
+        if isinstance(a, (TupleV, ListV)) and (len(b.rows) == 1 or len(b.rows[0]) == 1):
+            return _ordered_equal(a.items, sum(b.rows, ()))   # a vector written as a tuple
+        return False
+    if isinstance(a, SetV) and len(a.items) == 1 and isinstance(b, Num):
+        return _equal(a.items[0], b)             # {5} vs 5
+    return None
+
+
+def _assigned_value(eq: EquationV) -> Num | None:
+    """The value an equation states: x = 5 -> 5, 5 = x -> 5, 2 + 3 = 5 -> 5; else None."""
+    if _lone_symbol(eq.lhs) or eq.lhs_label:
+        return eq.rhs
+    if _lone_symbol(eq.rhs):
+        return eq.lhs
+    if not eq.lhs.expr.free_symbols and not eq.rhs.expr.free_symbols:
+        return eq.rhs
+    return None
+
+
+def _ordered_equal(xs: tuple, ys: tuple) -> bool:
+    return len(xs) == len(ys) and all(_equal(x, y) for x, y in zip(xs, ys))
+
+
+def _unordered_equal(xs: tuple, ys: tuple) -> bool:
+    """Multiset equality: identical items are paired first (cheap), the rest by _equal."""
+    if len(xs) != len(ys):
+        return False
+    left, right = Counter(xs), Counter(ys)
+    common = left & right
+    rest_x = list((left - common).elements())
+    rest_y = list((right - common).elements())
+    for x in rest_x:
+        for k, y in enumerate(rest_y):
+            if _equal(x, y):
+                del rest_y[k]
+                break
+        else:
+            return False
+    return True
+
+
+def _end_equal(a: Num, b: Num, a_open: bool, b_open: bool) -> bool:
+    if a.expr in (oo, -oo) or b.expr in (oo, -oo):
+        return a.expr == b.expr                  # openness at an infinite end does not matter
+    return a_open == b_open and _num_equal(a, b)
+
+
+def _num_equal(a: Num, b: Num) -> bool:
+    """Scalars: exact, or within 1e-6 relative when a decimal literal is involved; 50% = 50 = 0.5."""
+    if _scalar_equal(a, b, a.expr, b.expr):
+        return True
+    if a.percent != b.percent and not (a.frozen or b.frozen):
+        pa = a.expr / 100 if a.percent else a.expr
+        pb = b.expr / 100 if b.percent else b.expr
+        return _scalar_equal(a, b, pa, pb)
+    return False
+
+
+def _scalar_equal(a: Num, b: Num, x, y) -> bool:
+    if x == y:
+        return True
+    if a.frozen or b.frozen:
+        return False                             # too big to evaluate: structural equality only
+    tolerant = (a.decimal or b.decimal) and not (a.literal and b.literal)
+    if x.is_Rational and y.is_Rational:
+        return tolerant and bool(abs(x - y) <= DECIMAL_REL_TOL * max(abs(x), abs(y)))
+    digits = max(a.digits, b.digits)
+    if digits > MAX_NUMERIC_DIGITS:
+        return False
+    precision = NUMERIC_DIGITS + int(digits)
+    rel_tol = DECIMAL_REL_TOL if tolerant else None
+    if not (x.free_symbols or y.free_symbols):
+        return _numbers_close(x, y, precision, rel_tol)
+    return _expressions_equal(x, y, precision, rel_tol)
+
+
+def _mp() -> mpmath.MPContext:
+    """This thread's private mpmath context (mpmath's global one is not thread-safe)."""
+    ctx = getattr(_state, "mp", None)
+    if ctx is None:
+        ctx = _state.mp = mpmath.MPContext()
+    return ctx
+
+
+def _evaluate(expr, precision: int, subs: dict | None = None):
+    """expr as an mpmath complex at `precision` digits, or None if it is not a finite number."""
+    _check_time()
+    try:
+        value = expr.evalf(precision, subs=subs)
+        parts = value.as_real_imag()
+    except (ArithmeticError, TypeError, ValueError, AttributeError, RecursionError):
+        return None
+    ctx = _mp()
+    ctx.dps = precision + 10
+    out = []
+    for part in parts:
+        if part.is_Float:
+            out.append(ctx.make_mpf(part._mpf_))
+        elif part.is_Rational:
+            out.append(ctx.mpf(part.p) / part.q)
+        else:
+            return None                          # oo, zoo, nan, or not reducible to a number
+    return ctx.mpc(out[0], out[1])
+
+
+def _close(u, v, precision: int, rel_tol) -> bool:
+    ctx = _mp()
+    ctx.dps = precision + 10
+    scale = max(abs(u), abs(v))
+    if rel_tol is None:                          # "exact": equal to the working precision
+        tol = ctx.mpf(10) ** (5 - precision)
+        return abs(u - v) <= tol * max(scale, 1)
+    return abs(u - v) <= ctx.mpf(rel_tol.p) / rel_tol.q * scale
+
+
+def _numbers_close(x, y, precision: int, rel_tol) -> bool:
+    u, v = _evaluate(x, precision), _evaluate(y, precision)
+    return u is not None and v is not None and _close(u, v, precision, rel_tol)
+
+
+_SAMPLE_RNG = random.Random(20240601)
+_SAMPLES = [[Rational(_SAMPLE_RNG.randint(3 * 10**8, 19 * 10**8), 10**9) for _ in range(16)] for _ in range(3)]
+
+
+def _sample_points(symbols: list) -> list[dict]:
+    """Three fixed pseudo-random points in (0.3, 1.9)^n (positive: logs and roots stay real)."""
+    return [{s: row[k % len(row)] + k // len(row) for k, s in enumerate(symbols)} for row in _SAMPLES]
+
+
+def _poly_terms(expr) -> int | None:
+    """Terms of expr once expanded, if it is a polynomial with rational (Gaussian) coefficients."""
+    if expr.is_Symbol or expr.is_Rational or expr == I:
+        return 1
+    if expr.is_Add or expr.is_Mul:
+        sizes = [_poly_terms(a) for a in expr.args]
+        if None in sizes:
+            return None
+        return sum(sizes) if expr.is_Add else math.prod(sizes)
+    if expr.is_Pow and expr.exp.is_Integer and 0 < expr.exp <= 40:
+        base = _poly_terms(expr.base)
+        return None if base is None else math.comb(base + int(expr.exp) - 1, base - 1)
+    return None
+
+
+def _expressions_equal(x, y, precision: int, rel_tol) -> bool:
+    """Equality of expressions with variables: exact for small polynomials, else at sample points."""
+    if rel_tol is None:
+        size_x, size_y = _poly_terms(x), _poly_terms(y)
+        if size_x is not None and size_y is not None and size_x + size_y <= MAX_POLY_TERMS:
+            return expand(x - y) == 0
+    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
+    agreed = 0
+    for point in _sample_points(symbols):
+        u, v = _evaluate(x, precision, point), _evaluate(y, precision, point)
+        if u is None or v is None:
+            continue                             # a singular point for one side: try the next
+        if not _close(u, v, precision, rel_tol):
+            return False
+        agreed += 1
+    return agreed > 0
+
+
+def _difference(rel) -> Num | None:
+    if rel.lhs.frozen or rel.rhs.frozen:
+        return None
+    return _add(rel.lhs, _neg(rel.rhs))
+
+
+def _equation_equal(a: EquationV, b: EquationV) -> bool:
+    """Same equation up to swapping sides and a nonzero constant factor."""
+    if (_lone_symbol(a.lhs) or a.lhs_label) and a.lhs == b.lhs:   # y = f(x) vs y = g(x): compare f, g
+        return _num_equal(a.rhs, b.rhs)
+    if (a.lhs == b.rhs and a.rhs == b.lhs) or (_num_equal(a.lhs, b.lhs) and _num_equal(a.rhs, b.rhs)):
+        return True
+    if (_assigned_value(a) is not None and _assigned_value(b) is not None
+            and not (a.lhs.expr.free_symbols or a.rhs.expr.free_symbols)):
+        return _num_equal(_assigned_value(a), _assigned_value(b))
+    return _proportional(_difference(a), _difference(b), positive=False)
+
+
+def _proportional(d1: Num | None, d2: Num | None, positive: bool) -> bool:
+    """d1 = c * d2 for a constant c != 0 (c > 0 if positive), checked at the sample points."""
+    if d1 is None or d2 is None:
+        return False
+    if d1.expr == d2.expr or (not positive and d1.expr == -d2.expr):
+        return True
+    symbols = sorted(d1.expr.free_symbols | d2.expr.free_symbols, key=str)
+    if not symbols:
+        return False
+    precision = NUMERIC_DIGITS + int(min(max(d1.digits, d2.digits), MAX_NUMERIC_DIGITS))
+    ratio = None
+    for point in _sample_points(symbols):
+        u, v = _evaluate(d1.expr, precision, point), _evaluate(d2.expr, precision, point)
+        if u is None or v is None or abs(v) == 0:
+            return False
+        r = u / v
+        if abs(r) == 0 or (positive and (abs(r.imag) > abs(r) * 1e-20 or r.real <= 0)):
+            return False
+        if ratio is not None and not _close(r, ratio, precision - 10, None):
+            return False
+        ratio = r
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _loose(s: str) -> str:
+    """Last-resort spelling for answers that do not parse: text wrappers, braces and spaces removed."""
+    return re.sub(r"[\s{}]", "", _unwrap_text(s))
+
+
+@_cached
+def _equiv(pred: str, gold: str) -> bool:
+    p, g = _clean(pred), _clean(gold)
+    if not p or not g:
+        return False
+    if p == g:
+        return True
+    if _INT_RE.fullmatch(p) and _INT_RE.fullmatch(g):           # the common case: plain integers
+        return _canonical_int(p) == _canonical_int(g)
+    pv, gv = _parse(p), _parse(g)
+    if pv is None or gv is None:
+        return _loose(p) == _loose(g)
+    return _equal(pv, gv)
+
+
+def _canonical_int(s: str) -> str:
+    sign = "-" if s.startswith("-") else ""
+    digits = s.lstrip("+-").lstrip("0") or "0"
+    return ("" if digits == "0" else sign) + digits
+
+
+def is_equiv(pred: str, gold: str) -> bool:
+    """Is answer string pred the same answer as gold? (policy: module docstring). Never raises."""
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    try:
+        with _time_budget():
+            return bool(_equiv(pred, gold))
+    except Exception:                            # _OutOfTime, or a sympy failure on odd input
+        return False
+
+
+def grade(completion: str, gold: str) -> bool:
+    """True iff the completion's final answer (extract_answer) is equivalent to gold. Never raises."""
+    try:
+        with _time_budget():
+            answer = extract_answer(completion)
+            return answer is not None and bool(is_equiv(answer, gold))
+    except Exception:
+        return False
+
+
+def _clear_caches() -> None:
+    """Forget cached parses and verdicts (for benchmarks that want cold-cache timings)."""
+    _clean.cache_clear()
+    _parse.cache_clear()
+    _equiv.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python verify.py PRED GOLD
+# ---------------------------------------------------------------------------------------------
+def describe(value) -> str:
+    """A readable rendering of a parsed value."""
+    if value is None:
+        return "(not parsed: compared as text)"
+    if isinstance(value, Num):
+        try:
+            text = str(value.expr)
+        except ValueError:                       # an integer past Python's str() digit limit
+            text = f"<number with about {int(value.digits)} digits>"
+        flags = [f for f in ("decimal", "frozen", "percent") if getattr(value, f)]
+        return text + (f"  [{', '.join(flags)}]" if flags else "")
+    if isinstance(value, (TupleV, ListV, SetV)):
+        inner = ", ".join(describe(v) for v in value.items)
+        return {"TupleV": f"tuple({inner})", "ListV": f"list[{inner}]", "SetV": f"set{{{inner}}}"}[type(value).__name__]
+    if isinstance(value, IntervalV):
+        return f"interval{'(' if value.lo_open else '['}{describe(value.lo)}, {describe(value.hi)}{')' if value.hi_open else ']'}"
+    if isinstance(value, UnionV):
+        return " U ".join(describe(p) for p in value.parts)
+    if isinstance(value, MatrixV):
+        return "matrix[" + "; ".join(", ".join(describe(c) for c in row) for row in value.rows) + "]"
+    if isinstance(value, EquationV):
+        return f"equation {describe(value.lhs)} = {describe(value.rhs)}"
+    if isinstance(value, RelationV):
+        return f"relation {describe(value.lhs)} {value.op} {describe(value.rhs)}"
+    if isinstance(value, TextV):
+        return f"text {value.text!r}"
+    if isinstance(value, ChoiceV):
+        return f"choice ({value.letter})"
+    if isinstance(value, BasedV):
+        return f"numeral {value.digits} in base {value.base}"
+    return repr(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Compare a predicted answer (or a whole completion) with a gold answer. "
+                    "Exit status 0 if equivalent, 1 if not.")
+    parser.add_argument("pred", help="predicted answer, or a completion containing \\boxed{...}")
+    parser.add_argument("gold", help="gold answer")
+    args = parser.parse_args(argv)
+    extracted = extract_answer(args.pred)
+    answer = extracted if extracted is not None else args.pred
+    if extracted is None:
+        print("pred: no boxed or 'final answer' found; comparing the argument as given")
+    with _time_budget(10 * TIME_BUDGET_S):
+        try:
+            pred_value, gold_value = _parse(_clean(answer)), _parse(_clean(args.gold))
+        except _OutOfTime:
+            pred_value = gold_value = None
+    verdict = is_equiv(answer, args.gold)
+    print(f"pred answer: {answer}")
+    print(f"pred parsed: {describe(pred_value)}")
+    print(f"gold answer: {args.gold}")
+    print(f"gold parsed: {describe(gold_value)}")
+    print(f"verdict: {'equivalent' if verdict else 'not equivalent'}")
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
