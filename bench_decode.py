@@ -10,9 +10,11 @@ Two workloads per batch size B:
           (the stop ids are tokens the runs themselves emit; see pick_stop_ids). transformers takes them in
           consecutive batches of B and each batch runs until its longest row ends; ours refills slots.
 tokens/s = new tokens (stop tokens included) / wall time of the whole call, prefill included, best of
---repeats after a warm-up. transformers runs as it is normally used: left-padded batches with an attention
-mask. `agree` is the share of rows whose greedy tokens are identical in both (left padding may move
-transformers' logits by rounding, so a near-tie could flip a row).
+--repeats runs of each, alternated, after a warm-up. transformers runs as it is normally used:
+left-padded batches with an attention mask. `agree` is the share of rows whose greedy tokens are
+identical in both (left padding may move transformers' logits by rounding, so a near-tie could flip a
+row). On a machine shared with other work, pass --threads 1: parallel regions that wait for a busy
+core otherwise dominate both timings.
 """
 
 import argparse
@@ -89,23 +91,24 @@ def hf_generate(model, prompts, max_new_tokens, device, stop_ids=None, batch=Non
     return out
 
 
-def timed(fn, repeats: int):
-    """(best wall time over `repeats`, the last result)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def compare(name, batch, ours_fn, hf_fn, repeats) -> dict:
-    t_ours, ours_out = timed(ours_fn, repeats)
-    t_hf, hf_out = timed(hf_fn, repeats)
+    """Run both `repeats` times, alternating (so a change in machine load hits both alike); keep each
+    one's best wall time."""
+    best = {"ours": float("inf"), "hf": float("inf")}
+    for _ in range(repeats):
+        for who, fn in (("ours", ours_fn), ("hf", hf_fn)):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[who] = min(best[who], time.perf_counter() - start)
+            if who == "ours":
+                ours_out = out
+            else:
+                hf_out = out
+    t_ours, t_hf = best["ours"], best["hf"]
     tokens = sum(map(len, ours_out))  # useful tokens (stop tokens included)
     agree = sum(a == b for a, b in zip(ours_out, hf_out)) / len(ours_out)
     r = {"workload": name, "batch": batch, "prompts": len(ours_out), "new_tokens": tokens,
@@ -128,7 +131,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=2, help="best of this many timed runs")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many timed runs each")
     p.add_argument("--queue", type=int, default=4, help="ragged workload: prompts per cache slot")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -165,11 +168,12 @@ def main(argv=None):
                                                            batch_size=batch),
                 lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device, stops, batch), args.repeats))
 
-    report = {"device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                                                                  f"{torch.get_num_threads()} threads)",
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {"device": args.device if args.device != "cpu" else cpu,
               "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
               "model": {"hidden": args.hidden, "intermediate": args.intermediate or 4 * args.hidden,
-                        "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab},
+                        "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+                        "vocab": args.vocab},
               "max_new_tokens": args.max_new_tokens, "prompt_len": [low, high], "queue": args.queue,
               "results": results}
     if torch.cuda.is_available() and args.device.startswith("cuda"):

@@ -50,10 +50,10 @@ def load_rows(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"{path}:{line_no}: not valid JSON ({e}); fix or remove the line")
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove the line") from None
             for key in ("solution", "answer"):
                 if not isinstance(row.get(key), str):
-                    sys.exit(f"{path}:{line_no}: missing string field {key!r}")
+                    raise ValueError(f"{path}:{line_no}: missing string field {key!r}")
             rows.append(row)
     return rows
 
@@ -217,8 +217,8 @@ def load_math_verify():
     return math_verify
 
 
-def run(checker, sets: dict[str, list]) -> dict:
-    """Grade every pair; counts per set and pairs/s over the MATH-500 sets."""
+def grade_sets(checker, sets: dict[str, list]) -> dict:
+    """Grade every pair with checker; counts per set and pairs/s over the MATH-500 sets."""
     report, timed_pairs, timed_seconds = {}, 0, 0.0
     for name, pairs in sets.items():
         accepted = agree = 0
@@ -258,6 +258,33 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def run(data: Path = DEFAULT_DATA, hang_cases: bool = False) -> dict:
+    """The whole benchmark: both checkers on the same pairs; prints a report, returns it as a dict
+    (also what bench.py's "verify" section calls)."""
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data}: MATH-500 jsonl not found (expected ../shared/data beside "
+                                "the checkout; pass --data PATH)")
+    rows = load_rows(Path(data))
+    sets = math500_sets(rows)
+    sets["challenge"] = CHALLENGE + (HANG_CASES if hang_cases else [])
+    print(f"{len(rows)} MATH-500 rows; " + ", ".join(f"{k}: {len(v)} pairs" for k, v in sets.items()))
+
+    verify._clear_caches()
+    results = {"data": str(data), "ours": grade_sets(ours, sets)}
+    print_report("verify.py (ours)", results["ours"])
+    math_verify = load_math_verify()
+    if math_verify is None:
+        print("\nMath-Verify is not installed (pip install -r requirements-bench.txt): reporting ours only")
+        results["math_verify"] = None
+        return results
+    results["math_verify"] = grade_sets(math_verify, sets)
+    print_report("Math-Verify", results["math_verify"])
+    ratio = results["ours"]["math500_pairs_per_second"] / results["math_verify"]["math500_pairs_per_second"]
+    results["speed_ratio_ours_over_math_verify"] = round(ratio, 2)
+    print(f"\nspeed ratio (ours / Math-Verify, MATH-500 pairs): {ratio:.1f}x")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MATH-500 jsonl (default: %(default)s)")
@@ -265,26 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hang-cases", action="store_true",
                         help="also grade power towers / huge factorials (Math-Verify takes its 5 s timeouts)")
     args = parser.parse_args(argv)
-    if not args.data.is_file():
-        sys.exit(f"--data {args.data}: file not found (MATH-500 jsonl expected beside the checkout)")
-    rows = load_rows(args.data)
-    sets = math500_sets(rows)
-    sets["challenge"] = CHALLENGE + (HANG_CASES if args.hang_cases else [])
-    print(f"{len(rows)} MATH-500 rows; " + ", ".join(f"{k}: {len(v)} pairs" for k, v in sets.items()))
-
-    verify._clear_caches()
-    results = {"data": str(args.data), "ours": run(ours, sets)}
-    print_report("verify.py (ours)", results["ours"])
-    math_verify = load_math_verify()
-    if math_verify is None:
-        print("\nMath-Verify is not installed (pip install -r requirements-bench.txt): reporting ours only")
-        results["math_verify"] = None
-    else:
-        results["math_verify"] = run(math_verify, sets)
-        print_report("Math-Verify", results["math_verify"])
-        ratio = results["ours"]["math500_pairs_per_second"] / results["math_verify"]["math500_pairs_per_second"]
-        results["speed_ratio_ours_over_math_verify"] = round(ratio, 2)
-        print(f"\nspeed ratio (ours / Math-Verify, MATH-500 pairs): {ratio:.1f}x")
+    results = run(args.data, args.hang_cases)
     write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0

@@ -132,6 +132,7 @@ def make_base_checkpoint(path, problems, config_overrides, seed):
 def run(cmd, log_path):
     """Run one step of the pipeline, echoing its output to the terminal and a log file."""
     print("$ " + " ".join(cmd), flush=True)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -172,19 +173,20 @@ STAGE2 = {  # name: (train.py stage, data file, extra flags)
 
 def headline(summary: dict) -> dict:
     """The rates the results table reports, from evaluate.py's summary.json."""
-    keep = ("pass@1", "pass@1_stderr", "maj@n", "mean_response_tokens", "truncated")
-    out = {k: summary[k] for k in keep if k in summary}
-    out.update({k: v for k, v in summary.items() if k.startswith("pass@") and k not in out})
-    return out
+    n = summary["n"]
+    return {"pass@1": summary["pass@1"], "pass@1_stderr": summary["pass@1_stderr"],
+            f"pass@{n}": summary["pass@k"][str(n)], f"maj@{n}": summary[f"maj@{n}"],
+            "mean_response_tokens": summary["mean_response_tokens"], "truncated": summary["truncated"],
+            "no_answer": summary["no_answer"], "samples": summary["samples"]}
 
 
 def print_table(results):
-    print("\n{:<16} {:>8} {:>8} {:>8}".format("model", "pass@1", "±se", "maj@n"))
+    print(f"\n{'model':<16} {'pass@1':>8} {'± se':>6} {'pass@n':>8} {'maj@n':>8} {'no answer':>10}")
     for name, r in results.items():
-        se = r.get("pass@1_stderr")
-        print("{:<16} {:>7.1f}% {:>8} {:>7.1f}%".format(name, 100 * r["pass@1"],
-                                                       f"{100 * se:.1f}" if se is not None else "-",
-                                                       100 * r.get("maj@n", float("nan"))))
+        n_keys = [k for k in r if k.startswith("pass@") and k not in ("pass@1", "pass@1_stderr")]
+        maj = next(k for k in r if k.startswith("maj@"))
+        print(f"{name:<16} {100 * r['pass@1']:>7.1f}% {100 * r['pass@1_stderr']:>6.1f} "
+              f"{100 * r[n_keys[0]]:>7.1f}% {100 * r[maj]:>7.1f}% {100 * r['no_answer']:>9.1f}%")
 
 
 def plot(out, results, stage_dirs):

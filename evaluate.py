@@ -1,5 +1,7 @@
-"""Evaluation: sample completions from a checkpoint with a KV-cached, continuously batched sampler, grade
-them, and report pass@1 (with its standard error), unbiased pass@k and maj@n, as the REDI paper does.
+"""Evaluate a checkpoint on math problems: sample, grade, report pass@1, pass@k and maj@n.
+
+Completions come from a KV-cached, continuously batched sampler; they are graded with verify.grade and
+scored as the REDI paper reports them: pass@1 with its standard error, unbiased pass@k and maj@n.
 
     python evaluate.py CKPT --data ../shared/data/math500.jsonl --n 16 --temperature 0.6 --top-p 0.95 \\
         --max-new-tokens 32768 --template qwen --out runs/eval/math500
@@ -26,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -169,8 +171,8 @@ class Request:
 @dataclass(frozen=True)
 class Finished:
     """A finished sample: its request and sample index, its new tokens (a final stop token included),
-    why it stopped ("stop" or "length"), and, for inspection, the cache slot it ran in and the decode
-    steps at which it was admitted and finished."""
+    why it stopped ("stop" or "length"), and, for inspection, the cache slot it was admitted to and the
+    decode steps at which it was admitted and finished."""
 
     request: int
     sample: int
@@ -257,7 +259,7 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
     generated = [[] for _ in range(num_slots)]
     limits = [0] * num_slots
     keys = [0] * num_slots
-    admitted = [0] * num_slots
+    admitted = [0] * num_slots  # (step, slot) of each sample's admission, for Finished
     step = 0
     saved = None  # (request, last logits, prompt keys/values) of a part-admitted head request
 
@@ -271,7 +273,7 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
             return None
         request, sample = owner[slot]
         owner[slot] = None
-        return Finished(request, sample, generated[slot], reason, slot, admitted[slot], step)
+        return Finished(request, sample, generated[slot], reason, admitted[slot][1], admitted[slot][0], step)
 
     model.setup_cache(num_slots, cache_len)
     try:
@@ -294,7 +296,7 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
                 if not pending:
                     saved = None
                 for slot, sample in zip(chosen, take):
-                    owner[slot], generated[slot], admitted[slot] = (request, sample), [], step
+                    owner[slot], generated[slot], admitted[slot] = (request, sample), [], (step, slot)
                     positions[slot] = len(prompt) - 1  # finish_if_done advances it to the new token's
                     limits[slot] = min(max_new_tokens, cache_len - len(prompt))
                     keys[slot] = sample_key(seed, requests[request].key, sample)
@@ -383,19 +385,20 @@ def answers_equal(a: str, b: str) -> bool:
     return bool(verify.is_equiv(a, b) or verify.is_equiv(b, a))
 
 
-def powers_of_two_up_to(n: int) -> list[int]:
+def pass_at_k_sizes(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n, and n itself."""
     ks, k = [], 1
-    while k <= n:
+    while k < n:
         ks.append(k)
         k *= 2
-    return ks
+    return ks + [n]
 
 
 def summarize(problems: list["Problem"], rows: list[dict], n: int, same=answers_equal) -> dict:
     """Scores over problems x n samples (every sample must be present). Rates are fractions in [0, 1].
       pass@1         mean of `correct` over all samples; its standard error is over the n sample sets
                      (set j = sample j of every problem): s.d.(acc_0..acc_{n-1}, ddof=1) / sqrt(n).
-      pass@k         unbiased pass@k averaged over problems, k = 1, 2, 4, ... <= n.
+      pass@k         unbiased pass@k averaged over problems, k = 1, 2, 4, ... < n, and n.
       maj@n          majority vote over extracted answers (majority_correct), averaged over problems.
       mean_response_tokens, truncated (share with finish_reason "length"), no_answer (share without an
       extracted answer); by_subject / by_level (MATH-500): problems and pass@1 per group."""
@@ -420,7 +423,7 @@ def summarize(problems: list["Problem"], rows: list[dict], n: int, same=answers_
         "problems": len(table), "n": n, "samples": len(all_rows),
         "pass@1": pass1, "pass@1_stderr": stderr,
         "pass@k": {str(k): sum(pass_at_k(n, sum(c), k) for c in correct) / len(correct)
-                   for k in powers_of_two_up_to(n)},
+                   for k in pass_at_k_sizes(n)},
         f"maj@{n}": sum(majority_correct([r["answer"] for r in samples], c, same)
                         for samples, c in zip(table, correct)) / len(table),
         "mean_response_tokens": sum(r["num_tokens"] for r in all_rows) / len(all_rows),
@@ -443,10 +446,11 @@ def format_table(summary: dict, title: str) -> str:
     n = summary["n"]
     pct = lambda x: f"{100 * x:6.2f} %"
     stderr = summary["pass@1_stderr"]
+    pass1 = f"  pass@1      {pct(summary['pass@1'])}"
     lines = [f"{title}: {summary['problems']} problems x {n} samples",
-             f"  pass@1      {pct(summary['pass@1'])}" + (f"  +- {100 * stderr:.2f}" if stderr is not None else "")]
-    lines += [f"  pass@{k:<6}{pct(v)}" for k, v in summary["pass@k"].items() if k != "1"]
-    lines += [f"  maj@{n:<7}{pct(summary[f'maj@{n}'])}",
+             pass1 + (f"  +- {100 * stderr:.2f} (standard error)" if stderr is not None else "")]
+    lines += [f"  pass@{k:<7}{pct(v)}" for k, v in summary["pass@k"].items() if k != "1"]
+    lines += [f"  maj@{n:<8}{pct(summary[f'maj@{n}'])}",
               f"  mean length {summary['mean_response_tokens']:8.1f} tokens",
               f"  truncated   {pct(summary['truncated'])}",
               f"  no answer   {pct(summary['no_answer'])}"]
@@ -483,13 +487,15 @@ def read_problems(path) -> list[Problem]:
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise ValueError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
+            raise ValueError(f"{where}: needs an 'answer' (the gold final answer, a string) "
+                             f"(has {sorted(row)})")
         if isinstance(answer, float) and answer.is_integer():
             answer = int(answer)
         index = len(problems)
         problem_id = str(row.get("id", row.get("unique_id", index)))
         if problem_id in seen:
-            raise ValueError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; ids must be unique")
+            raise ValueError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; "
+                             "ids must be unique")
         seen[problem_id] = line_no
         problems.append(Problem(index, problem_id, problem, str(answer), row.get("subject"), row.get("level")))
     if not problems:
@@ -513,7 +519,8 @@ def read_samples(path) -> tuple[list[dict], int]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or delete the line") from None
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or delete the "
+                                 "line") from None
             if not isinstance(row, dict) or "id" not in row or "sample" not in row:
                 raise ValueError(f"{path}:{line_no}: not a sample row (needs 'id' and 'sample')")
             rows.append(row)
@@ -746,6 +753,11 @@ def main(argv=None) -> dict | None:
         model = Qwen2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
         requests = [Request(data.encode_prompt(tokenizer, template, messages[p.index]), key=p.index,
                             samples=samples) for p, samples in todo]
+        for (p, _), r in zip(todo, requests):
+            if args.max_seq_len is not None and len(r.prompt_ids) >= args.max_seq_len:
+                raise SystemExit(f"{args.data}: problem {p.id!r} has a {len(r.prompt_ids)}-token prompt, "
+                                 f"which leaves no room in --max-seq-len {args.max_seq_len}; raise it or drop "
+                                 "the problem")
         progress = Progress(num_todo, prefix)
         with open(own_file, "a", encoding="utf-8") as f:
             for finished in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,

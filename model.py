@@ -182,10 +182,11 @@ class KVCache(nn.Module):
         self.v[slots, :, :T] = v.to(self.v.dtype)
 
     def write_token(self, k, v, positions):
-        """Write each slot's new key/value [slots, kv_heads, 1, d] at that slot's own position."""
-        rows = torch.arange(self.k.shape[0], device=positions.device)
-        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
-        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
+        """Write each slot's new key/value [slots, kv_heads, 1, d] at that slot's own position
+        (a scatter along the position axis: one kernel, no advanced-indexing bookkeeping)."""
+        index = positions.view(-1, 1, 1, 1).expand_as(k)
+        self.k.scatter_(2, index, k.to(self.k.dtype))
+        self.v.scatter_(2, index, v.to(self.v.dtype))
 
 
 class Attention(nn.Module):
@@ -307,6 +308,7 @@ class Qwen2(nn.Module):
         # through SDPA; CPU, where FlexAttention has no backward, and the reference in tests).
         self.packed_attention = "auto"
         self.source_dir: str | None = None  # where from_pretrained read it; save_pretrained copies tokenizer files
+        self.rope_table = None  # (cos, sin) of every KV-cache position, made by setup_cache
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -368,13 +370,17 @@ class Qwen2(nn.Module):
         """Allocate a KV cache of `slots` rows x `max_seq_len` positions in every layer (replacing any)."""
         p = self.embed.weight
         c = self.config
+        dtype, device = dtype or p.dtype, device or p.device
         for block in self.layers:
-            block.attn.cache = KVCache(slots, c.num_key_value_heads, max_seq_len, c.head_dim,
-                                       dtype or p.dtype, device or p.device)
+            block.attn.cache = KVCache(slots, c.num_key_value_heads, max_seq_len, c.head_dim, dtype, device)
+        # cos/sin of every cache position, computed once; decode steps index it (same values, same ops
+        # as rope_cos_sin, so cached and full forwards agree bit for bit).
+        self.rope_table = rope_cos_sin(torch.arange(max_seq_len, device=device), c.head_dim, c.rope_theta, dtype)
 
     def free_cache(self):
         for block in self.layers:
             block.attn.cache = None
+        self.rope_table = None
 
     @torch.no_grad()
     def prefill(self, prompt_ids, slots):
@@ -401,7 +407,7 @@ class Qwen2(nn.Module):
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [slots, 1, 1, kv_len]
         x = self.embed(tokens[:, None])
-        cos, sin = rope_cos_sin(positions[:, None], self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self.rope_table[0][positions, None], self.rope_table[1][positions, None]  # [slots, 1, d]
         for block in self.layers:
             x = block(x, cos, sin, mask, cache_positions=positions, kv_len=kv_len)
         return F.linear(self.norm(x[:, 0]), self.lm_head_weight)

@@ -551,7 +551,7 @@ def ref_fingerprint(args, num_pairs: int) -> dict:
 @torch.no_grad()
 def compute_ref_logps(dataset: Dataset, logps_model: nn.Module, args, d: Dist, autocast) -> torch.Tensor:
     """logπ_ref(chosen), logπ_ref(rejected) of every pair under the starting weights, with the training
-    forward itself (same packing, same dtype), so that at step 0 policy and reference agree to rounding.
+    forward itself (packed rows, same dtype), so that at step 0 policy and reference agree to rounding.
     Pairs are spread over ranks; each fills its rows and a sum all-reduce assembles the table."""
     table = torch.zeros(len(dataset), 2, device=d.device)
     all_pairs = list(range(len(dataset)))
@@ -565,19 +565,42 @@ def compute_ref_logps(dataset: Dataset, logps_model: nn.Module, args, d: Dist, a
     return all_reduce_sum(table, d).cpu()
 
 
-def load_or_compute_ref_logps(dataset: Dataset, logps_model: nn.Module, args, d: Dist, autocast) -> torch.Tensor:
-    """Reuse the cache when its fingerprint matches (resume never recomputes); otherwise compute and write it
-    atomically (rank 0)."""
+def read_ref_cache(path: str, fingerprint: str) -> torch.Tensor | None:
+    """The cached table if the file exists and was computed for exactly this fingerprint, else None."""
     from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") == fingerprint:
+            return f.get_tensor("ref_logps")
+    return None
+
+
+def load_or_compute_ref_logps(dataset: Dataset, logps_model: nn.Module, args, d: Dist, autocast) -> torch.Tensor:
+    """Reuse the cache when its fingerprint matches; otherwise compute the table and write it atomically.
+    Rank 0 reads the file and broadcasts the table (ranks on other nodes need not see its filesystem).
+    A resume never recomputes: its weights are no longer the reference's, so a missing or stale cache is
+    an error there."""
     from safetensors.torch import save_file
 
     path = ref_cache_path(args)
     fingerprint = json.dumps(ref_fingerprint(args, len(dataset)), sort_keys=True)
+    cached = read_ref_cache(path, fingerprint) if d.is_main else None
+    found = torch.tensor([float(cached is not None)], device=d.device)
+    if d.world_size > 1:
+        dist.broadcast(found, src=0)
+    if found.item():
+        log(d, f"dpo: reusing reference log-probs from {path}")
+        table = cached.to(d.device) if d.is_main else torch.empty(len(dataset), 2, device=d.device)
+        if d.world_size > 1:
+            dist.broadcast(table, src=0)
+        return table.cpu()
+    if args.resume:
+        raise ConfigError(f"--resume: the DPO reference log-probs {path} are missing or were computed for another "
+                          "model, data or settings, and cannot be recomputed from a resumed model; restore that "
+                          "file (or pass it with --ref-cache), or start the run again")
     if os.path.exists(path):
-        with safe_open(path, framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                log(d, f"dpo: reusing reference log-probs from {path}")
-                return f.get_tensor("ref_logps")
         log(d, f"dpo: {path} was computed for another model, data or settings; recomputing it")
     log(d, f"dpo: computing reference log-probs of {len(dataset)} pairs with {args.model}")
     table = compute_ref_logps(dataset, logps_model, args, d, autocast)

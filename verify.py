@@ -31,7 +31,8 @@ Comparison policy
       3.14159 = pi), but never between two bare decimal literals (326.5 != 326.53: both are roundings).
     * Expressions with variables: equal if structurally equal after sympy's automatic evaluation; small
       polynomials with rational coefficients are decided exactly by `expand(a - b) == 0`; anything else
-      by numeric evaluation at three fixed pseudo-random points. No unbounded `simplify`.
+      by numeric evaluation at three fixed pseudo-random points with every variable in (0.3, 1.9)
+      (answers usually assume positive variables, so sqrt(x^2) = x passes). No unbounded `simplify`.
     * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` and bare lists `a, b` (solutions) are
       unordered; a partial list is wrong; `1 \pm \sqrt2` is the list of both values. A column/row
       vector equals the tuple of its entries.
@@ -50,13 +51,14 @@ Bounds
     fine). Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
     2,000 tokens are only string-compared; nesting deeper than 32 is refused; a power, factorial,
     binomial, root or product whose exact value would exceed 20,000 digits is built unevaluated ("frozen") and then
-    compared structurally only; polynomial expansion only runs when the expanded size is small. A
-    per-call deadline checked between steps is the backstop. `grade` never raises.
+    compared structurally only; polynomial expansion only runs when the expanded size is small;
+    numeric evaluation refuses operations on magnitudes beyond 2^30000 or sin/exp of numbers beyond
+    2^64. The backstop is a per-call deadline enforced by a per-thread trace hook (see
+    _with_deadline), which stops even a slow step inside sympy. `grade` never raises.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import random
@@ -68,9 +70,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import mpmath
-from sympy import (Abs, Add, E, I, Integer, Mul, Pow, Rational, Symbol, acos, acot, asin, atan,
-                   binomial, cos, cosh, cot, csc, exp, expand, factorial, log, nan, oo, pi, root,
-                   sec, sin, sinh, sqrt, tan, tanh, zoo)
+from sympy import (Abs, Add, E, I, Integer, Mul, Pow, Rational, Symbol, acos, acosh, acot, asin,
+                   asinh, atan, atanh, binomial, cos, cosh, cot, csc, exp, expand, factorial, gamma,
+                   log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
@@ -93,30 +95,40 @@ class _ParseError(ValueError):
     """The answer is outside the supported LaTeX subset (it is then compared as text)."""
 
 
-class _OutOfTime(Exception):
-    """The per-call deadline passed; the comparison answers False."""
+class _OutOfTime(BaseException):
+    """The per-call deadline passed; the comparison answers False. A BaseException, so that no
+    `except Exception` inside sympy can swallow it."""
 
 
 _state = threading.local()    # per-thread deadline and mpmath context: no globals shared by threads
 
 
-@contextlib.contextmanager
-def _time_budget(seconds: float | None = None):
-    """Set this thread's deadline, TIME_BUDGET_S from now (nested calls share the outermost one)."""
-    outer = getattr(_state, "deadline", None)
-    if outer is None:
-        _state.deadline = time.monotonic() + (TIME_BUDGET_S if seconds is None else seconds)
+def _with_deadline(fn, *args, seconds: float | None = None):
+    """fn(*args), stopped with _OutOfTime once TIME_BUDGET_S (or seconds) have passed.
+
+    The structural limits above keep every step small; this is the backstop for whatever they miss
+    (sympy's assumption system can spend seconds on a convoluted expression). It needs no signal, so
+    it works in any thread: a trace hook, installed for this thread only, checks the clock at every
+    Python function call and raises at the first one past the deadline (CPython then removes the
+    hook, so cleanup code runs normally). Nested calls share the outermost deadline. A tracer that
+    was already installed (a debugger, coverage) is paused during the call and restored after it."""
+    if getattr(_state, "deadline", None) is not None:
+        return fn(*args)
+    deadline = time.monotonic() + (TIME_BUDGET_S if seconds is None else seconds)
+
+    def stop_at_deadline(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        return None                              # no line-by-line tracing inside the frame
+
+    previous = sys.gettrace()
+    _state.deadline = deadline
+    sys.settrace(stop_at_deadline)
     try:
-        yield
+        return fn(*args)
     finally:
-        if outer is None:
-            _state.deadline = None
-
-
-def _check_time() -> None:
-    deadline = getattr(_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
-        raise _OutOfTime
+        sys.settrace(previous)
+        _state.deadline = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +249,8 @@ def _bare_answer(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 _UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
             "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
-            "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%", "\u00a0": " "}
+            "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
+            "\u00a0": " "}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _REWRITES = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:left|right|[bB]igg?[lr]?|middle)(?![A-Za-z])\s*\.?"), ""),
@@ -579,7 +592,10 @@ def _literal(text: str) -> Num:
     """A number literal: 25, 025, 3.21, .5, 1.5e-3 -> an exact Rational."""
     mantissa, _, exponent = text.lower().partition("e")
     whole, _, frac = mantissa.partition(".")
-    value = Rational(_int_from_digits((whole + frac) or "0"), 10 ** len(frac)) if frac else Integer(_int_from_digits(whole))
+    if frac:
+        value = Rational(_int_from_digits(whole + frac), 10 ** len(frac))
+    else:
+        value = Integer(_int_from_digits(whole))
     is_decimal = bool(frac) or bool(exponent)
     num = Num(value, decimal=is_decimal, literal=is_decimal, digits=_rational_digits(value))
     if exponent:
@@ -594,10 +610,26 @@ def _need_num(*values) -> None:
             raise _ParseError("arithmetic on a tuple, set, interval or equation")
 
 
+def _add_all(terms: list) -> Num:
+    """The sum, built once (adding term by term would rebuild the sum each time: quadratic)."""
+    if len(terms) == 1:
+        return terms[0]
+    _need_num(*terms)
+    frozen = any(t.frozen for t in terms) or sum(t.digits for t in terms) > MAX_EXACT_DIGITS
+    return _num(Add(*(t.expr for t in terms), evaluate=not frozen), *terms, frozen=frozen)
+
+
+def _mul_all(factors: list) -> Num:
+    """The product, built once."""
+    if len(factors) == 1:
+        return factors[0]
+    _need_num(*factors)
+    frozen = any(f.frozen for f in factors) or sum(f.digits for f in factors) > MAX_EXACT_DIGITS
+    return _num(Mul(*(f.expr for f in factors), evaluate=not frozen), *factors, frozen=frozen)
+
+
 def _add(a: Num, b: Num) -> Num:
-    _need_num(a, b)
-    frozen = a.frozen or b.frozen or a.digits + b.digits > MAX_EXACT_DIGITS
-    return _num(Add(a.expr, b.expr, evaluate=not frozen), a, b, frozen=frozen)
+    return _add_all([a, b])
 
 
 def _neg(a: Num) -> Num:
@@ -606,23 +638,25 @@ def _neg(a: Num) -> Num:
 
 
 def _mul(a: Num, b: Num) -> Num:
-    _need_num(a, b)
-    frozen = a.frozen or b.frozen or a.digits + b.digits > MAX_EXACT_DIGITS
-    return _num(Mul(a.expr, b.expr, evaluate=not frozen), a, b, frozen=frozen)
+    return _mul_all([a, b])
+
+
+def _reciprocal(a: Num) -> Num:
+    _need_num(a)
+    return _pow(a, Num(Integer(-1)))
 
 
 def _div(a: Num, b: Num) -> Num:
-    _need_num(a, b)
-    return _mul(a, _pow(b, Num(Integer(-1))))
+    return _mul(a, _reciprocal(b))
 
 
-def _magnitude(expr) -> float | None:
-    """|expr| as a float for a number without variables (inf if too large), None if unknown."""
+def _magnitude(expr) -> float:
+    """|expr| as a float for a number without variables; inf if too large or not evaluable."""
     try:
         if expr.is_Rational:
             return abs(expr.p) / expr.q
-        value = complex(expr.evalf(15))
-        return abs(value)
+        value = _evaluate(expr, 15)
+        return math.inf if value is None else float(abs(value))
     except (OverflowError, TypeError, ValueError):
         return math.inf
 
@@ -632,7 +666,7 @@ def _pow_digits(base, exponent) -> float:
     if not exponent.is_number:
         return 0.0
     e = _magnitude(exponent)
-    if e is None or e == 0:
+    if e == 0:
         return 0.0
     if base.free_symbols:
         coeff = base.as_coeff_Mul()[0] if base.is_Mul else Integer(1)   # (c x)^n -> c^n x^n
@@ -640,7 +674,7 @@ def _pow_digits(base, exponent) -> float:
     if base.is_Rational:
         return _rational_digits(base) * e
     size = _magnitude(base)
-    if size is None or size == 0:
+    if size == 0:
         return 0.0
     return abs(math.log10(size)) * e if math.isfinite(size) else math.inf
 
@@ -688,34 +722,41 @@ def _log10_factorial(n: float) -> float:
 
 
 def _factorial(a: Num) -> Num:
+    """n! evaluated for a natural number of bounded size, left symbolic for an expression with
+    variables; anything else ((1/2)!, e!, huge n) is frozen: sympy would go through gamma."""
     _need_num(a)
     n = a.expr
-    if a.frozen or (n.is_Integer and n >= 0 and (n > 10**7 or _log10_factorial(float(n)) > MAX_EXACT_DIGITS)):
-        return _num(factorial(n, evaluate=False), a, frozen=True)
-    return _num(factorial(n), a)
+    if not a.frozen and n.free_symbols:
+        return _num(factorial(n), a)
+    if not a.frozen and n.is_Integer and (n < 0 or (n <= 10**7 and _log10_factorial(float(n)) <= MAX_EXACT_DIGITS)):
+        return _num(factorial(n), a)             # n < 0 gives zoo, rejected as undefined
+    return _num(factorial(n, evaluate=False), a, frozen=True)
 
 
 def _binomial(top: Num, bottom: Num) -> Num:
+    """C(n, k) evaluated for integers of bounded size or a small natural k (a polynomial in n);
+    anything else is frozen: sympy would loop k times or go through gamma."""
     _need_num(top, bottom)
     n, k = top.expr, bottom.expr
-    big = top.frozen or bottom.frozen
-    if not big and n.is_Integer and k.is_Integer:
-        if abs(n) > 10**7 or abs(k) > 10**7:
-            big = True
-        elif 0 <= k <= n:
-            size = _log10_factorial(float(n)) - _log10_factorial(float(k)) - _log10_factorial(float(n - k))
-            big = size > MAX_EXACT_DIGITS
-        else:                                    # negative n: a product of |k| factors
-            big = n < 0 and abs(k) > 1000
-    if big:
-        return _num(binomial(n, k, evaluate=False), top, bottom, frozen=True)
-    return _num(binomial(n, k), top, bottom)
+    safe = False
+    if not (top.frozen or bottom.frozen) and k.is_Integer:
+        if 0 <= k <= 50 and top.digits <= MAX_NUMERIC_DIGITS:
+            safe = True
+        elif n.is_Integer and abs(n) <= 10**7 and abs(k) <= 10**7:
+            if 0 <= k <= n:
+                size = _log10_factorial(float(n)) - _log10_factorial(float(k)) - _log10_factorial(float(n - k))
+                safe = size <= MAX_EXACT_DIGITS
+            else:                                # 0 for k > n >= 0 or k < 0; a product of k factors for n < 0
+                safe = n >= 0 or k < 0 or k <= 1000
+    if safe:
+        return _num(binomial(n, k), top, bottom)
+    return _num(binomial(n, k, evaluate=False), top, bottom, frozen=True)
 
 
 def _apply(name: str, arg: Num, base: Num | None = None) -> Num:
     """A named function of one argument (log with an optional base)."""
     _need_num(arg)
-    frozen = arg.frozen or arg.digits > MAX_NUMERIC_DIGITS or (base is not None and base.frozen)
+    frozen = _too_big_for_function(arg) or (base is not None and _too_big_for_function(base))
     if name == "sqrt":
         return _root(arg, Num(Integer(2)))
     fn = _FUNCS[name]
@@ -729,9 +770,15 @@ def _apply(name: str, arg: Num, base: Num | None = None) -> Num:
     return _num(fn(arg.expr, evaluate=not frozen), arg, frozen=frozen)
 
 
+def _too_big_for_function(a: Num) -> bool:
+    """sympy simplifies f(x) for a non-rational number x through square roots of its parts
+    (|a+bi| = sqrt(a^2+b^2)), which means factoring: only small ones are evaluated."""
+    return a.frozen or a.digits > MAX_NUMERIC_DIGITS or (a.digits > MAX_ROOT_DIGITS and not a.expr.is_Rational)
+
+
 def _abs(a: Num) -> Num:
     _need_num(a)
-    return _num(Abs(a.expr, evaluate=not a.frozen), a)
+    return _num(Abs(a.expr, evaluate=not _too_big_for_function(a)), a, frozen=_too_big_for_function(a))
 
 
 def _with_percent(a: Num) -> Num:
@@ -901,40 +948,41 @@ class _Parser:
                 and _find_close(self.toks, lo + 1) == hi - 1)
 
     def sum(self):
-        value = self.term()
+        terms = [self.term()]
         while True:
             if self.at("op", "+"):
                 self.take()
-                value = _add(value, self.term())
+                terms.append(self.term())
             elif self.at("op", "-"):
                 self.take()
-                value = _add(value, _neg(self.term()))
+                terms.append(_neg(self.term()))
             elif self.at("pm"):
                 sign = self.take().text
                 signed = _mul(Num(_PM), self.term())
-                value = _add(value, signed if sign == "+-" else _neg(signed))
+                terms.append(signed if sign == "+-" else _neg(signed))
             else:
-                return value
+                return _add_all(terms)
 
     def term(self):
-        value = self.signed()
+        factors = [self.signed()]
         while True:
             t = self.peek()
             if t is None:
-                return value
+                break
             if t.kind == "op" and t.text in "*/":
                 self.take()
                 rhs = self.signed()
-                value = _mul(value, rhs) if t.text == "*" else _div(value, rhs)
+                factors.append(rhs if t.text == "*" else _reciprocal(rhs))
             elif t.kind == "text" or (t.kind == "word" and t.text.lower() in _UNIT_WORDS):
                 self.take()                        # a unit or annotation: dropped
                 if self.at("op", "^"):
                     self.take()
                     self.script()
             elif self.starts_atom(t):
-                value = _mul(value, self.power())
+                factors.append(self.power())
             else:
-                return value
+                break
+        return _mul_all(factors)
 
     def starts_atom(self, t: _Tok) -> bool:
         if t.kind in ("num", "id", "const", "func", "cmd", "setl", "begin", "word"):
@@ -989,7 +1037,6 @@ class _Parser:
         self.level += 1
         if self.depth + self.level > MAX_NESTING:
             raise _ParseError("nested too deeply")
-        _check_time()
         try:
             return self._atom()
         finally:
@@ -1297,8 +1344,6 @@ def _parse(s: str):
         for v in values:
             _check_defined(v)
         return values[0] if len(values) == 1 else ListV(tuple(values))
-    except _OutOfTime:
-        raise
     except Exception:                            # _ParseError, or sympy refusing an odd construct
         return None
 
@@ -1335,7 +1380,6 @@ def _scalars(value):
 # ---------------------------------------------------------------------------------------------
 def _equal(a, b) -> bool:
     """Are two parsed values the same answer? (policy: module docstring)"""
-    _check_time()
     if a == b:
         return True
     for x, y in ((a, b), (b, a)):
@@ -1469,25 +1513,82 @@ def _mp() -> mpmath.MPContext:
     return ctx
 
 
-def _evaluate(expr, precision: int, subs: dict | None = None):
-    """expr as an mpmath complex at `precision` digits, or None if it is not a finite number."""
-    _check_time()
-    try:
-        value = expr.evalf(precision, subs=subs)
-        parts = value.as_real_imag()
-    except (ArithmeticError, TypeError, ValueError, AttributeError, RecursionError):
-        return None
+class _Unsafe(Exception):
+    """Numeric evaluation would need an unbounded range or precision (or meets an unknown node)."""
+
+
+MAX_MAGNITUDE_BITS = 30_000   # |values| met during numeric evaluation stay within 2^(+-30,000)
+_MP_FUNCTIONS = {sin: "sin", cos: "cos", tan: "tan", cot: "cot", sec: "sec", csc: "csc", asin: "asin",
+                 acos: "acos", atan: "atan", acot: "acot", sinh: "sinh", cosh: "cosh", tanh: "tanh",
+                 asinh: "asinh", acosh: "acosh", atanh: "atanh", exp: "exp", log: "log", Abs: "fabs"}
+
+
+def _bits(value) -> int:
+    """log2 |value| (rounded), as mpmath's mag; very negative for 0."""
+    return _mp().mag(value) if value != 0 else -(10**9)
+
+
+def _guard(value):
+    """value, unless it is infinite, NaN, or so large that further steps could not be bounded."""
+    ctx = _mp()
+    if not ctx.isfinite(value) or _bits(value) > MAX_MAGNITUDE_BITS:
+        raise _Unsafe
+    return value
+
+
+def _mp_value(expr, point: dict):
+    """expr at `point` (symbol -> Rational) in this thread's mpmath context at its current precision.
+    Every operation whose cost grows with the size of its operands (argument reduction of sin of a
+    huge number, a power with a huge exponent, gamma of a huge number) is refused before it runs."""
+    ctx = _mp()
+    if expr.is_Rational:
+        return _guard(ctx.mpf(expr.p) / expr.q)
+    if expr.is_Symbol:
+        if expr not in point:
+            raise _Unsafe
+        return ctx.mpf(point[expr].p) / point[expr].q
+    if expr == pi:
+        return +ctx.pi
+    if expr == E:
+        return +ctx.e
+    if expr == I:
+        return ctx.mpc(0, 1)
+    args = [_mp_value(a, point) for a in expr.args]
+    if expr.is_Add:
+        return _guard(ctx.fsum(args))
+    if expr.is_Mul:
+        return _guard(ctx.fprod(args))
+    if expr.is_Pow:
+        base, exponent = args
+        if base == 0:
+            return _guard(ctx.power(base, exponent))
+        if abs(exponent) * (abs(_bits(base)) + 2) > MAX_MAGNITUDE_BITS:
+            raise _Unsafe
+        return _guard(ctx.power(base, exponent))
+    func = type(expr)
+    if func in _MP_FUNCTIONS and len(args) == 1:
+        (arg,) = args
+        if _bits(arg) > 64 and func not in (log, Abs, atan, acot, asinh, acosh, atanh):  # mod pi, exp
+            raise _Unsafe
+        return _guard(getattr(ctx, _MP_FUNCTIONS[func])(arg))
+    if func is factorial and abs(args[0]) < 10**4:
+        return _guard(ctx.gamma(args[0] + 1))
+    if func is gamma and abs(args[0]) < 10**4:
+        return _guard(ctx.gamma(args[0]))
+    if func is binomial and abs(args[0]) < 10**4 and abs(args[1]) < 10**4:
+        return _guard(ctx.binomial(*args))
+    raise _Unsafe                                 # oo, zoo, an unevaluated giant, an unknown function
+
+
+def _evaluate(expr, precision: int, point: dict | None = None):
+    """expr as an mpmath number at `precision` digits (variables taken from point), or None if it
+    is not a finite number or cannot be evaluated within bounded cost."""
     ctx = _mp()
     ctx.dps = precision + 10
-    out = []
-    for part in parts:
-        if part.is_Float:
-            out.append(ctx.make_mpf(part._mpf_))
-        elif part.is_Rational:
-            out.append(ctx.mpf(part.p) / part.q)
-        else:
-            return None                          # oo, zoo, nan, or not reducible to a number
-    return ctx.mpc(out[0], out[1])
+    try:
+        return ctx.mpc(_mp_value(expr, point or {}))
+    except (_Unsafe, ArithmeticError, ValueError, TypeError, RecursionError):
+        return None
 
 
 def _close(u, v, precision: int, rel_tol) -> bool:
@@ -1623,20 +1724,24 @@ def is_equiv(pred: str, gold: str) -> bool:
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
     try:
-        with _time_budget():
-            return bool(_equiv(pred, gold))
-    except Exception:                            # _OutOfTime, or a sympy failure on odd input
+        return bool(_with_deadline(_equiv, pred, gold))
+    except (_OutOfTime, Exception):              # out of time, or a sympy failure on odd input
         return False
 
 
 def grade(completion: str, gold: str) -> bool:
     """True iff the completion's final answer (extract_answer) is equivalent to gold. Never raises."""
-    try:
-        with _time_budget():
-            answer = extract_answer(completion)
-            return answer is not None and bool(is_equiv(answer, gold))
-    except Exception:
+    if not isinstance(gold, str):
         return False
+    try:
+        return bool(_with_deadline(_grade, completion, gold))
+    except (_OutOfTime, Exception):
+        return False
+
+
+def _grade(completion: str, gold: str) -> bool:
+    answer = extract_answer(completion)
+    return answer is not None and _equiv(answer, gold)
 
 
 def _clear_caches() -> None:
@@ -1664,7 +1769,8 @@ def describe(value) -> str:
         inner = ", ".join(describe(v) for v in value.items)
         return {"TupleV": f"tuple({inner})", "ListV": f"list[{inner}]", "SetV": f"set{{{inner}}}"}[type(value).__name__]
     if isinstance(value, IntervalV):
-        return f"interval{'(' if value.lo_open else '['}{describe(value.lo)}, {describe(value.hi)}{')' if value.hi_open else ']'}"
+        left, right = "(" if value.lo_open else "[", ")" if value.hi_open else "]"
+        return f"interval{left}{describe(value.lo)}, {describe(value.hi)}{right}"
     if isinstance(value, UnionV):
         return " U ".join(describe(p) for p in value.parts)
     if isinstance(value, MatrixV):
@@ -1693,11 +1799,11 @@ def main(argv: list[str] | None = None) -> int:
     answer = extracted if extracted is not None else args.pred
     if extracted is None:
         print("pred: no boxed or 'final answer' found; comparing the argument as given")
-    with _time_budget(10 * TIME_BUDGET_S):
-        try:
-            pred_value, gold_value = _parse(_clean(answer)), _parse(_clean(args.gold))
-        except _OutOfTime:
-            pred_value = gold_value = None
+    try:
+        pred_value = _with_deadline(lambda: _parse(_clean(answer)))
+        gold_value = _with_deadline(lambda: _parse(_clean(args.gold)))
+    except _OutOfTime:
+        pred_value = gold_value = None
     verdict = is_equiv(answer, args.gold)
     print(f"pred answer: {answer}")
     print(f"pred parsed: {describe(pred_value)}")

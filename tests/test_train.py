@@ -303,7 +303,7 @@ def test_every_stage_runs_and_loads_in_transformers(ws, stage):
 
 
 def test_sft_loss_falls_on_a_memorisation_set(ws, tmp_path):
-    small = write_jsonl(tmp_path / "four.jsonl", [json.loads(line) for line in open(ws.sft).readlines()[:4]])
+    small = write_jsonl(tmp_path / "four.jsonl", [json.loads(line) for line in Path(ws.sft).read_text().splitlines()[:4]])
     out = tmp_path / "out"
     run_inprocess(["--stage", "sft", "--model", ws.model, "--data", small, "--out", out, "--batch-size", 4,
                    "--epochs", 30, "--lr", 1e-2, "--warmup-ratio", 0])
@@ -359,21 +359,32 @@ def test_dpo_reference_cache_is_reused_on_resume_and_matches_transformers(ws, tm
     assert os.stat(cache).st_mtime_ns == mtime
     assert rel_diff(weights(out), weights(full)) <= 1e-5
 
-    # A changed data file makes the cache stale: it is recomputed, not trusted.
+    # A changed data file makes the cache stale. A resume refuses it (its weights are no longer the
+    # reference); a fresh run recomputes it.
     os.utime(ws.pairs, ns=(mtime + 10**9, mtime + 10**9))
+    with pytest.raises(train.ConfigError, match="cannot be recomputed from a resumed model"):
+        run_inprocess(RUNS["dpo-1"][0](ws) + ["--out", tmp_path / "r2", "--resume", os.path.join(full, "step-3")])
     run_inprocess(dpo_args(ws) + ["--out", tmp_path / "stale", "--max-steps", 1])
     assert "recomputing" in capsys.readouterr().out
     assert torch.allclose(load_file(cache)["ref_logps"], table, rtol=1e-6)
 
 
-def test_dpo_on_two_processes_splits_the_reference_pass(ws, tmp_path):
+def test_dpo_on_two_processes_splits_the_reference_pass_and_resumes(ws, tmp_path):
+    """Two ranks compute halves of the reference table; a 2-process resume reuses it (rank 0 reads the file
+    and broadcasts it) and reproduces the uninterrupted DDP run."""
     one = get_run(ws, "dpo-1")
     other_cache = tmp_path / "ref.safetensors"
+    args = dpo_args(ws) + ["--micro-batch-size", 1, "--ref-cache", other_cache]
     out = tmp_path / "dpo-ddp"
-    run_torchrun(dpo_args(ws) + ["--micro-batch-size", 1, "--out", out, "--ref-cache", other_cache])
+    run_torchrun(args + ["--out", out, "--save-every", 3])
     assert torch.allclose(load_file(other_cache)["ref_logps"], load_file(ws.pairs + ".ref_logps.safetensors")[
         "ref_logps"], rtol=1e-5, atol=1e-5)
     assert rel_diff(weights(out), weights(one)) <= 1e-3
+    mtime = os.stat(other_cache).st_mtime_ns
+    resumed = tmp_path / "resumed"
+    result = run_torchrun(args + ["--out", resumed, "--resume", out / "step-3"])
+    assert "reusing reference log-probs" in result.stdout and os.stat(other_cache).st_mtime_ns == mtime
+    assert rel_diff(weights(resumed), weights(out)) <= 1e-5
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(ws, tmp_path, monkeypatch):

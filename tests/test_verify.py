@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import re
 import subprocess
 import sys
 import time
