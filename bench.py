@@ -25,11 +25,9 @@ import time
 import torch
 
 import losses
-import tiny
 from model import Qwen2, Qwen2Config
+from train import PEAK_BF16_FLOPS
 
-# Dense bf16 peak FLOP/s by device name, for MFU (matrix units, no sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
@@ -43,7 +41,7 @@ def peak_flops(device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def synchronize(device):
@@ -169,8 +167,8 @@ w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device).requires_grad_()
 t = torch.randint(0, vocab, (tokens,), generator=g).to(device)
 if device == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+else:  # resident now (not the lifetime peak, which setup may already have raised)
+    base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 losses.token_logps(h, w, t).sum().backward()
 if device == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
@@ -202,7 +200,10 @@ def bench_logprob(args, device):
 
 def bench_decode_section(args, device):
     import bench_decode
-    return bench_decode.run(device=device.type, quick=args.quick)
+    argv = ["--device", device.type, "--out", os.path.join(os.path.dirname(args.out) or ".", "decode.json")]
+    if args.quick:
+        argv += ["--max-new-tokens", "64", "--repeats", "2"]
+    return bench_decode.main(argv)
 
 
 def bench_verify_section(args, device):

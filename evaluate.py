@@ -183,32 +183,6 @@ class Finished:
     finished_step: int
 
 
-# Two cache operations model.py does not offer, done on its KVCache buffers (k, v: [slots, kv_heads,
-# max_seq_len, head_dim] per layer).
-
-
-def _save_prompt(model, slot: int, length: int) -> list:
-    """A copy of one slot's prompt keys/values (positions < length), per layer."""
-    return [(b.attn.cache.k[slot, :, :length].clone(), b.attn.cache.v[slot, :, :length].clone())
-            for b in model.layers]
-
-
-def _load_prompt(model, saved: list, slots: list[int]) -> None:
-    """Write saved prompt keys/values into positions 0..length-1 of every slot in `slots`."""
-    index = torch.tensor(slots, device=model.embed.weight.device)
-    for block, (k, v) in zip(model.layers, saved):
-        block.attn.cache.k[index, :, :k.shape[1]] = k
-        block.attn.cache.v[index, :, :v.shape[1]] = v
-
-
-def _keep_slots(model, keep: list[int]) -> None:
-    """Shrink every layer's KV cache to the slots `keep`, in that order (a copy of those rows)."""
-    index = torch.tensor(keep, device=model.embed.weight.device)
-    for block in model.layers:
-        cache = block.attn.cache
-        cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
-
-
 def stream_samples(model, requests: list[Request], max_new_tokens: int, *, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int = 0,
                    batch_size: int | None = None, max_seq_len: int | None = None) -> Iterator[Finished]:
@@ -288,11 +262,11 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
                 prompt = requests[request].prompt_ids
                 if saved is not None and saved[0] == request:
                     logits = saved[1]
-                    _load_prompt(model, saved[2], chosen)
+                    model.load_prompt_cache(saved[2], chosen)
                 else:
                     logits = model.prefill(prompt, chosen)
                     if pending:
-                        saved = (request, logits, _save_prompt(model, chosen[0], len(prompt)))
+                        saved = (request, logits, model.save_prompt_cache(chosen[0], len(prompt)))
                 if not pending:
                     saved = None
                 for slot, sample in zip(chosen, take):
@@ -312,7 +286,7 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
             if not active:
                 break
             if not waiting and len(active) <= num_slots // 2:
-                _keep_slots(model, active)
+                model.keep_cache_slots(active)
                 for state in (owner, tokens, positions, generated, limits, keys, admitted):
                     state[:] = [state[s] for s in active]
                 num_slots = len(active)

@@ -181,6 +181,15 @@ class KVCache(nn.Module):
         self.k[slots, :, :T] = k.to(self.k.dtype)
         self.v[slots, :, :T] = v.to(self.v.dtype)
 
+    def read_prompt(self, slot: int, length: int):
+        """A copy of one slot's keys/values at positions < length, shaped [1, kv_heads, length, d] for
+        write_prompt (so a problem's prompt can be copied into slots that free up later)."""
+        return self.k[slot:slot + 1, :, :length].clone(), self.v[slot:slot + 1, :, :length].clone()
+
+    def keep_slots(self, index):
+        """Shrink to the slots `index` (in that order): a finished batch's tail stops paying for idle rows."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
     def write_token(self, k, v, positions):
         """Write each slot's new key/value [slots, kv_heads, 1, d] at that slot's own position
         (a scatter along the position axis: one kernel, no advanced-indexing bookkeeping)."""
@@ -382,6 +391,23 @@ class Qwen2(nn.Module):
             block.attn.cache = None
         self.rope_table = None
 
+    def save_prompt_cache(self, slot: int, length: int) -> list:
+        """Every layer's keys/values of one slot's first `length` positions (see load_prompt_cache)."""
+        return [block.attn.cache.read_prompt(slot, length) for block in self.layers]
+
+    def load_prompt_cache(self, saved: list, slots):
+        """Write keys/values from save_prompt_cache into positions 0..length-1 of every slot in `slots`:
+        the same state a prefill of that prompt would leave, without recomputing it."""
+        slots = torch.as_tensor(slots, device=self.embed.weight.device).view(-1)
+        for block, (k, v) in zip(self.layers, saved):
+            block.attn.cache.write_prompt(k, v, slots)
+
+    def keep_cache_slots(self, keep):
+        """Shrink every layer's cache to the slots `keep`, in that order; slot i is then keep[i]."""
+        index = torch.as_tensor(keep, device=self.embed.weight.device).view(-1)
+        for block in self.layers:
+            block.attn.cache.keep_slots(index)
+
     @torch.no_grad()
     def prefill(self, prompt_ids, slots):
         """Run one prompt (1-D token ids, positions 0..T-1) causally, store its keys/values in every slot of
@@ -526,6 +552,12 @@ def load_pretrained(cls, path, dtype, device) -> Qwen2:
     return model.eval()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same directory and rename: a crash leaves the old file or
     the new one, never half of one."""
@@ -533,6 +565,7 @@ def _atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint must be readable like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

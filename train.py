@@ -28,6 +28,7 @@ unevenly the examples are spread (a micro-batch mean would weight a token of a s
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -953,6 +954,9 @@ def main(argv=None) -> None:
         barrier(d)
     finally:
         if dist.is_initialized():
+            # FSDP's modules and hooks form reference cycles that would keep the process group alive until
+            # interpreter shutdown, where destroying gloo's threads can abort; free them while all is alive.
+            gc.collect()
             dist.destroy_process_group()
 
 

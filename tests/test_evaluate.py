@@ -15,6 +15,7 @@ import transformers
 import data
 import evaluate
 import tiny
+from helpers import make_hf_model
 from model import Qwen2
 
 transformers.logging.set_verbosity_error()
@@ -36,16 +37,7 @@ def checkpoint(tmp_path_factory):
     """A tiny random Qwen2 (biases and norms randomised too, weights N(0, 0.1) so that greedy runs vary)
     with the tiny tokenizer, saved as a Hugging Face checkpoint. Returns (path, transformers model, ours)."""
     path = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**tiny.tiny_config_dict())).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
+    hf = make_hf_model(seed=0)
     hf.generation_config.eos_token_id = None  # each test says which stop ids it wants
     hf.save_pretrained(path)
     tiny.make_tokenizer(path)

@@ -9,26 +9,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import tiny
+from helpers import make_hf_model
 from model import CheckpointError, Qwen2, Qwen2Config, document_causal_mask
 
 transformers.logging.set_verbosity_error()
-
-
-def make_hf_model(seed=0, **overrides):
-    """A tiny random transformers Qwen2 whose biases and norm weights are randomised too (a zero bias or a
-    unit norm would hide a missing or misplaced term)."""
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(**tiny.tiny_config_dict(**overrides))
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-    return model
 
 
 def save_hf(model, path, **kwargs):
@@ -96,6 +80,10 @@ def test_round_trip_through_our_save_reloads_in_transformers(tmp_path, tied):
         assert json.load(f)["my_custom_key"] == {"kept": True}
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert os.path.exists(os.path.join(dst, name)), name
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(dst):  # readable by other users (vLLM servers) as the umask allows
+        assert os.stat(os.path.join(dst, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_sharded_checkpoint_loads_and_our_sharded_save_reloads(tmp_path):
