@@ -172,8 +172,8 @@ else:  # resident now (not the lifetime peak, which setup may already have raise
 losses.token_logps(h, w, t).sum().backward()
 if device == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
-else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+else:  # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork and exec
+    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024 - base
 print(peak)
 """
 

@@ -48,7 +48,9 @@ def default_chunk_size(vocab_size: int) -> int:
 class _ChunkedTokenLogps(torch.autograd.Function):
     """logp_t = z_t[y_t] − logsumexp(z_t), with logits z_t = W h_t, computed chunk by chunk.
 
-    Forward keeps only logsumexp(z_t) per token. Backward recomputes each chunk's logits and uses
+    Forward keeps only logsumexp(z_t) per token, plus the softmax of the last chunk (its buffer, which
+    backward consumes first, in place: peak memory stays one chunk, and a batch that fits in one chunk is
+    never recomputed). Backward recomputes every other chunk's logits and uses
         ∂logp_t/∂z_t = onehot(y_t) − softmax(z_t),
     so with upstream gradient g_t and dz_t = g_t (onehot(y_t) − softmax(z_t)):
         ∂L/∂h_t = W^T dz_t,    ∂L/∂W = Σ_t dz_t h_t^T.
@@ -66,15 +68,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             safe_targets = torch.where(valid, targets, 0)
             logps = torch.zeros(targets.shape, dtype=compute_dtype, device=hidden.device)
             logsumexp = torch.zeros_like(logps)
-            for start in range(0, targets.numel(), chunk_size):
+            starts = range(0, targets.numel(), chunk_size)
+            for start in starts:
                 rows = slice(start, start + chunk_size)
                 logits = hidden[rows].to(compute_dtype) @ weight_c.T  # [chunk, V], the only big buffer
                 target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)
                 # logsumexp in place (torch.logsumexp would allocate two more [chunk, V] temporaries).
                 row_max = logits.amax(dim=1, keepdim=True)
-                lse = logits.sub_(row_max).exp_().sum(dim=1).log_() + row_max.squeeze(1)
+                exp_sum = logits.sub_(row_max).exp_().sum(dim=1)
+                lse = exp_sum.log() + row_max.squeeze(1)
                 logsumexp[rows] = lse
                 logps[rows] = torch.where(valid[rows], target_logits - lse, 0.0)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # The last chunk's buffer now holds exp(z − max); divided by its row sums it is the softmax backward needs.
+        ctx.last_softmax = logits.div_(exp_sum[:, None]) if needs_grad and len(starts) else None
         ctx.save_for_backward(hidden, weight, safe_targets, valid, logsumexp)
         ctx.chunk_size = chunk_size
         return logps
@@ -88,12 +95,17 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_per_token = torch.where(valid, grad_logps.to(compute_dtype), 0.0)
             grad_hidden = torch.zeros(hidden.shape, dtype=compute_dtype, device=hidden.device)
             grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
-            for start in range(0, safe_targets.numel(), ctx.chunk_size):
+            # Last chunk first: its softmax was kept by forward, so it is freed before any other is recomputed.
+            for start in reversed(range(0, safe_targets.numel(), ctx.chunk_size)):
                 rows = slice(start, start + ctx.chunk_size)
                 hidden_c = hidden[rows].to(compute_dtype)
                 g = grad_per_token[rows]
-                # dz = g·(onehot − softmax), built in the logits buffer itself: softmax = exp(z − logsumexp).
-                grad_logits = (hidden_c @ weight_c.T).sub_(logsumexp[rows, None]).exp_().mul_(-g[:, None])
+                if ctx.last_softmax is not None:
+                    softmax, ctx.last_softmax = ctx.last_softmax, None
+                else:  # softmax = exp(z − logsumexp), recomputed in the logits buffer itself
+                    softmax = (hidden_c @ weight_c.T).sub_(logsumexp[rows, None]).exp_()
+                # dz = g·(onehot − softmax), in place.
+                grad_logits = softmax.mul_(-g[:, None])
                 grad_logits.scatter_add_(1, safe_targets[rows, None], g[:, None])
                 grad_hidden[rows] = grad_logits @ weight_c
                 grad_weight.addmm_(grad_logits.T, hidden_c)

@@ -131,7 +131,9 @@ MEMORY_PROBE = textwrap.dedent("""
     before = rss_bytes()
     logps = losses.token_logps(hidden, weight, targets)
     logps.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM: this process's peak resident memory since exec (ru_maxrss would also count the parent's, pytest's,
+    # high-water mark at fork: Linux carries it across exec).
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
     # Spot-check values on a few rows against the full log-softmax of just those rows.
     rows = torch.tensor([0, 1234, T - 1])
     with torch.no_grad():
