@@ -66,8 +66,7 @@ def our_step(model, batch, autocast_dtype):
     """Forward to hidden states, chunked log-probs, token-mean NLL, backward: what train.py does."""
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         hidden = model(batch["input_ids"], batch["position_ids"], batch["document_ids"], return_hidden=True)
-        logps = losses.token_logps(hidden, model.lm_head_weight if not hasattr(model, "_orig_mod")
-                                   else model._orig_mod.lm_head_weight, batch["targets"])
+        logps = losses.token_logps(hidden, model.lm_head_weight, batch["targets"])  # compiled modules forward it
     loss = -logps.sum() / (batch["targets"] != losses.IGNORE_INDEX).sum()
     loss.backward()
 

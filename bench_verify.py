@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import verify
+from data import read_jsonl, write_atomic
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "math500.jsonl"
 
@@ -43,18 +42,11 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "mat
 # ---------------------------------------------------------------------------------------------
 def load_rows(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove the line") from None
-            for key in ("solution", "answer"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{line_no}: missing string field {key!r}")
-            rows.append(row)
+    for line_no, row in read_jsonl(path):
+        for key in ("solution", "answer"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{path}:{line_no}: missing string field {key!r}")
+        rows.append(row)
     return rows
 
 
@@ -249,13 +241,9 @@ def print_report(name: str, report: dict) -> None:
     print(f"  MATH-500 pairs/s: {report['math500_pairs_per_second']}")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then os.replace."""
+def write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2))
 
 
 def run(data: Path = DEFAULT_DATA, hang_cases: bool = False) -> dict:

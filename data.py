@@ -495,8 +495,9 @@ def _parse_raw_row(obj: dict, where: str) -> tuple[str, str, list[str], list]:
     return problem, answer, generations, labels
 
 
-def _write_atomic(path, text: str) -> None:
-    tmp = f"{path}.tmp"
+def write_atomic(path, text: str) -> None:
+    """Write through a temporary file and rename: a crash leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -600,7 +601,7 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
         "length_filter": (f"applied: prompt <= {max_prompt_tokens}, response <= {max_response_tokens} tokens"
                           if tokenizer is not None else "skipped: no tokenizer given"),
     }
-    _write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -264,7 +264,6 @@ def main():
     if os.path.exists(os.path.join(out, "results.json")):
         sys.exit(f"demo: {out} already holds a finished demo; pass --fresh to redo it or choose another --out")
     os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
 
     train_problems = make_problems(plan["train_problems"], args.seed)

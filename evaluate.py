@@ -509,13 +509,6 @@ def drop_partial_line(path) -> None:
         f.truncate(content.rfind(b"\n") + 1)
 
 
-def write_atomic(path, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def file_sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -579,7 +572,7 @@ def merge_samples(out_dir, problems: list[Problem]) -> list[dict]:
     order = {p.id: p.index for p in problems}
     rows.sort(key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
     path = os.path.join(out_dir, "samples.jsonl")
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for other in sample_files(out_dir)[1:]:
         os.remove(other)
     return rows
@@ -708,7 +701,7 @@ def main(argv=None) -> dict | None:
                          "another --out, or delete the directory to start over")
     barrier(world)
     if rank == 0 and not had_run_file:
-        write_atomic(os.path.join(args.out, "run.json"), json.dumps(fingerprint, indent=2) + "\n")
+        data.write_atomic(os.path.join(args.out, "run.json"), json.dumps(fingerprint, indent=2) + "\n")
     done = {(r["id"], r["sample"]) for r in done_rows}
     mine = [p for p in problems if p.index % world == rank]
     messages = {p.index: data.problem_messages(p.problem, template) for p in mine}
@@ -752,7 +745,7 @@ def main(argv=None) -> dict | None:
         rows = merge_samples(args.out, all_problems)
         summary = summarize(problems, rows, args.n)
         summary["settings"] = fingerprint
-        write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        data.write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         print(format_table(summary, os.path.basename(args.data)))
         print(f"wrote {os.path.join(args.out, 'samples.jsonl')} and {os.path.join(args.out, 'summary.json')}")
     if world > 1:

@@ -417,9 +417,8 @@ class Qwen2(nn.Module):
         T = prompt_ids.shape[1]
         if T > self.layers[0].attn.cache.k.shape[2]:
             raise ValueError(f"prompt of {T} tokens does not fit the KV cache")
-        position_ids = torch.arange(T, device=prompt_ids.device).view(1, T)
         x = self.embed(prompt_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self.rope_table[0][None, :T], self.rope_table[1][None, :T]  # positions 0..T-1
         for block in self.layers:
             x = block(x, cos, sin, cache_slots=slots)
         return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
