@@ -19,14 +19,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) demo.py --out runs/demo
+	$(PY) -m scripts.demo --out runs/demo
 
 bench: $(STAMP)
-	$(PY) bench.py --device cpu --quick
+	$(PY) -m scripts.bench --device cpu --quick
 
 bench-verify: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
-	$(PY) bench_verify.py
+	$(PY) -m scripts.bench_verify
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,7 +3,7 @@
 import torch
 import transformers
 
-import tiny
+from scripts import tiny
 
 
 def make_hf_model(seed=0, **overrides):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import demo
+from scripts import demo
 import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_eval_problems_are_held_out():
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "data" / "report.json") as f:
@@ -60,6 +60,6 @@ def test_quick_demo_end_to_end(tmp_path):
     for name in ["sft", "redi", "dpo", "simpo", "weighted"]:
         assert (out / name / "config.json").exists() and (out / name / "metrics.jsonl").exists()
     # A finished demo is never overwritten silently.
-    again = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT,
+    again = subprocess.run([sys.executable, "-m", "scripts.demo", "--quick", "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--fresh" in again.stderr

@@ -14,7 +14,7 @@ import transformers
 
 import data
 import evaluate
-import tiny
+from scripts import tiny
 from helpers import make_hf_model
 from model import Qwen2
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import tiny
+from scripts import tiny
 from helpers import make_hf_model
 from model import CheckpointError, Qwen2, Qwen2Config, document_causal_mask
 

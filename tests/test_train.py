@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import tiny  # noqa: E402
+from scripts import tiny  # noqa: E402
 import train  # noqa: E402
 
 transformers.logging.set_verbosity_error()

@@ -26,11 +26,11 @@ import time
 
 import torch
 
-import tiny
+from scripts import tiny
 from data import SYSTEM_PROMPT
 from model import Qwen2, Qwen2Config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 COLUMN_NAMES = ["ones", "tens", "hundreds", "thousands"]
 MISTAKES = ("dropped_carry", "wrong_column_sum", "final_slip")
 

@@ -186,7 +186,7 @@ def bench_logprob(args, device):
     rows = []
     for tokens, vocab in grid:
         out = subprocess.run([sys.executable, "-c", LOGPROB_PROBE, str(tokens), str(vocab), str(hidden),
-                              device.type], capture_output=True, text=True, cwd=os.path.dirname(__file__) or ".",
+                              device.type], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              check=True)
         peak = int(out.stdout.strip().splitlines()[-1])
         full = 2 * tokens * vocab * 4

@@ -34,7 +34,7 @@ from pathlib import Path
 import verify
 from data import read_jsonl, write_atomic
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "math500.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
