@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-verify clean
+.PHONY: test demo bench bench-verify gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m scripts.demo --out runs/demo
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-demo.txt
+	$(PY) -m scripts.demo --out runs/demo --fresh
 
 bench: $(STAMP)
 	$(PY) -m scripts.bench --device cpu --quick
@@ -27,6 +28,11 @@ bench: $(STAMP)
 bench-verify: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) -m scripts.bench_verify
+
+# Everything that needs a GPU (tests/test_gpu.py, training and decode benchmarks at the 1.5B shape), under
+# ten minutes on one H100/H200, into one report: runs/gpu_check/report.json. Without CUDA: says so, exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m scripts.gpu_check --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

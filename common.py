@@ -1,21 +1,37 @@
 """common.py: the plumbing every method file shares, written once (nanochat keeps its common.py the same way).
 
     InputError, cli          one error style for every command line: "PROG: error: MESSAGE", exit 2, no traceback
+    checked, POSITIVE, NON_NEGATIVE, FINITE, COUNT, HelpFormatter, config_defaults
+                             argparse types that check values; help with each default once; --config JSON
+                             files checked by argparse itself and applied as defaults
     atomic_write, write_text, write_json
                              write to a temporary file beside the target, then rename: never half a file
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
+    read_lines, parse_jsonl_line
+                             the same in two steps, for readers that parse in worker processes
     sha256_file              content fingerprints (resume checks, run settings)
     format_seconds           h:mm:ss for progress lines
     OutputLock               one run owns an output directory at a time
-    Dist, init_distributed, barrier
-                             the process group from torchrun's environment, or one process without one
+    numbered_dirs, remove_leftovers, trim_jsonl_log
+                             what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
+                             interrupted write, an append-only log whose last line a kill cut short
+    Dist, init_distributed, barrier, broadcast, all_reduce_sum, on_main_rank, close_distributed, print0
+                             the process group from torchrun's environment, or one process without one;
+                             rank 0 does a thing (a write) and every rank learns whether it worked;
+                             progress lines printed once, by rank 0
 
 Nothing here knows about models, data formats or losses: those live in the method files.
 """
 
+from __future__ import annotations  # annotations name torch types without importing torch
+
+import argparse
+import gc
 import hashlib
 import json
+import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -23,8 +39,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
-import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------
 # Errors: bad input is the user's to fix, so it gets a sentence, not a traceback.
@@ -46,6 +60,69 @@ def cli(main: Callable[[], object], prog: str) -> None:
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command lines: argparse does the checking, of flags and of --config files alike
+
+
+def checked(convert: Callable, ok: Callable, what: str) -> Callable:
+    """An argparse `type` that converts, then checks: `--lr inf` fails at parse time with argparse's own
+    'argument --lr: must be a finite number > 0, got 'inf''."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE = checked(float, lambda x: 0 < x < math.inf, "a finite number > 0")
+NON_NEGATIVE = checked(float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
+FINITE = checked(float, math.isfinite, "a finite number")
+COUNT = checked(int, lambda n: n >= 1, "an integer >= 1")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once, and none for flags without one (None) or switches (False)."""
+
+    def _get_help_string(self, action):
+        no_default = action.default is None or action.default is False
+        return action.help if no_default else super()._get_help_string(action)
+
+
+def config_defaults(make_parser: Callable[..., argparse.ArgumentParser], path: str) -> dict:
+    """A --config JSON file's values as {dest: value}, for parser.set_defaults (flags given on the command
+    line still win). Each key becomes its flag on a command line of its own, parsed by a parser made with
+    exit_on_error=False: argparse checks types and choices exactly as for flags. Keys are the flags' names
+    (hyphens or underscores); a key starting with '#' is a comment; null leaves the default."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--config {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--config {path}: must hold a JSON object of flag: value")
+    parser = make_parser(exit_on_error=False)
+    defaults, argv = vars(parser.parse_args([])), []
+    config = {k.replace("-", "_"): v for k, v in config.items() if not k.startswith("#") and v is not None}
+    for dest, value in config.items():
+        if dest not in defaults or dest == "config":
+            raise InputError(f"--config {path}: unknown key {dest!r}; valid keys are the flags: "
+                             + ", ".join(sorted(set(defaults) - {"config"})))
+        flag, switch = "--" + dest.replace("_", "-"), defaults[dest] is False
+        if isinstance(value, (list, dict)) or isinstance(value, bool) != switch:
+            raise InputError(f"--config {path}: {dest!r} = {json.dumps(value)} is not a valid value for {flag}"
+                             + (" (true or false)" if switch else ""))
+        argv += ([flag] if value else []) if switch else [f"{flag}={value}"]
+    try:
+        parsed = parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise InputError(f"--config {path}: {e}") from None
+    return {dest: getattr(parsed, dest) for dest in config}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,27 +164,39 @@ def write_json(path, obj) -> None:
 def read_jsonl(path) -> Iterator[tuple[int, dict]]:
     """Yield (line_no, object) for each non-blank line, line numbers from 1. Every failure names FILE:LINE:
     invalid JSON, a non-object, invalid UTF-8, or nesting too deep for Python's recursion limit."""
+    for line_no, raw in read_lines(path):
+        obj = parse_jsonl_line(raw, f"{path}:{line_no}")
+        if obj is not None:
+            yield line_no, obj
+
+
+def read_lines(path) -> Iterator[tuple[int, bytes]]:
+    """Yield (line_no, raw bytes) for every line, numbered from 1: for readers that parse elsewhere (data.py
+    build hands raw lines to worker processes) with parse_jsonl_line."""
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory; pass a JSONL file")
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{where}: not UTF-8 (byte {e.start + 1} of the line); re-encode the file "
-                                 "as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise InputError(f"{where}: JSON nested too deeply to read; flatten the row") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
+        yield from enumerate(f, start=1)
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
+    """One JSONL line -> its object, or None for a blank line; `where` (FILE:LINE) starts every error."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 (byte {e.start + 1} of the line); re-encode the file "
+                         "as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read; flatten the row") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -142,8 +231,13 @@ class OutputLock:
     def __enter__(self):
         import fcntl
 
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
+        out_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:  # a file in the way, a read-only or missing parent: say which directory
+            raise InputError(f"{out_dir}: cannot write there ({e.strerror}); choose a writable output "
+                             "directory") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,6 +262,43 @@ class OutputLock:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Run directories: what an interrupted run leaves behind, for the run that continues it
+
+
+def numbered_dirs(parent, prefix: str) -> dict[int, str]:
+    """{N: PARENT/PREFIX-N} for every entry of PARENT named PREFIX followed by digits (OUT/step-N)."""
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    return {int(n[len(prefix):]): os.path.join(parent, n) for n in names
+            if n.startswith(prefix) and n[len(prefix):].isdigit()}
+
+
+def remove_leftovers(out_dir) -> list[str]:
+    """Delete the .tmp-* files and directories an interrupted atomic write left in out_dir (atomic_write's
+    prefix; a never-whole save); return their paths. Only for a directory this run owns (OutputLock)."""
+    found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if n.startswith(".tmp-")]
+    for path in found:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return found
+
+
+def trim_jsonl_log(path, keep: Callable[[dict], bool]) -> bool:
+    """Rewrite an append-only JSONL log, atomically, with the rows keep(row) accepts, less an unfinished last
+    line (a run killed while appending leaves one without its newline). Returns whether there was one. A
+    damaged line elsewhere is an InputError naming FILE:LINE. No file: nothing to do."""
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    partial = bool(lines) and not lines[-1].endswith(b"\n")
+    rows = [parse_jsonl_line(line, f"{path}:{i}") for i, line in enumerate(lines[:len(lines) - partial], start=1)]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows if row is not None and keep(row)))
+    return partial
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Distributed
 
 
@@ -187,6 +318,9 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous address; multi-node runs use its
     --nnodes/--rdzv-* flags, nothing here changes). Without them this is one process and no process group.
     backend: NCCL on CUDA and gloo on CPU unless given (evaluation only waits at barriers: gloo suffices)."""
+    import torch
+    import torch.distributed as dist
+
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return Dist(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
@@ -206,6 +340,64 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     return Dist(rank, world_size, local_rank, device)
 
 
+def print0(*parts) -> None:
+    """print() on rank 0 only (torchrun's RANK, as cli() decides who reports an error; nanochat's print0),
+    flushed, so that lines of a long run appear as they happen."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*parts, flush=True)
+
+
 def barrier(d: Dist) -> None:
+    import torch.distributed as dist
+
     if d.world_size > 1:
         dist.barrier()
+
+
+def broadcast(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's `tensor` becomes rank 0's, in place (same shape and dtype everywhere); returns it."""
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def on_main_rank(d: Dist, what: str, fn: Callable[[], object]) -> None:
+    """Run fn() on rank 0 only, then tell every rank whether it worked (a broadcast that doubles as a
+    barrier): if rank 0 fails (a write, a lock), every rank raises instead of waiting for it forever."""
+    import torch
+    import torch.distributed as dist
+
+    error = None
+    if d.is_main:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after the other ranks have been told
+            error = e
+    if d.world_size > 1:
+        failed = torch.tensor([float(error is not None)], device=d.device)
+        dist.broadcast(failed, src=0)
+        if failed.item() and not d.is_main:  # an InputError: cli() lets rank 0 alone say what went wrong
+            raise InputError(f"rank 0 failed while {what}; its error message says why")
+    if error is not None:
+        raise error
+
+
+def close_distributed() -> None:
+    """Destroy the process group, if there is one. A garbage collection first: FSDP's modules and hooks form
+    reference cycles that would keep the group alive until interpreter shutdown, where destroying gloo's
+    threads can abort; freeing them now, while every rank is alive, ends the run cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()

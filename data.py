@@ -2,18 +2,20 @@
 
 The path of a token, top to bottom of this file:
 
-1. Templates. A chat is rendered to text by a small Python object per model family (no Jinja):
-   `qwen` (ChatML, Qwen2.5-Math) and `r1` (DeepSeek-R1-Distill).
+1. Templates. A chat is rendered to text by a small Python object per model family (no Jinja), equal to the
+   model's own chat template: `qwen` (Qwen2.5-Math's ChatML, default system prompt included), `redi` (the
+   same with the authors' evaluation generation prompt, which opens `<think>`) and `r1` (DeepSeek-R1-Distill).
+   Each knows its stop tokens, so training, saving and decoding agree on where an answer ends.
 2. Tokenisation. The prompt text and the response text are encoded *separately* and concatenated, and
    the end-of-turn token is appended exactly once. The loss mask is 1 on the response tokens and the
-   end-of-turn token, 0 on the prompt. An example is `Example(input_ids, loss_mask)`.
-3. Reading and validation. JSONL rows in the TRL conventions (SFT `messages`, preference `prompt` /
-   `chosen` / `rejected`, group `prompt` / `completions` / `rewards`); every bad line stops with
-   `file:line: what is wrong`.
-4. Building from raw traces (the REDI recipe). Rows like Open-R1's `OpenR1-Math-Raw` (`problem`, `answer`,
-   `generations`, optional `correctness`) become `sft.jsonl` (first correct trace per problem),
-   `pairs.jsonl` (first correct + first incorrect trace, for problems that have both) and `groups.jsonl`
-   (all traces with 1.0 / 0.0 rewards), after length filters and 8-gram decontamination, with counts.
+   end-of-turn token, 0 on the prompt. An example is `Example(input_ids, loss_mask)`. Rows that are too long
+   by their byte count alone are dropped before they are encoded, so memory follows what is kept.
+3. Reading and validation. JSONL rows in the TRL conventions: SFT `messages` or `prompt` / `completion`,
+   preference `prompt` / `chosen` / `rejected` (or only `chosen` / `rejected`, whose shared turns are the
+   prompt), group `prompt` / `completions` / `rewards`; every bad line stops with `FILE:LINE: what is wrong`.
+4. Building from raw traces (the REDI recipe, as the authors' scripts select it). OpenR1-Math-Raw rows become
+   `sft.jsonl` (first correct trace per problem), `pairs.jsonl` (first correct + first incorrect trace, then
+   length-filtered) and `groups.jsonl` (all traces with 1.0 / 0.0 rewards), with every filter counted.
 5. Packing. Variable-length examples are concatenated into one padding-free row with per-token
    `position_ids` (restarting at 0) and `document_ids`; `targets` are pre-shifted so that no token ever
    predicts across a document edge. Nothing is ever padded, so no pad token can be confused with the
@@ -24,16 +26,22 @@ The path of a token, top to bottom of this file:
 """
 
 import argparse
+import collections
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
+
+import common
+from common import InputError
 
 IGNORE_INDEX = -100
 
@@ -41,92 +49,139 @@ IGNORE_INDEX = -100
 # 1. Templates
 # ---------------------------------------------------------------------------------------------------
 
-# Qwen2.5-Math's default system prompt; DeepSeek recommends the same sentence inside the user turn.
+# Qwen2.5-Math's default system prompt (its chat template inserts it when a chat has no system turn);
+# DeepSeek recommends the same sentence at the end of the user turn for R1.
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# Open-R1's math query template, which the REDI authors evaluate with (huggingface/open-r1
+# src/open_r1/evaluate.py:34-38 at c2c53e5; the authors' copy: Tim-Siu/reinforcement-distillation
+# rllm/scripts/data/deepscaler_dataset.py:19-23). `.format(Question=...)` there turns {{ANSWER}} into {ANSWER};
+# this is the text before the problem after that formatting (the two spaces after "clearly." are theirs).
+OPEN_R1_MATH_QUERY = (
+    "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
+    "the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' (without "
+    "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
+    "before answering.\n\n")
 
 
 @dataclass(frozen=True)
-class QwenTemplate:
-    """ChatML: every turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; the prompt ends with the
-    opening of the assistant turn, and the response is closed by `<|im_end|>` (the loss includes it)."""
+class Template:
+    """What every template shares. `special_tokens` are the markers the rendering writes: the tokenizer must
+    know each as one added token, and message content must not contain one (it would forge a turn edge).
+    prompt_text(messages) = chat_text(messages) + generation_prompt, where chat_text is what the model's
+    Jinja template gives with add_generation_prompt=False."""
 
-    name: str = "qwen"
-    end_of_turn: str = "<|im_end|>"
-    # Strings the tokenizer must know as single added tokens for the rendering to mean anything.
-    special_tokens: tuple = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-    # A message containing one of these would forge a turn boundary.
-    forbidden_in_content: tuple = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    name: str
+    end_of_turn: str
+    special_tokens: tuple
+    stops: tuple  # what ends generation besides end_of_turn
+    generation_prompt: str
+
+    def chat_text(self, messages: list[dict]) -> str:
+        raise NotImplementedError
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        return self.chat_text(messages) + self.generation_prompt
 
     @property
     def stop_tokens(self) -> list[str]:
-        """What ends generation: the end of turn, or the end-of-document token."""
-        return ["<|im_end|>", "<|endoftext|>"]
+        """What ends generation: the end of turn first, then the others."""
+        return list(dict.fromkeys((self.end_of_turn, *self.stops)))
 
-    def prompt_text(self, messages: list[dict]) -> str:
-        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return turns + "<|im_start|>assistant\n"
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The ids of stop_tokens, end of turn first; each checked to be one added token."""
+        return [special_token_id(tokenizer, token) for token in self.stop_tokens]
 
     def response_body(self, content: str) -> str:
+        """A prompt that already opens the reasoning with `<think>\\n` takes a response without that opening:
+        one that starts with `<think>` (Open-R1 generations do) has it removed once, never doubled."""
+        if self.generation_prompt.endswith("<think>\n"):
+            for opening in ("<think>\n", "<think>"):
+                if content.startswith(opening):
+                    return content[len(opening):]
         return content
 
 
 @dataclass(frozen=True)
-class R1Template:
+class QwenTemplate(Template):
+    """ChatML as Qwen2.5-Math's chat template writes it: every turn is `<|im_start|>{role}\\n{content}
+    <|im_end|>\\n`, a chat without a system turn first gets the default one (SYSTEM_PROMPT), and the prompt
+    ends with the opening of the assistant turn; the response is closed by `<|im_end|>` (the loss includes it)."""
+
+    name: str = "qwen"
+    end_of_turn: str = "<|im_end|>"
+    special_tokens: tuple = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    stops: tuple = ("<|endoftext|>",)
+    generation_prompt: str = "<|im_start|>assistant\n"
+
+    def chat_text(self, messages: list[dict]) -> str:
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}] + list(messages)
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+@dataclass(frozen=True)
+class R1Template(Template):
     """DeepSeek-R1-Distill: `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜><think>\\n`.
-    The prompt already opens the reasoning with `<think>\\n`, so a response that starts with `<think>`
-    (Open-R1 generations do) has that prefix removed once: it is never doubled. Earlier assistant turns
-    keep only their text after `</think>`, as DeepSeek's own template does."""
+    Earlier assistant turns keep only their text after `</think>`, as DeepSeek's own template does."""
 
     name: str = "r1"
     end_of_turn: str = "<｜end▁of▁sentence｜>"
     special_tokens: tuple = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
-                             "<｜Assistant｜>", "<think>")
-    forbidden_in_content: tuple = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
-                                   "<｜Assistant｜>")
+                             "<｜Assistant｜>")
+    stops: tuple = ()
+    generation_prompt: str = "<｜Assistant｜><think>\n"
 
-    @property
-    def stop_tokens(self) -> list[str]:
-        return ["<｜end▁of▁sentence｜>"]
-
-    def prompt_text(self, messages: list[dict]) -> str:
+    def chat_text(self, messages: list[dict]) -> str:
         text = "<｜begin▁of▁sentence｜>"
         for m in messages:
             if m["role"] == "system":
                 text += m["content"]
             elif m["role"] == "user":
                 text += "<｜User｜>" + m["content"]
-            else:  # an earlier assistant turn of a multi-turn chat
+            else:
                 text += "<｜Assistant｜>" + m["content"].split("</think>")[-1] + self.end_of_turn
-        return text + "<｜Assistant｜><think>\n"
-
-    def response_body(self, content: str) -> str:
-        if content.startswith("<think>\n"):
-            return content[len("<think>\n"):]
-        if content.startswith("<think>"):
-            return content[len("<think>"):]
-        return content
+        return text
 
 
-TEMPLATES = {"qwen": QwenTemplate(), "r1": R1Template()}
+TEMPLATES = {
+    "qwen": QwenTemplate(),
+    # The REDI authors' evaluation template: Qwen2.5-Math's, with the generation prompt changed to open the
+    # reasoning, `<|im_start|>assistant<think>\n` with no newline after "assistant" (their README.md:142-147,
+    # "force thinking", and experiments_trl/qualitative_analysis/chat_template/qwen_w_ft.jinja:53).
+    "redi": QwenTemplate(name="redi", generation_prompt="<|im_start|>assistant<think>\n"),
+    "r1": R1Template(),
+}
 
 
-def get_template(template) -> QwenTemplate | R1Template:
+def get_template(template) -> Template:
     """Accept a template object or its name."""
     if isinstance(template, str):
         if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+            raise InputError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
         return TEMPLATES[template]
     return template
 
 
 def problem_messages(problem: str, template) -> list[dict]:
-    """The default messages for a math problem: Qwen2.5-Math puts the instruction in the system prompt;
-    DeepSeek-R1 recommends no system prompt and the instruction at the end of the user turn."""
+    """The messages for a math problem. qwen: the instruction as the system prompt (Qwen2.5-Math's default);
+    redi: the same system prompt, and the user turn is Open-R1's math query followed by the problem (the
+    authors' evaluation); r1: no system prompt, the instruction at the end of the user turn (DeepSeek)."""
     name = get_template(template).name
-    if name == "qwen":
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem}]
-    return [{"role": "user", "content": problem + "\n" + R1_INSTRUCTION}]
+    if name == "r1":
+        return [{"role": "user", "content": problem + "\n" + SYSTEM_PROMPT}]
+    user = OPEN_R1_MATH_QUERY + problem if name == "redi" else problem
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def generation_eos(tokenizer, template) -> dict:
+    """Where a saved checkpoint says an answer ends, all from the template it was trained with:
+        generation_config.json eos_token_id <- "eos_token_id" (every stop id, end of turn first),
+        config.json eos_token_id            <- "config_eos_token_id" (the end of turn),
+        tokenizer_config.json eos_token     <- "eos_token" (the end-of-turn string)."""
+    template = get_template(template)
+    stop_ids = template.stop_ids(tokenizer)
+    return {"eos_token_id": stop_ids, "config_eos_token_id": stop_ids[0], "eos_token": template.end_of_turn}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,7 +212,7 @@ def special_token_id(tokenizer, token: str) -> int:
     token matched whole); otherwise the rendered template would silently become ordinary bytes."""
     token_id = tokenizer.token_to_id(token)
     if token_id is None or tokenizer.encode(token, add_special_tokens=False).ids != [token_id]:
-        raise ValueError(f"the tokenizer has no special token {token!r}; the chat template does not "
+        raise InputError(f"the tokenizer has no special token {token!r}; the chat template does not "
                          "match this checkpoint (use --template qwen for Qwen2.5, r1 for R1-Distill)")
     return token_id
 
@@ -168,9 +223,9 @@ def check_template_tokens(tokenizer, template) -> dict[str, int]:
 
 
 def _check_content(template, text: str, what: str) -> None:
-    for marker in template.forbidden_in_content:
+    for marker in template.special_tokens:
         if marker in text:
-            raise ValueError(f"{what} contains the special token {marker!r}, which would forge a turn "
+            raise InputError(f"{what} contains the special token {marker!r}, which would forge a turn "
                              "boundary; remove it from the data")
 
 
@@ -194,7 +249,7 @@ def encode_response(tokenizer, template, content: str) -> list[int]:
         body = body[: -len(template.end_of_turn)]
     _check_content(template, body, "the response")
     if not body.strip():
-        raise ValueError("the response is empty")
+        raise InputError("the response is empty")
     end_id = special_token_id(tokenizer, template.end_of_turn)
     return tokenizer.encode(body, add_special_tokens=False).ids + [end_id]
 
@@ -208,24 +263,48 @@ def encode_example(tokenizer, template, prompt: list[dict], response: str) -> Ex
     return Example(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids))
 
 
+class LengthBound:
+    """A lower bound on a text's token count from its UTF-8 byte count, so that a row too long to train on is
+    dropped without encoding it (a 60 MB line is never tokenized):
+        tokens(text) >= bytes(text) / (3 * L),   L = the longest vocabulary entry in UTF-8 bytes,
+    since each token covers at most L bytes of the normalised text and Unicode normalisation shrinks a text
+    by at most 3x (NFC composes at most three code points into one of no fewer bytes each)."""
+
+    def __init__(self, tokenizer):
+        self.bytes_per_token = 3 * max(len(t.encode("utf-8")) for t in tokenizer.get_vocab(with_added_tokens=True))
+
+    def surely_over(self, texts, max_tokens: int | None) -> bool:
+        """True only if the texts together certainly hold more than max_tokens tokens."""
+        if max_tokens is None:
+            return False
+        return sum(len(t.encode("utf-8")) for t in texts) > self.bytes_per_token * max_tokens
+
+
 def _with_source(source: str, fn, *args):
     """Run fn(*args); an error names the row's file:line."""
     try:
         return fn(*args)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{source}: {e}") from None
 
 
 def _encode_row(row: dict, tokenizer, template, response: str) -> Example:
     return _with_source(row["source"], encode_example, tokenizer, template, row["prompt"], response)
 
 
+def _prompt_texts(row: dict) -> list[str]:
+    return [m["content"] for m in row["prompt"]]
+
+
 def tokenize_sft(rows, tokenizer, template, max_length: int | None):
     """SFT rows -> (examples, report). An example longer than max_length tokens (prompt + response +
     end-of-turn) is dropped and counted, never truncated: a truncated trace would teach the model to stop
     mid-reasoning, or lose the final answer."""
-    examples, too_long = [], 0
+    bound, examples, too_long = LengthBound(tokenizer), [], 0
     for row in rows:
+        if bound.surely_over(_prompt_texts(row) + [row["response"]], max_length):
+            too_long += 1
+            continue
         example = _encode_row(row, tokenizer, template, row["response"])
         if max_length is not None and len(example.input_ids) > max_length:
             too_long += 1
@@ -240,8 +319,12 @@ def tokenize_sft(rows, tokenizer, template, max_length: int | None):
 def tokenize_pairs(rows, tokenizer, template, max_length: int | None):
     """Preference rows -> (list of (chosen_example, rejected_example), report). A pair is dropped whole
     when either side is too long: half a pair carries no preference."""
-    pairs, too_long = [], 0
+    bound, pairs, too_long = LengthBound(tokenizer), [], 0
     for row in rows:
+        prompt = _prompt_texts(row)
+        if any(bound.surely_over(prompt + [row[side]], max_length) for side in ("chosen", "rejected")):
+            too_long += 1
+            continue
         chosen = _encode_row(row, tokenizer, template, row["chosen"])
         rejected = _encode_row(row, tokenizer, template, row["rejected"])
         if max_length is not None and max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
@@ -256,11 +339,19 @@ def tokenize_pairs(rows, tokenizer, template, max_length: int | None):
 def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group_size: int = 2):
     """Group rows -> (list of (examples, rewards), report). Over-long completions are dropped (counted)
     and the group keeps the rest; a group left with fewer than min_group_size completions is dropped
-    (counted), since a group-relative advantage r - mean(r) of a single completion is always 0."""
-    groups, too_long, too_small = [], 0, 0
+    (counted), since a group-relative advantage r - mean(r) of a single completion is always 0. A row that
+    has fewer than min_group_size completions to begin with is an error: no setting could make it useful."""
+    bound, groups, too_long, too_small = LengthBound(tokenizer), [], 0, 0
     for row in rows:
+        if len(row["completions"]) < min_group_size:
+            raise InputError(f"{row['source']}: a group needs at least {min_group_size} completions of its "
+                             f"prompt (the advantage r - mean(r) of a lone completion is always 0), this row "
+                             f"has {len(row['completions'])}; add completions or drop the row")
         examples, rewards = [], []
         for completion, reward in zip(row["completions"], row["rewards"]):
+            if bound.surely_over(_prompt_texts(row) + [completion], max_length):
+                too_long += 1
+                continue
             example = _encode_row(row, tokenizer, template, completion)
             if max_length is not None and len(example.input_ids) > max_length:
                 too_long += 1
@@ -281,30 +372,28 @@ def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group
 # ---------------------------------------------------------------------------------------------------
 
 FORMATS = {
-    "sft": '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}',
-    "pairs": '{"prompt": [messages] or str, "chosen": [assistant message] or str, "rejected": ...}',
+    "sft": '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} or TRL\'s '
+           '{"prompt": [messages] or str, "completion": [assistant message] or str}',
+    "pairs": '{"prompt": [messages] or str, "chosen": [assistant message] or str, "rejected": ...}, or '
+             '{"chosen": [messages], "rejected": [messages]} whose shared first turns are the prompt',
     "groups": '{"prompt": [messages] or str, "completions": [str, ...], "rewards": [float, ...]}',
 }
 
+# TRL's unpaired preference rows carry one completion each, and nothing here trains on them one by one (that
+# is KTO); this says how to make them into rows that a stage here takes.
+UNPAIRED_CONVERSION = (
+    "TRL's unpaired preference rows (prompt / completion / label) hold one completion each and no stage "
+    "here trains on them; convert them: gather the completions of each prompt into one row "
+    '{"prompt": ..., "completions": [...], "rewards": [1.0 if label else 0.0, ...]} for the weighted '
+    '(AdvDistill) stage, or pair a true with a false completion into {"prompt", "chosen", "rejected"} '
+    "(TRL: datasets' map over the rows; the reverse of trl.unpair_preference_dataset)")
 
-def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_no, object) for each non-blank line (line numbers count from 1)."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _require(obj: dict, key: str, where: str):
     if key not in obj:
-        raise ValueError(f"{where}: missing field {key!r} (has {sorted(obj)})")
+        raise InputError(f"{where}: missing field {key!r} (has {sorted(obj)})")
     return obj[key]
 
 
@@ -313,16 +402,16 @@ def _messages(value, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: {field!r} must be a non-empty list of messages or a string")
+        raise InputError(f"{where}: {field!r} must be a non-empty list of messages or a string")
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
+            raise InputError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"{where}: {field}[{i}] has role {m['role']!r}; "
+            raise InputError(f"{where}: {field}[{i}] has role {m['role']!r}; "
                              "expected 'system', 'user' or 'assistant'")
         if not isinstance(m["content"], str) or not m["content"].strip():
-            raise ValueError(f"{where}: {field}[{i}] ({m['role']}) has empty or non-string content")
+            raise InputError(f"{where}: {field}[{i}] ({m['role']}) has empty or non-string content")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
@@ -333,7 +422,7 @@ def _check_role_order(messages: list[dict], last: str, where: str, field: str) -
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
     if not turns or turns != expected or turns[-1] != last:
-        raise ValueError(f"{where}: {field} has role order {roles}; expected an optional 'system' first, "
+        raise InputError(f"{where}: {field} has role order {roles}; expected an optional 'system' first, "
                          f"then 'user' and 'assistant' alternating, starting with 'user' and ending "
                          f"with {last!r}")
 
@@ -342,31 +431,22 @@ def _response(value, where: str, field: str) -> str:
     """A completion: a plain string, or a list holding one assistant message (TRL's conversational form)."""
     if isinstance(value, list):
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise ValueError(f"{where}: {field!r} must be a string or a list of exactly one assistant "
+            raise InputError(f"{where}: {field!r} must be a string or a list of exactly one assistant "
                              "message (the prompt goes in 'prompt', not in the completion)")
         value = value[0].get("content")
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {field!r} is an empty response")
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {field!r} is {type(value).__name__} {value!r:.40}; expected a string or "
+                         "a message list [{\"role\": \"assistant\", \"content\": \"...\"}]")
+    if not value.strip():
+        raise InputError(f"{where}: {field!r} is an empty response")
     return value
 
 
 def _load(path, parse_row) -> list[dict]:
-    rows = [parse_row(obj, f"{path}:{line_no}") for line_no, obj in read_jsonl(path)]
+    rows = [parse_row(obj, f"{path}:{line_no}") for line_no, obj in common.read_jsonl(path)]
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     return rows
-
-
-def load_sft(path) -> list[dict]:
-    """SFT rows -> [{"prompt": messages, "response": str, "source": "file:line"}]. In a multi-turn row
-    only the final assistant message is trained; the earlier turns are the prompt."""
-
-    def parse(obj, where):
-        messages = _messages(_require(obj, "messages", where), where, "messages")
-        _check_role_order(messages, "assistant", where, "messages")
-        return {"prompt": messages[:-1], "response": messages[-1]["content"], "source": where}
-
-    return _load(path, parse)
 
 
 def _prompt(obj: dict, where: str) -> list[dict]:
@@ -375,16 +455,68 @@ def _prompt(obj: dict, where: str) -> list[dict]:
     return prompt
 
 
+def load_sft(path) -> list[dict]:
+    """SFT rows -> [{"prompt": messages, "response": str, "source": "file:line"}]. In a multi-turn row
+    only the final assistant message is trained; the earlier turns are the prompt. TRL's prompt-completion
+    rows (standard strings or conversational lists) give the same thing."""
+
+    def parse(obj, where):
+        if "messages" not in obj and "prompt" in obj and "completion" in obj:
+            return {"prompt": _prompt(obj, where), "response": _response(obj["completion"], where, "completion"),
+                    "source": where}
+        messages = _messages(_require(obj, "messages", where), where, "messages")
+        _check_role_order(messages, "assistant", where, "messages")
+        return {"prompt": messages[:-1], "response": messages[-1]["content"], "source": where}
+
+    return _load(path, parse)
+
+
+def _implicit_prompt(obj: dict, where: str) -> tuple[list[dict], object, object]:
+    """TRL's implicit-prompt preference row: chosen and rejected are whole conversations and their longest
+    common prefix of messages is the prompt (trl.extract_prompt); what follows must be one assistant turn."""
+    if isinstance(obj["chosen"], str) or isinstance(obj["rejected"], str):
+        raise InputError(f"{where}: a preference row without 'prompt' needs 'chosen' and 'rejected' as message "
+                         "lists that begin with the shared prompt turns; add a 'prompt' field instead")
+    chosen = _messages(obj["chosen"], where, "chosen")
+    rejected = _messages(obj["rejected"], where, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    prompt = chosen[:shared]
+    if not prompt:
+        raise InputError(f"{where}: 'chosen' and 'rejected' share no first turn, so there is no prompt; add "
+                         "a 'prompt' field or begin both with the same user turn")
+    _check_role_order(prompt, "user", where, "the shared prompt of 'chosen' and 'rejected'")
+    return prompt, chosen[shared:], rejected[shared:]
+
+
 def load_pairs(path) -> list[dict]:
     """Preference rows -> [{"prompt", "chosen": str, "rejected": str, "source"}]."""
 
     def parse(obj, where):
-        prompt = _prompt(obj, where)
-        chosen = _response(_require(obj, "chosen", where), where, "chosen")
-        rejected = _response(_require(obj, "rejected", where), where, "rejected")
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": where}
+        chosen, rejected = _require(obj, "chosen", where), _require(obj, "rejected", where)
+        if "prompt" in obj:
+            prompt = _prompt(obj, where)
+        else:
+            prompt, chosen, rejected = _implicit_prompt(obj, where)
+        return {"prompt": prompt, "chosen": _response(chosen, where, "chosen"),
+                "rejected": _response(rejected, where, "rejected"), "source": where}
 
     return _load(path, parse)
+
+
+def _rewards(obj: dict, n: int, where: str) -> list[float]:
+    """Rewards must be finite and within float32's range: the loss computes in float32, where 1e200 is inf."""
+    rewards = _require(obj, "rewards", where)
+    if not isinstance(rewards, list) or len(rewards) != n:
+        raise InputError(f"{where}: 'rewards' must be a list as long as 'completions' ({n})")
+    for i, r in enumerate(rewards):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise InputError(f"{where}: rewards[{i}] = {r!r} is not a finite number")
+        if abs(r) > FLOAT32_MAX:
+            raise InputError(f"{where}: rewards[{i}] = {r!r} is beyond float32's range (|r| <= {FLOAT32_MAX:.3g}), "
+                             "where the loss is computed; rescale the rewards")
+    return [float(r) for r in rewards]
 
 
 def load_groups(path) -> list[dict]:
@@ -393,18 +525,11 @@ def load_groups(path) -> list[dict]:
     def parse(obj, where):
         prompt = _prompt(obj, where)
         completions = _require(obj, "completions", where)
-        rewards = _require(obj, "rewards", where)
         if not isinstance(completions, list) or not completions:
-            raise ValueError(f"{where}: 'completions' must be a non-empty list")
-        if not isinstance(rewards, list) or len(rewards) != len(completions):
-            raise ValueError(f"{where}: 'rewards' must be a list as long as 'completions' "
-                             f"({len(completions)})")
-        for i, r in enumerate(rewards):
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-                raise ValueError(f"{where}: rewards[{i}] = {r!r} is not a finite number")
+            raise InputError(f"{where}: 'completions' must be a non-empty list")
+        rewards = _rewards(obj, len(completions), where)
         completions = [_response(c, where, f"completions[{i}]") for i, c in enumerate(completions)]
-        return {"prompt": prompt, "completions": completions, "rewards": [float(r) for r in rewards],
-                "source": where}
+        return {"prompt": prompt, "completions": completions, "rewards": rewards, "source": where}
 
     return _load(path, parse)
 
@@ -412,25 +537,35 @@ def load_groups(path) -> list[dict]:
 LOADERS = {"sft": load_sft, "pairs": load_pairs, "groups": load_groups}
 
 
+def row_format(obj: dict, where: str) -> str:
+    """'sft', 'pairs' or 'groups' from a row's keys (TRL's key sets included); a clear error otherwise."""
+    keys = set(obj)
+    if "messages" in keys:
+        return "sft"
+    if {"chosen", "rejected"} <= keys:
+        return "pairs"
+    if {"completions", "rewards"} <= keys:
+        return "groups"
+    if {"prompt", "completion", "label"} <= keys:
+        raise InputError(f"{where}: {UNPAIRED_CONVERSION}")
+    if {"prompt", "completion"} <= keys:
+        return "sft"
+    raise InputError(f"{where}: unknown row format with keys {sorted(obj)}; expected one of "
+                     + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+
+
 def detect_format(path) -> str:
     """'sft', 'pairs' or 'groups', from the keys of the first row."""
-    for line_no, obj in read_jsonl(path):
-        if "messages" in obj:
-            return "sft"
-        if "chosen" in obj and "rejected" in obj:
-            return "pairs"
-        if "completions" in obj and "rewards" in obj:
-            return "groups"
-        raise ValueError(f"{path}:{line_no}: unknown row format with keys {sorted(obj)}; expected one of "
-                         + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
-    raise ValueError(f"{path}: no rows")
+    for line_no, obj in common.read_jsonl(path):
+        return row_format(obj, f"{path}:{line_no}")
+    raise InputError(f"{path}: no rows")
 
 
 def load_rows(path, expected_format: str) -> list[dict]:
     """Load a file that must hold `expected_format` rows; say so plainly if it holds another format."""
     found = detect_format(path)
     if found != expected_format:
-        raise ValueError(f"{path} looks like {found} rows but {expected_format} rows are needed: "
+        raise InputError(f"{path} looks like {found} rows but {expected_format} rows are needed: "
                          f"{FORMATS[expected_format]}")
     return LOADERS[expected_format](path)
 
@@ -438,6 +573,20 @@ def load_rows(path, expected_format: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # 4. Building from raw traces (REDI)
 # ---------------------------------------------------------------------------------------------------
+#
+# The authors' selection (Tim-Siu/reinforcement-distillation, experiments_trl/data_preprocess/), row by row:
+#   clean_base_shuffled.py      drop rows whose problem_is_valid is not "yes" (stripped, any case) and rows of
+#                               source cn_k12; skip rows without problem or generations, and rows whose
+#                               correctness lists do not match the generations in length; LandMV label of
+#                               trace i = llama_verification[i] and math_verify_reparsed_answer[i];
+#                               SFT = the first LandMV-true trace, with no length filter.
+#   clean_base_shuffled_dpo.py  pair = (first true, first false) for problems that have both.
+#   study_length_distribution.py  then drop a pair if its prompt > 800 or either response > 19,000 tokens,
+#                               counted as template_and_tokenize_lengths does (see pair_lengths).
+# Their scripts shuffle the rows (seed 42) first; this build keeps the file's order (a trainer shuffles
+# anyway), so the same rows come out, in the file's order.
+
+LABEL_MODES = ("auto", "landmv", "verify")
 
 
 def normalize_for_overlap(text: str) -> list[str]:
@@ -454,12 +603,14 @@ class Decontaminator:
     side is shorter than n words (no n-grams), if the normalised texts are equal."""
 
     def __init__(self, paths, n: int = 8):
+        if n < 1:
+            raise InputError(f"--ngram {n}: an n-gram needs n >= 1 (the REDI default is 8)")
         self.n, self.grams, self.texts = n, set(), set()
         for path in paths:
-            for line_no, obj in read_jsonl(path):
+            for line_no, obj in common.read_jsonl(path):
                 problem = obj.get("problem")
                 if not isinstance(problem, str):
-                    raise ValueError(f"{path}:{line_no}: a benchmark row needs a string 'problem' field")
+                    raise InputError(f"{path}:{line_no}: a benchmark row needs a string 'problem' field")
                 words = normalize_for_overlap(problem)
                 self.grams |= ngrams(words, n)
                 self.texts.add(" ".join(words))
@@ -469,139 +620,351 @@ class Decontaminator:
         return " ".join(words) in self.texts or not self.grams.isdisjoint(ngrams(words, self.n))
 
 
-def _parse_raw_row(obj: dict, where: str) -> tuple[str, str, list[str], list]:
-    """Validate one raw row -> (problem, answer, generations, labels) where labels[i] is True / False,
-    or None when the generation has no correctness label (the verifier grades it)."""
-    problem, answer = _require(obj, "problem", where), _require(obj, "answer", where)
-    generations = _require(obj, "generations", where)
-    if not isinstance(problem, str) or not problem.strip():
-        raise ValueError(f"{where}: 'problem' must be a non-empty string")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: 'answer' must be a non-empty string (the gold final answer)")
-    if not isinstance(generations, list) or not generations:
-        raise ValueError(f"{where}: 'generations' must be a non-empty list of strings")
+@dataclass(frozen=True)
+class BuildSettings:
+    template: Template
+    labels: str = "auto"
+    exclude_sources: frozenset = frozenset({"cn_k12"})
+    max_prompt_tokens: int = 800
+    max_response_tokens: int = 19000
+    tokenizer: object = None  # None: the pair length filter is skipped (and the report says so)
+    bound: "LengthBound | None" = None  # the tokenizer's LengthBound, computed once
+    decontaminator: Decontaminator | None = None
+    remove_contaminated: bool = False
+
+
+def _passes_row_filters(obj: dict, where: str, s: BuildSettings, counts) -> bool:
+    """The authors' row filters, in their order, each counted; a value of the wrong type is an error.
+    A row without the problem_is_valid column at all (not an OpenR1-Math-Raw row) is not filtered by it."""
+    if "problem_is_valid" in obj:
+        valid = obj["problem_is_valid"]
+        if not (isinstance(valid, str) and valid.strip().lower() == "yes"):
+            counts["filtered_invalid_problem"] += 1
+            return False
+    source = obj.get("source")
+    if isinstance(source, str) and source in s.exclude_sources:
+        counts["filtered_source"] += 1
+        return False
+    problem, generations = _require(obj, "problem", where), _require(obj, "generations", where)
+    if not problem:
+        counts["skipped_no_problem"] += 1
+        return False
+    if not generations:
+        counts["skipped_no_generations"] += 1
+        return False
+    if not isinstance(problem, str):
+        raise InputError(f"{where}: 'problem' must be a string, got {type(problem).__name__}")
+    if not isinstance(generations, list):
+        raise InputError(f"{where}: 'generations' must be a list of strings")
     for i, g in enumerate(generations):
         if not isinstance(g, str) or not g.strip():
-            raise ValueError(f"{where}: generations[{i}] is an empty response")
-    labels = obj.get("correctness")
-    if labels is None:
-        labels = [None] * len(generations)
-    if not isinstance(labels, list) or len(labels) != len(generations):
-        raise ValueError(f"{where}: 'correctness' must be a list as long as 'generations' "
-                         f"({len(generations)})")
-    for i, label in enumerate(labels):
+            raise InputError(f"{where}: generations[{i}] is an empty response or not a string")
+    return True
+
+
+def _landmv(correctness: dict, n: int, where: str) -> list[bool] | None:
+    """label_i = llama_verification[i] and math_verify_reparsed_answer[i]; None if either list is missing or
+    not as long as the generations (the authors skip such rows)."""
+    lists = [correctness.get(key) for key in ("llama_verification", "math_verify_reparsed_answer")]
+    if not all(isinstance(v, list) and len(v) == n for v in lists):
+        return None
+    for key, values in zip(("llama_verification", "math_verify_reparsed_answer"), lists):
+        for i, v in enumerate(values):
+            if v is not None and not isinstance(v, bool):
+                raise InputError(f"{where}: correctness.{key}[{i}] = {v!r}; expected true, false or null")
+    return [bool(a) and bool(b) for a, b in zip(*lists)]
+
+
+def _verify(generation: str, obj: dict, where: str, counts) -> bool:
+    import verify  # only needed when labels are not given
+
+    answer = _require(obj, "answer", where)
+    if not isinstance(answer, str) or not answer.strip():
+        raise InputError(f"{where}: 'answer' must be a non-empty string (the gold final answer) to grade with "
+                         "verify.py")
+    counts["labelled_by_verifier"] += 1
+    return bool(verify.grade(generation, answer))
+
+
+def _labels(obj: dict, generations: list[str], where: str, s: BuildSettings, counts) -> list[bool] | None:
+    """One bool per generation, or None for a row whose correctness lists are mismatched (skipped, counted).
+    --labels auto: LandMV from the correctness dict when there is one, else verify.py's grade. A list of
+    true / false / null (this project's own labelled form) is taken as given, null graded by verify.py."""
+    correctness = obj.get("correctness")
+    if s.labels == "verify" or (s.labels == "auto" and correctness is None):
+        return [_verify(g, obj, where, counts) for g in generations]
+    if isinstance(correctness, dict):
+        return _landmv(correctness, len(generations), where)
+    if s.labels == "landmv" or not isinstance(correctness, list):
+        raise InputError(f"{where}: 'correctness' is {type(correctness).__name__}; --labels {s.labels} needs "
+                         "OpenR1-Math-Raw's dict {llama_verification: [...], math_verify_reparsed_answer: "
+                         "[...]} (or use --labels verify)")
+    if len(correctness) != len(generations):
+        raise InputError(f"{where}: 'correctness' must be a list as long as 'generations' ({len(generations)})")
+    for i, label in enumerate(correctness):
         if label is not None and not isinstance(label, bool):
-            raise ValueError(f"{where}: correctness[{i}] = {label!r}; expected true, false or null")
-    return problem, answer, generations, labels
+            raise InputError(f"{where}: correctness[{i}] = {label!r}; expected true, false or null")
+    return [label if label is not None else _verify(g, obj, where, counts)
+            for g, label in zip(generations, correctness)]
 
 
-def write_atomic(path, text: str) -> None:
-    """Write through a temporary file and rename: a crash leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _assistant(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
 
 
-class _AtomicJsonlWriters:
-    """One JSONL writer per name, streaming to `name.jsonl.tmp` (traces are large: nothing is held in
-    memory) and renamed to `name.jsonl` only when the whole build succeeded."""
+def _select_row(obj: dict, where: str, s: BuildSettings, counts) -> tuple:
+    """One raw row -> (sft row, pair row before its length filter, group row, whether the problem overlaps a
+    benchmark), the rows None where this row gives none. The pair and SFT choices are made on all
+    generations: length filters come after choosing."""
+    if not _passes_row_filters(obj, where, s, counts):
+        return None, None, None, False
+    generations = obj["generations"]
+    labels = _labels(obj, generations, where, s, counts)
+    if labels is None:
+        counts["skipped_mismatched_lengths"] += 1
+        return None, None, None, False
+    contaminated = s.decontaminator is not None and s.decontaminator(obj["problem"])
+    if contaminated:
+        counts["contaminated"] += 1
+        if s.remove_contaminated:
+            counts["dropped_contaminated"] += 1
+            return None, None, None, True
+    correct = [i for i, ok in enumerate(labels) if ok]
+    incorrect = [i for i, ok in enumerate(labels) if not ok]
+    counts.update(problems_kept=1, generations=len(generations), correct=len(correct), incorrect=len(incorrect))
+    prompt = problem_messages(obj["problem"], s.template)
+    sft = pair = group = None
+    if correct:
+        sft = {"messages": prompt + _assistant(generations[correct[0]]), "chosen_gen_idx": correct[0]}
+    else:
+        counts["problems_without_correct"] += 1
+    if correct and incorrect:
+        pair = {"prompt": prompt, "chosen": _assistant(generations[correct[0]]),
+                "rejected": _assistant(generations[incorrect[0]]),
+                "chosen_gen_idx": correct[0], "rejected_gen_idx": incorrect[0]}
+    else:
+        counts["pairs_skipped_condition"] += 1
+    if len(generations) >= 2:
+        group = {"prompt": prompt, "completions": generations, "rewards": [1.0 if ok else 0.0 for ok in labels]}
+    else:
+        counts["groups_too_small"] += 1
+    return sft, pair, group, contaminated
 
-    def __init__(self, out_dir, names):
-        os.makedirs(out_dir, exist_ok=True)
-        self.paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in names}
-        self.files = {name: open(f"{path}.tmp", "w", encoding="utf-8") for name, path in self.paths.items()}
-        self.counts = dict.fromkeys(names, 0)
 
-    def write(self, name, row: dict) -> None:
-        self.files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.counts[name] += 1
+def pair_lengths(tokenizer, template, pairs: list[dict], max_tokens: int, bound=None) -> list[tuple]:
+    """(prompt_len, chosen_len, rejected_len) per pair, counted as the authors' template_and_tokenize_lengths
+    does (study_length_distribution.py): each part rendered ALONE by the chat template without a generation
+    prompt, tokenized, plus one:
+        prompt_len   = len(ids(chat_text(prompt))) + 1
+        chosen_len   = len(ids(chat_text([assistant chosen]))) + 1     (likewise rejected)
+    so with Qwen2.5-Math's template a response's count includes the default system turn its rendering gets.
+    The texts are encoded in one batch; one that has more than max_tokens tokens by its bytes alone
+    (LengthBound) is not encoded and gets None (= over max_tokens)."""
+    template, bound = get_template(template), bound or LengthBound(tokenizer)
+    texts = [template.chat_text(msgs) for p in pairs for msgs in (p["prompt"], p["chosen"], p["rejected"])]
+    lengths = [None] * len(texts)
+    encode = [i for i, text in enumerate(texts) if not bound.surely_over([text], max_tokens)]
+    for i, encoding in zip(encode, tokenizer.encode_batch([texts[i] for i in encode], add_special_tokens=False)):
+        lengths[i] = len(encoding.ids) + 1
+    return [tuple(lengths[3 * k:3 * k + 3]) for k in range(len(pairs))]
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, error_type, error, traceback):
-        for name, f in self.files.items():
-            f.close()
-            if error_type is None:
-                os.replace(f"{self.paths[name]}.tmp", self.paths[name])
-            else:  # a failed build leaves no half-written output behind
-                os.remove(f"{self.paths[name]}.tmp")
-        return False
+def _length_filter(pairs: list[dict], s: BuildSettings, counts) -> list[dict]:
+    """Drop a pair whose prompt > max_prompt_tokens or either response > max_response_tokens (the authors'
+    800 / 19,000); the kept pairs carry their lengths, as the authors' saved rows do."""
+    limits = (s.max_prompt_tokens, s.max_response_tokens, s.max_response_tokens)
+    kept = []
+    for pair, lengths in zip(pairs, pair_lengths(s.tokenizer, s.template, pairs, max(limits), s.bound)):
+        if any(n is None or n > limit for n, limit in zip(lengths, limits)):
+            counts["pairs_removed_by_length"] += 1
+            continue
+        kept.append({**pair, "prompt_len": lengths[0], "chosen_len": lengths[1], "rejected_len": lengths[2]})
+    return kept
+
+
+def _dumps(row: dict | None) -> str:
+    return "" if row is None else json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def process_chunk(s: BuildSettings, path, chunk: list[tuple[int, bytes]]) -> tuple:
+    """Raw lines -> (counts, contaminated line numbers, the chunk's sft / pairs / groups JSONL text). Every
+    pair of the chunk is length-counted in one batch; only pairs are tokenized (the authors length-filter
+    nothing else)."""
+    counts, contaminated, sft, pairs, groups = collections.Counter(), [], [], [], []
+    for line_no, raw in chunk:
+        where = f"{path}:{line_no}"
+        obj = common.parse_jsonl_line(raw, where)
+        if obj is None:
+            continue
+        counts["rows"] += 1
+        generations = obj.get("generations")
+        counts["generations_read"] += len(generations) if isinstance(generations, list) else 0
+        row_sft, pair, group, overlaps = _select_row(obj, where, s, counts)
+        if overlaps:
+            contaminated.append(line_no)
+        sft.append(_dumps(row_sft))
+        groups.append(_dumps(group))
+        if pair is not None:
+            counts["pairs_before_length_filter"] += 1
+            pairs.append(pair)
+    if s.tokenizer is not None and pairs:
+        pairs = _length_filter(pairs, s, counts)
+    counts.update(sft_rows=sum(map(bool, sft)), pairs_rows=len(pairs), groups_rows=sum(map(bool, groups)))
+    return counts, contaminated, "".join(sft), "".join(_dumps(p) for p in pairs), "".join(groups)
+
+
+_WORKER_SETTINGS = None
+
+
+def _worker_init(settings: BuildSettings) -> None:
+    global _WORKER_SETTINGS
+    _WORKER_SETTINGS = settings
+    # One worker = one core: the tokenizer's own thread pool would make --workers N oversubscribe the CPUs.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _worker_chunk(path, chunk):
+    return process_chunk(_WORKER_SETTINGS, path, chunk)
+
+
+def _chunks(path, max_rows: int = 32, max_bytes: int = 8 << 20) -> Iterator[tuple[int, list]]:
+    """(bytes read so far, up to max_rows raw lines of at most ~max_bytes): the unit a worker processes."""
+    chunk, size, done = [], 0, 0
+    for line_no, raw in common.read_lines(path):
+        chunk.append((line_no, raw))
+        size += len(raw)
+        if len(chunk) >= max_rows or size >= max_bytes:
+            done += size
+            yield done, chunk
+            chunk, size = [], 0
+    if chunk:
+        yield done + size, chunk
+
+
+def _ordered_results(s: BuildSettings, path, workers: int) -> Iterator[tuple[int, tuple]]:
+    """(bytes read, process_chunk result) in file order. With workers > 1 the chunks go to a process pool
+    with at most 2 per worker in flight, so memory stays flat whatever the file's size; the results are
+    taken back in submission order, so the output is the same bytes whatever the number of workers."""
+    if workers == 1:
+        for done, chunk in _chunks(path):
+            yield done, process_chunk(s, path, chunk)
+        return
+    with multiprocessing.get_context("fork").Pool(workers, _worker_init, (s,)) as pool:
+        pending = collections.deque()
+        for done, chunk in _chunks(path):
+            pending.append((done, pool.apply_async(_worker_chunk, (path, chunk))))
+            if len(pending) >= 2 * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def _write_together(paths: list, fill) -> None:
+    """fill(open files) writes every path at once; each file is written by common.atomic_write (temporary,
+    then renamed), so a failed build leaves none of them half-written and no temporary behind."""
+    def nest(remaining, tmps):
+        if not remaining:
+            files = [open(tmp, "w", encoding="utf-8") for tmp in tmps]
+            try:
+                fill(files)
+            finally:
+                for f in files:
+                    f.close()
+            return
+        common.atomic_write(remaining[0], lambda tmp: nest(remaining[1:], tmps + [tmp]))
+    nest(list(paths), [])
+
+
+class Progress:
+    """A line on stderr every `every` seconds: rows, generations/s and the ETA from the bytes read."""
+
+    def __init__(self, path, log, every: float = 10.0):
+        self.path, self.log, self.every = path, log, every
+        self.total = max(os.path.getsize(path), 1)
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int, counts, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.log is None or (now - self.last < self.every and not final):
+            return
+        self.last, elapsed = now, max(now - self.start, 1e-9)
+        eta = elapsed * (self.total - done) / max(done, 1)
+        self.log(f"{counts['rows']:,} rows ({100 * done / self.total:.1f}% of {self.path}), "
+                 f"{counts['generations_read']:,} generations, {counts['generations_read'] / elapsed:,.0f} "
+                 f"generations/s, elapsed {common.format_seconds(elapsed)}, ETA {common.format_seconds(eta)}")
+
+
+# The report's counts, in the authors' order, with what their scripts print for each (clean_base_shuffled.py,
+# clean_base_shuffled_dpo.py, study_length_distribution.py); the rest are this build's own.
+REPORT_COUNTS = {
+    "rows": "Total items processed",
+    "filtered_invalid_problem": "Items filtered out (Invalid Problem)",
+    "filtered_source": "Items filtered out (Source 'cn_k12')",
+    "skipped_no_problem": "Items skipped (No Problem Text)",
+    "skipped_no_generations": "Items skipped (No Generations)",
+    "skipped_mismatched_lengths": "Items skipped (Mismatched Correctness Lengths)",
+    "sft_rows": "Final count for LandMV SFT dataset",
+    "pairs_skipped_condition": "Items skipped (Did not meet DPO condition: >=1 True AND >=1 False LandMV)",
+    "pairs_before_length_filter": "Final count for LandMV DPO dataset / Original examples",
+    "pairs_removed_by_length": "Removed examples",
+    "pairs_rows": "Filtered examples",
+    "contaminated": "problems sharing an n-gram with --decontaminate (reported)",
+    "dropped_contaminated": "of those, removed (--remove-contaminated)",
+    "problems_kept": "problems that gave rows",
+    "generations": "their generations",
+    "correct": "labelled correct",
+    "incorrect": "labelled incorrect",
+    "problems_without_correct": "kept problems with no correct trace (no SFT row)",
+    "labelled_by_verifier": "labels computed by verify.py",
+    "groups_rows": "groups written (every generation of a kept problem)",
+    "groups_too_small": "kept problems with one generation (no group)",
+    "generations_read": "generations in all rows read",
+}
 
 
 def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_prompt_tokens=800,
-                   max_response_tokens=19000, decontaminate=(), ngram=8) -> dict:
-    """Raw traces -> out_dir/{sft,pairs,groups}.jsonl + report.json; returns the report.
+                   max_response_tokens=19000, decontaminate=(), ngram=8, labels="auto",
+                   exclude_sources=("cn_k12",), remove_contaminated=False, workers=1, log=None) -> dict:
+    """Raw traces -> out_dir/{sft,pairs,groups}.jsonl + report.json; returns the report. The rows are
+    selected as the authors' scripts select them (see the top of this section); groups hold every
+    generation of a kept problem with its label as reward (AdvDistill). Decontamination reports overlaps
+    (their line numbers) and removes them only with remove_contaminated. Without a tokenizer the pair
+    length filter is skipped and the report says so. log(str) receives progress lines."""
+    if labels not in LABEL_MODES:
+        raise InputError(f"--labels {labels!r}: choose one of {', '.join(LABEL_MODES)}")
+    s = BuildSettings(get_template(template), labels, frozenset(exclude_sources), max_prompt_tokens,
+                      max_response_tokens, tokenizer, LengthBound(tokenizer) if tokenizer is not None else None,
+                      Decontaminator(decontaminate, ngram) if decontaminate else None, remove_contaminated)
+    os.makedirs(out_dir, exist_ok=True)
+    counts, contaminated, progress = collections.Counter(), [], Progress(raw_path, log)
+    names = ("sft", "pairs", "groups")
 
-    Per problem, in order: drop if it overlaps a benchmark; drop if its prompt (problem_messages rendered
-    with the template) has more than max_prompt_tokens tokens. Per generation: drop if its response ids
-    (as trained: body + end-of-turn) number more than max_response_tokens. The kept generations are then
-    labelled (given `correctness`, else verify.grade against `answer`) and
-      sft    <- the first correct one,
-      pairs  <- the first correct and the first incorrect one, if both exist,
-      groups <- all of them with rewards 1.0 / 0.0, if at least 2 remain.
-    Without a tokenizer the length filters are skipped and the report says so."""
-    template = get_template(template)
-    is_contaminated = Decontaminator(decontaminate, ngram) if decontaminate else None
-    report = {"problems": 0, "generations": 0, "dropped_contaminated": 0, "dropped_prompt_too_long": 0,
-              "dropped_response_too_long": 0, "kept_generations": 0, "correct": 0, "incorrect": 0,
-              "labelled_by_verifier": 0, "problems_without_correct": 0, "groups_too_small": 0}
-    with _AtomicJsonlWriters(out_dir, ("sft", "pairs", "groups")) as out:
-        for line_no, obj in read_jsonl(raw_path):
-            where = f"{raw_path}:{line_no}"
-            problem, answer, generations, labels = _parse_raw_row(obj, where)
-            report["problems"] += 1
-            report["generations"] += len(generations)
-            if is_contaminated is not None and is_contaminated(problem):
-                report["dropped_contaminated"] += 1
-                continue
-            prompt = problem_messages(problem, template)
-            kept = list(zip(generations, labels))
-            if tokenizer is not None:
-                if len(_with_source(where, encode_prompt, tokenizer, template, prompt)) > max_prompt_tokens:
-                    report["dropped_prompt_too_long"] += 1
-                    continue
-                kept = [(g, label) for g, label in kept if len(_with_source(
-                    where, encode_response, tokenizer, template, g)) <= max_response_tokens]
-                report["dropped_response_too_long"] += len(generations) - len(kept)
-            traces = []
-            for generation, label in kept:
-                if label is None:
-                    import verify  # only needed when the data carries no labels
+    def fill(files):
+        done = 0
+        for done, (chunk_counts, chunk_contaminated, *texts) in _ordered_results(s, raw_path, workers):
+            counts.update(chunk_counts)
+            contaminated.extend(chunk_contaminated)
+            for f, text in zip(files, texts):
+                f.write(text)
+            progress(done, counts)
+        if counts["rows"] == 0:
+            raise InputError(f"{raw_path}: no rows")
+        progress(done, counts, final=True)
 
-                    label = bool(verify.grade(generation, answer))
-                    report["labelled_by_verifier"] += 1
-                traces.append((generation, label))
-            correct = [g for g, ok in traces if ok]
-            incorrect = [g for g, ok in traces if not ok]
-            report["kept_generations"] += len(traces)
-            report["correct"] += len(correct)
-            report["incorrect"] += len(incorrect)
-            if correct:
-                out.write("sft", {"messages": prompt + [{"role": "assistant", "content": correct[0]}]})
-            else:
-                report["problems_without_correct"] += 1
-            if correct and incorrect:
-                out.write("pairs", {"prompt": prompt,
-                                    "chosen": [{"role": "assistant", "content": correct[0]}],
-                                    "rejected": [{"role": "assistant", "content": incorrect[0]}]})
-            if len(traces) >= 2:
-                out.write("groups", {"prompt": prompt, "completions": [g for g, _ in traces],
-                                     "rewards": [1.0 if ok else 0.0 for _, ok in traces]})
-            elif traces:
-                report["groups_too_small"] += 1
-        if report["problems"] == 0:
-            raise ValueError(f"{raw_path}: no rows")
-    report.update(sft_rows=out.counts["sft"], pairs_rows=out.counts["pairs"],
-                  groups_rows=out.counts["groups"])
+    _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in names], fill)
+    report = {key: counts[key] for key in REPORT_COUNTS}
+    report["contaminated_lines"] = contaminated
     report["settings"] = {
-        "raw": str(raw_path), "template": template.name, "ngram": ngram,
-        "decontaminate": [str(p) for p in decontaminate],
-        "length_filter": (f"applied: prompt <= {max_prompt_tokens}, response <= {max_response_tokens} tokens"
-                          if tokenizer is not None else "skipped: no tokenizer given"),
+        "raw": str(raw_path), "template": s.template.name, "labels": labels,
+        "exclude_sources": sorted(s.exclude_sources), "ngram": ngram,
+        "decontaminate": [str(p) for p in decontaminate], "remove_contaminated": remove_contaminated,
+        "length_filter": (f"pairs: prompt <= {max_prompt_tokens}, responses <= {max_response_tokens} tokens "
+                          "(the authors' accounting)" if tokenizer is not None
+                          else "skipped: no tokenizer given"),
     }
-    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    common.write_json(os.path.join(out_dir, "report.json"), report)
     return report
 
 
@@ -646,31 +1009,9 @@ def pack_pairs(pairs: list[tuple[Example, Example]]) -> dict:
 
 
 def pack_groups(groups: list[tuple[list[Example], list[float]]]) -> dict:
-    """Pack every completion of every group into one row; rewards [S] follow document order and
-    group_sizes [G] says how many consecutive documents form each group."""
-    batch = pack([example for examples, _ in groups for example in examples])
-    batch["rewards"] = torch.tensor([r for _, rewards in groups for r in rewards], dtype=torch.float32)
-    batch["group_sizes"] = torch.tensor([len(examples) for examples, _ in groups], dtype=torch.long)
-    return batch
-
-
-def pack_by_budget(indices: list[int], lengths, max_tokens: int) -> list[list[int]]:
-    """Greedy, in the given order: start a new bin when the next example would push the bin past
-    max_tokens. Every bin's total length is <= max_tokens; an example longer than max_tokens is an
-    error (length filtering should have dropped it, and it must not be truncated here)."""
-    bins, current, used = [], [], 0
-    for i in indices:
-        if lengths[i] > max_tokens:
-            raise ValueError(f"example {i} has {lengths[i]} tokens > the budget of {max_tokens}; drop "
-                             "over-long examples with max_length first")
-        if current and used + lengths[i] > max_tokens:
-            bins.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        bins.append(current)
-    return bins
+    """Pack every completion of every group into one row, group after group (the rewards stay with the
+    dataset: the weighted loss takes per-completion advantages computed once from whole groups)."""
+    return pack([example for examples, _ in groups for example in examples])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -717,37 +1058,71 @@ def iterate_batches(num_examples: int, global_batch_size: int, seed: int, num_ep
         yield step, epoch, batches[index]
 
 
+
+
 # ---------------------------------------------------------------------------------------------------
 # 7. CLI
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="raw teacher traces -> sft / pairs / groups JSONL")
-    build.add_argument("--raw", required=True, help="JSONL with problem, answer, generations[, correctness]")
-    build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--tokenizer", help="model directory holding tokenizer.json (enables length filters)")
-    build.add_argument("--template", default="qwen", choices=sorted(TEMPLATES))
-    build.add_argument("--max-prompt-tokens", type=int, default=800)
-    build.add_argument("--max-response-tokens", type=int, default=19000)
-    build.add_argument("--decontaminate", nargs="*", default=[], metavar="BENCHMARK_JSONL",
-                       help="drop problems sharing a word n-gram with these files' 'problem' fields")
-    build.add_argument("--ngram", type=int, default=8)
-    args = parser.parse_args(argv)
-    try:
+    b = commands.add_parser("build", formatter_class=common.HelpFormatter,
+                            help="raw teacher traces (OpenR1-Math-Raw rows) -> sft / pairs / groups JSONL",
+                            description="Select SFT rows, preference pairs and groups from raw traces as the "
+                                        "REDI authors' scripts do.")
+    b.add_argument("--raw", required=True, help="JSONL with problem, generations, correctness {...}, source, "
+                                                "problem_is_valid (and answer, for --labels verify)")
+    b.add_argument("--out", required=True, help="output directory (one build at a time; never overwritten "
+                                                "without --overwrite)")
+    b.add_argument("--tokenizer", help="model directory holding tokenizer.json; enables the pair length filter")
+    b.add_argument("--template", default="qwen", choices=sorted(TEMPLATES), help="chat template of the rows")
+    b.add_argument("--labels", default="auto", choices=LABEL_MODES,
+                   help="landmv: llama_verification AND math_verify_reparsed_answer; verify: verify.py's "
+                        "grade against 'answer'; auto: landmv where 'correctness' is present, else verify")
+    b.add_argument("--exclude-sources", nargs="*", default=["cn_k12"], metavar="SOURCE",
+                   help="drop rows whose 'source' is one of these (none: pass the flag alone)")
+    b.add_argument("--max-prompt-tokens", type=_at_least_one, default=800,
+                   help="drop a pair whose prompt has more tokens (the authors' count)")
+    b.add_argument("--max-response-tokens", type=_at_least_one, default=19000,
+                   help="drop a pair whose chosen or rejected response has more tokens (the authors' count)")
+    b.add_argument("--decontaminate", nargs="*", default=[], metavar="BENCHMARK_JSONL",
+                   help="report problems sharing a word n-gram with these files' 'problem' fields")
+    b.add_argument("--ngram", type=_at_least_one, default=8, help="n of the overlap n-grams")
+    b.add_argument("--remove-contaminated", action="store_true",
+                   help="remove the overlapping problems instead of only reporting them")
+    b.add_argument("--workers", type=_at_least_one, default=len(os.sched_getaffinity(0)),
+                   help="worker processes for parsing, labelling and tokenizing (the default is every core "
+                        "this process may use)")
+    b.add_argument("--overwrite", action="store_true", help="replace a finished build in --out")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with common.OutputLock(args.out, "data.py build"):
+        if os.path.exists(os.path.join(args.out, "report.json")) and not args.overwrite:
+            raise InputError(f"--out {args.out} holds a finished build (report.json); choose another --out or "
+                             "pass --overwrite to replace it")
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         report = build_from_raw(args.raw, args.out, tokenizer=tokenizer, template=args.template,
                                 max_prompt_tokens=args.max_prompt_tokens,
                                 max_response_tokens=args.max_response_tokens,
-                                decontaminate=args.decontaminate, ngram=args.ngram)
-    except (OSError, ValueError) as e:  # bad input: the message says where and what, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
+                                decontaminate=args.decontaminate, ngram=args.ngram, labels=args.labels,
+                                exclude_sources=args.exclude_sources,
+                                remove_contaminated=args.remove_contaminated, workers=args.workers,
+                                log=lambda line: print(f"data.py build: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.cli(main, "data.py")

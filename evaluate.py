@@ -1,42 +1,41 @@
-"""Evaluate a checkpoint on math problems: sample, grade, report pass@1, pass@k and maj@n.
+"""Evaluate a checkpoint on math problems: sample, grade, report pass@1 (with its standard error), pass@k, maj@n.
 
-Completions come from a KV-cached, continuously batched sampler; they are graded with verify.grade and
-scored as the REDI paper reports them: pass@1 with its standard error, unbiased pass@k and maj@n.
+    python evaluate.py CKPT --data ../shared/data/math500.jsonl --protocol redi --out runs/eval/math500
+    torchrun --nproc_per_node 8 evaluate.py CKPT --data ... --protocol redi   # problems sharded over ranks
 
-    python evaluate.py CKPT --data ../shared/data/math500.jsonl --n 16 --temperature 0.6 --top-p 0.95 \\
-        --max-new-tokens 32768 --template qwen --out runs/eval/math500
-    torchrun --nproc_per_node 8 evaluate.py CKPT --data ... --num-samples 16   # problems sharded over ranks
-    (under torchrun spell --n as --num-samples: torchrun's parser takes "--n" for an abbreviation of its own)
+--protocol redi is the paper's evaluation (appendix C.5, the authors' README, rllm): their prompt with a forced
+`<think>`, 16 samples at T 0.6 / top-p 0.95 / 32,768 new tokens, a response without `</think>` scored 0, and
+the standard error std(ddof 0) / sqrt(n). Flags given explicitly override a protocol's settings.
 
 Read top to bottom:
-  1. Sampling        greedy, or temperature / top-k / top-p via the Gumbel-max trick, with noise that is a
-                     hash of (seed, problem, sample, step, token): the same seed gives the same samples
-                     whatever the batch size, slot assignment or number of ranks, with no host RNG per token,
-                     and the race can be run among the few likely tokens only.
-  2. The sampler     continuous batching over the model's static KV cache (`stream_samples`, and
-                     `generate`, its list-returning wrapper).
+  1. Sampling        greedy, or the Gumbel-max trick with noise hashed from (seed, problem, sample, step, token):
+                     the same samples whatever the batch size, slot or number of ranks.
+  2. The sampler     continuous batching over the model's static KV cache: a Slot per row, admit() and step();
+                     optionally a compiled decode step (torch.compile; CUDA graphs on CUDA).
   3. Scores          pass@1 and its standard error, unbiased pass@k, maj@n, the summary and its table.
-  4. Data and files  problems (validated, file:line errors), OUT/samples.jsonl written as samples finish,
-                     OUT/run.json (the settings a resume must match), merging, OUT/summary.json.
-  5. CLI             data parallel under torchrun (gloo is enough: ranks only wait for each other).
+  4. Data and files  problems, OUT/samples.jsonl appended as samples finish, OUT/run.json (the settings a resume
+                     must match), merging the per-rank files.
+  5. CLI             protocols, every input checked before anything is written, data parallel under torchrun.
 """
 
 import argparse
-import hashlib
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+import common
 import data
 import verify
-from model import Qwen2
+from common import InputError
+from model import Qwen2, Qwen2Config, to_hf_name
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Sampling
@@ -131,27 +130,25 @@ def sample_next(logits, temperature: float, top_p: float, top_k: int, keys, step
     scaled = logits.float() / temperature
     vocab = scaled.shape[-1]
     k = min(vocab, top_k if top_k > 0 else CANDIDATES)
-    tokens, rows = None, torch.arange(scaled.shape[0], device=scaled.device)
+    rows = torch.arange(scaled.shape[0], device=scaled.device)
+    tokens = torch.empty_like(rows)
     while True:
         values, ids, keep, covered = kept_candidates(scaled[rows], top_p, top_k, k)
         race = values.masked_fill(~keep, -math.inf) + gumbel_noise(keys[rows], steps[rows], ids)
-        chosen = ids.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]
-        all_covered = bool(covered.all())
-        if tokens is None and all_covered:
-            return chosen
-        tokens = chosen if tokens is None else tokens.index_put_((rows[covered],), chosen[covered])
-        if all_covered:
+        tokens[rows] = ids.gather(-1, race.argmax(dim=-1, keepdim=True))[:, 0]  # uncovered rows: redone below
+        if bool(covered.all()):  # k = vocab covers every row
             return tokens
         rows, k = rows[~covered], min(vocab, 8 * k)
 
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    """The one check of the sampling settings (the CLI reports it as a flag error)."""
+    if not 0 <= temperature < math.inf:
+        raise InputError(f"temperature (--temperature) must be finite and >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+        raise InputError(f"top_k (--top-k) must be >= 0 (0 turns it off), got {top_k}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,7 +159,6 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
 class Request:
     """One prompt and the sample indices to draw from it. `key` names the problem in the random stream
     (evaluate uses the problem's row in the data file, so sharding and --limit change no sample)."""
-
     prompt_ids: list
     key: int
     samples: tuple = (0,)
@@ -170,152 +166,158 @@ class Request:
 
 @dataclass(frozen=True)
 class Finished:
-    """A finished sample: its request and sample index, its new tokens (a final stop token included),
-    why it stopped ("stop" or "length"), and, for inspection, the cache slot it was admitted to and the
-    decode steps at which it was admitted and finished."""
-
+    """A finished sample: new tokens (a final stop token included), finish_reason "stop" or "length"."""
     request: int
     sample: int
     tokens: list
     finish_reason: str
-    slot: int
-    admitted_step: int
-    finished_step: int
+
+
+def compiled_decode_step(model):
+    """model.decode_step through torch.compile, made once per model. dynamic=False: one graph per (slots,
+    kv_len), both kept to powers of two by the sampler, so a 32k-token run compiles a few dozen graphs at
+    most (hence the raised recompile limit; past it dynamo would silently run eager). On CUDA,
+    mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of hundreds."""
+    if getattr(model, "_compiled_decode_step", None) is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if model.embed.weight.is_cuda else None
+        model._compiled_decode_step = torch.compile(model.decode_step, mode=mode, dynamic=False, fullgraph=True)
+    return model._compiled_decode_step
+
+
+@dataclass
+class Slot:
+    """One row of the KV cache and the sample it is drawing."""
+    request: int | None = None  # the request being sampled; None: the slot is free
+    sample: int = 0
+    key: int = 0  # the sample's random stream (sample_key)
+    position: int = 0  # the position of the last token, the next decode step's input
+    limit: int = 0  # how many new tokens the sample may have
+    prompt: int | None = None  # the request whose prompt fills this row's first positions (kept when done)
+    tokens: list = field(default_factory=list)  # the new tokens so far
+
+    def add(self, token: int, stop_ids: set) -> str | None:
+        """Append a token; why the sample ends there ("stop" or "length"), else None."""
+        self.tokens.append(token)
+        self.position += 1
+        return "stop" if token in stop_ids else "length" if len(self.tokens) >= self.limit else None
+
+
+class ContinuousBatch:
+    """The sampler's state: the requests waiting (only the head can be part-admitted), the slots, and the
+    head's last prompt logits. admit() fills free slots, step() decodes every slot once, shrink() drops
+    idle rows. A sample stops at a stop id (kept as its last token) or after its limit."""
+
+    def __init__(self, model, requests, max_new_tokens, cache_len, num_slots, sampling, stop_ids, seed, compile):
+        self.model, self.requests, self.sampling, self.seed = model, requests, sampling, seed
+        self.max_new_tokens, self.cache_len, self.stop_ids = max_new_tokens, cache_len, set(stop_ids)
+        self.device, self.compiled = model.embed.weight.device, compile
+        self.waiting = deque((i, list(r.samples)) for i, r in enumerate(requests) if r.samples)
+        self.slots, self.head_logits = [Slot() for _ in range(num_slots)], None
+        self.decode = compiled_decode_step(model) if compile else model.decode_step
+
+    def record(self, logits, slots: list[Slot]) -> Iterator[Finished]:
+        """Sample each busy slot's next token from its logits row; yield the samples that end there (their
+        slots are then free)."""
+        keys = torch.tensor([s.key for s in slots], device=self.device)
+        steps = torch.tensor([len(s.tokens) for s in slots], device=self.device)
+        for slot, token in zip(slots, sample_next(logits, *self.sampling, keys, steps).tolist()):
+            if slot.request is not None and (reason := slot.add(token, self.stop_ids)):
+                request, slot.request = slot.request, None
+                yield Finished(request, slot.sample, slot.tokens, reason)
+
+    def admit(self) -> Iterator[Finished]:
+        """Hand free slots to the head request's waiting samples, head after head, until no slot is free or
+        nothing waits. A prompt is prefilled once: a part-admitted head's later samples copy its keys/values
+        from a slot holding them. A sample's first token comes from the prompt's last logits."""
+        while self.waiting and (free := [s for s, slot in enumerate(self.slots) if slot.request is None]):
+            request, pending = self.waiting[0]
+            take, chosen = pending[:len(free)], free[:len(pending)]
+            del pending[:len(take)]
+            if not pending:
+                self.waiting.popleft()
+            r = self.requests[request]
+            source = next((s for s, slot in enumerate(self.slots) if slot.prompt == request), None)
+            if source is None:
+                self.head_logits = self.model.prefill(r.prompt_ids, chosen)
+            else:
+                self.model.copy_prompt(source, chosen, len(r.prompt_ids))
+            limit = min(self.max_new_tokens, self.cache_len - len(r.prompt_ids))
+            for s, sample in zip(chosen, take):  # position: the prompt's last; add() moves it to the first token's
+                self.slots[s] = Slot(request, sample, sample_key(self.seed, r.key, sample), len(r.prompt_ids) - 1,
+                                     limit, prompt=request)
+            yield from self.record(self.head_logits.expand(len(chosen), -1), [self.slots[s] for s in chosen])
+
+    def step(self) -> Iterator[Finished]:
+        """Decode every slot once (a free one too: it writes only its own row, past its prompt, and its output
+        is ignored) over kv_len = 1 + the largest busy position; compiled, kv_len is rounded up to a power of
+        two (at least 256, at most the cache: attending over a few masked positions costs next to nothing,
+        a graph per length would cost a compilation each) so that few graphs serve the whole run."""
+        kv_len = max(slot.position for slot in self.slots if slot.request is not None) + 1
+        if self.compiled:
+            kv_len = min(self.cache_len, 1 << (max(kv_len, 256) - 1).bit_length())
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        logits = self.decode(torch.tensor([s.tokens[-1] if s.tokens else 0 for s in self.slots], device=self.device),
+                             torch.tensor([s.position for s in self.slots], device=self.device), kv_len)
+        yield from self.record(logits, self.slots)
+
+    def shrink(self) -> None:
+        """Once nothing waits, halve the cache while at most half its rows are busy (rows kept: a power of two,
+        busy ones first), so that a long last sample does not pay for idle rows."""
+        busy = [s for s, slot in enumerate(self.slots) if slot.request is not None]
+        target = 1 << (len(busy) - 1).bit_length()
+        if self.waiting or target > len(self.slots) // 2:
+            return
+        keep = busy + [s for s, slot in enumerate(self.slots) if slot.request is None][:target - len(busy)]
+        self.model.keep_cache_slots(keep)
+        self.slots = [self.slots[s] for s in keep]
 
 
 def stream_samples(model, requests: list[Request], max_new_tokens: int, *, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int = 0,
-                   batch_size: int | None = None, max_seq_len: int | None = None) -> Iterator[Finished]:
-    """Draw every (request, sample) and yield each one as soon as it finishes.
-
-    Scheduling. The cache has `batch_size` slots (default min(#samples, 64)). Requests are admitted in
-    order. Whenever slots are free, the request at the head of the queue is prefilled once and its
-    prompt's keys/values are written into as many free slots as it has samples waiting (model.prefill
-    does the copy). If samples are left over, a copy of the prompt's keys/values and last logits is kept
-    (only the head request can be part-admitted, so one copy at most) and written into slots as they
-    free up: every prompt is prefilled exactly once. Every step decodes all slots, each
-    at its own position, attending over kv_len = 1 + the largest active position (tracked on the host).
-    A sample stops at a stop id (kept as its last token) or after min(max_new_tokens, max_seq_len -
-    prompt length) tokens; its slot is refilled before the next step. Once nothing waits and at most half
-    the slots are busy, the cache is shrunk to the busy slots, so a long last sample does not pay for
-    idle rows. A free slot is still decoded (its output is ignored); it writes only its own cache row,
-    which the next prefill overwrites before anything reads it.
-
-    The cache holds max_seq_len positions (default: longest prompt + max_new_tokens); a prompt that
-    leaves no room for one new token is an error. Host syncs per step: the sampled tokens' .tolist(), and
-    when sampling at temperature > 0 the candidate check in sample_next."""
+                   top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int = 0, batch_size: int | None = None,
+                   max_seq_len: int | None = None, compile: bool = False) -> Iterator[Finished]:
+    """Draw every (request, sample) and yield each one as soon as it finishes. The cache has `batch_size`
+    slots (default min(#samples, 64)) of max_seq_len positions; requests are admitted in order as slots free
+    up (ContinuousBatch); every step decodes all slots, each at its own position. A sample has at most
+    min(max_new_tokens, max_seq_len - prompt length) new tokens; every prompt must leave room for one. Host
+    syncs per step: the sampled tokens' .tolist(), and at temperature > 0 the candidate check. compile: the
+    decode step compiled (the same tokens)."""
     check_sampling_args(temperature, top_p, top_k)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1 or (batch_size is not None and batch_size < 1):
+        raise InputError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     total = sum(len(r.samples) for r in requests)
     if total == 0:
         return
-    for i, r in enumerate(requests):
-        if len(r.prompt_ids) == 0:
-            raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    longest = max(len(r.prompt_ids) for r in requests if r.samples)
-    cache_len = max_seq_len or longest + max_new_tokens
+    if any(len(r.prompt_ids) == 0 for r in requests):
+        raise InputError(f"prompt {[len(r.prompt_ids) for r in requests].index(0)} is empty; a prompt needs "
+                         "at least one token")
+    cache_len = max_seq_len or max(len(r.prompt_ids) for r in requests if r.samples) + max_new_tokens
     for i, r in enumerate(requests):
         if r.samples and len(r.prompt_ids) >= cache_len:
-            raise ValueError(f"prompt {i} has {len(r.prompt_ids)} tokens but the KV cache holds "
-                             f"max_seq_len={cache_len} positions, leaving no room for a new token; "
-                             "raise max_seq_len (--max-seq-len) or drop the problem")
+            raise InputError(f"prompt {i} has {len(r.prompt_ids)} tokens but the KV cache holds max_seq_len="
+                             f"{cache_len} positions, leaving no room for a new token; raise max_seq_len")
     num_slots = min(batch_size or 64, total)
-    device = model.embed.weight.device
-    stop_set = set(stop_ids)
-
-    waiting = deque((i, list(r.samples)) for i, r in enumerate(requests) if r.samples)
-    owner = [None] * num_slots  # (request, sample) per slot, None when free
-    tokens = [0] * num_slots  # the last token of each slot: the next decode step's input
-    positions = [0] * num_slots  # its position in the sequence
-    generated = [[] for _ in range(num_slots)]
-    limits = [0] * num_slots
-    keys = [0] * num_slots
-    admitted = [0] * num_slots  # (step, slot) of each sample's admission, for Finished
-    step = 0
-    saved = None  # (request, last logits, prompt keys/values) of a part-admitted head request
-
-    def finish_if_done(slot: int, token: int):
-        """Record `token` for the slot; return the Finished sample if it stops here, else None."""
-        generated[slot].append(token)
-        tokens[slot] = token
-        positions[slot] += 1
-        reason = "stop" if token in stop_set else "length" if len(generated[slot]) >= limits[slot] else None
-        if reason is None:
-            return None
-        request, sample = owner[slot]
-        owner[slot] = None
-        return Finished(request, sample, generated[slot], reason, admitted[slot][1], admitted[slot][0], step)
-
+    batch = ContinuousBatch(model, requests, max_new_tokens, cache_len, num_slots, (temperature, top_p, top_k),
+                            stop_ids, seed, compile)
     model.setup_cache(num_slots, cache_len)
     try:
         while True:
-            free = [s for s in range(num_slots) if owner[s] is None]
-            while free and waiting:
-                request, pending = waiting[0]
-                take, chosen = pending[:len(free)], free[:len(pending)]
-                del pending[:len(take)], free[:len(take)]
-                if not pending:
-                    waiting.popleft()
-                prompt = requests[request].prompt_ids
-                if saved is not None and saved[0] == request:
-                    logits = saved[1]
-                    model.load_prompt_cache(saved[2], chosen)
-                else:
-                    logits = model.prefill(prompt, chosen)
-                    if pending:
-                        saved = (request, logits, model.save_prompt_cache(chosen[0], len(prompt)))
-                if not pending:
-                    saved = None
-                for slot, sample in zip(chosen, take):
-                    owner[slot], generated[slot], admitted[slot] = (request, sample), [], (step, slot)
-                    positions[slot] = len(prompt) - 1  # finish_if_done advances it to the new token's
-                    limits[slot] = min(max_new_tokens, cache_len - len(prompt))
-                    keys[slot] = sample_key(seed, requests[request].key, sample)
-                first = sample_next(logits.expand(len(chosen), -1), temperature, top_p, top_k,
-                                    torch.tensor([keys[s] for s in chosen], device=device),
-                                    torch.zeros(len(chosen), dtype=torch.long, device=device)).tolist()
-                for slot, token in zip(chosen, first):
-                    done = finish_if_done(slot, token)
-                    if done is not None:
-                        free.append(slot)
-                        yield done
-            active = [s for s in range(num_slots) if owner[s] is not None]
-            if not active:
+            yield from batch.admit()
+            if all(slot.request is None for slot in batch.slots):
                 break
-            if not waiting and len(active) <= num_slots // 2:
-                model.keep_cache_slots(active)
-                for state in (owner, tokens, positions, generated, limits, keys, admitted):
-                    state[:] = [state[s] for s in active]
-                num_slots = len(active)
-                active = list(range(num_slots))
-            kv_len = max(positions[s] for s in active) + 1
-            logits = model.decode_step(torch.tensor(tokens, device=device),
-                                       torch.tensor(positions, device=device), kv_len)
-            steps = torch.tensor([len(g) for g in generated], device=device)
-            next_tokens = sample_next(logits, temperature, top_p, top_k,
-                                      torch.tensor(keys, device=device), steps).tolist()
-            step += 1
-            for slot in active:
-                done = finish_if_done(slot, next_tokens[slot])
-                if done is not None:
-                    yield done
+            batch.shrink()
+            yield from batch.step()
     finally:
         model.free_cache()
 
 
-def generate(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, stop_ids=(), seed: int = 0, batch_size: int | None = None, n: int = 1,
-             max_seq_len: int | None = None) -> list[list[int]]:
-    """The new tokens of n samples per prompt (prompts as token-id lists), prompt-major: sample j of
-    prompt i is at i * n + j. A final stop token is included, as transformers' generate includes it."""
+def generate(model, prompts, max_new_tokens: int, n: int = 1, **kwargs) -> list[list[int]]:
+    """The new tokens of n samples per prompt (token-id lists), prompt-major: sample j of prompt i is at
+    i * n + j; a final stop token included, as in transformers' generate. kwargs: as stream_samples."""
     requests = [Request(list(p), key=i, samples=tuple(range(n))) for i, p in enumerate(prompts)]
     out = [None] * (len(prompts) * n)
-    for done in stream_samples(model, requests, max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, stop_ids=stop_ids, seed=seed, batch_size=batch_size,
-                               max_seq_len=max_seq_len):
+    for done in stream_samples(model, requests, max_new_tokens, **kwargs):
         out[done.request * n + done.sample] = done.tokens
     return out
 
@@ -340,99 +342,82 @@ def majority_correct(answers: list, correct: list[bool], same) -> bool:
     for answer, ok in zip(answers, correct):
         if answer is None:
             continue
-        for group in groups:
-            if same(answer, group[0]):
-                group[2] += 1
-                break
-        else:
+        group = next((g for g in groups if same(answer, g[0])), None)
+        if group is None:
             groups.append([answer, ok, 1])
-    if not groups:
-        return False
-    return max(groups, key=lambda g: g[2])[1]  # max keeps the first of equal sizes
+        else:
+            group[2] += 1
+    return bool(groups) and max(groups, key=lambda g: g[2])[1]  # max keeps the first of equal sizes
 
 
 def answers_equal(a: str, b: str) -> bool:
     """Equal answers for the majority vote: the same text ignoring whitespace, or equivalent by the
     grader's verify.is_equiv (symmetric: either direction suffices)."""
-    if "".join(a.split()) == "".join(b.split()):
-        return True
-    return bool(verify.is_equiv(a, b) or verify.is_equiv(b, a))
+    return "".join(a.split()) == "".join(b.split()) or bool(verify.is_equiv(a, b) or verify.is_equiv(b, a))
 
 
 def pass_at_k_sizes(n: int) -> list[int]:
     """k = 1, 2, 4, ... up to n, and n itself."""
-    ks, k = [], 1
-    while k < n:
-        ks.append(k)
-        k *= 2
-    return ks + [n]
+    return [1 << i for i in range(max(n - 1, 0).bit_length())] + [n]
 
 
-def summarize(problems: list["Problem"], rows: list[dict], n: int, same=answers_equal) -> dict:
+def summarize(problems: list["Problem"], rows: list[dict], n: int, same=answers_equal, ddof: int = 1) -> dict:
     """Scores over problems x n samples (every sample must be present). Rates are fractions in [0, 1].
-      pass@1         mean of `correct` over all samples; its standard error is over the n sample sets
-                     (set j = sample j of every problem): s.d.(acc_0..acc_{n-1}, ddof=1) / sqrt(n).
+      pass@1         mean of `correct`; its standard error is over the n sample sets (set j = sample j of
+                     every problem): s.d.(acc_0..acc_{n-1}) / sqrt(n), the s.d. with `ddof` (1: the sample
+                     s.d.; 0: numpy's default, as the paper computes it: Tim-Siu/reinforcement-distillation
+                     rllm/verl/verl/trainer/main_generation.py:207-208, np.std(np.mean(scores, axis=0))).
       pass@k         unbiased pass@k averaged over problems, k = 1, 2, 4, ... < n, and n.
       maj@n          majority vote over extracted answers (majority_correct), averaged over problems.
       mean_response_tokens, truncated (share with finish_reason "length"), no_answer (share without an
       extracted answer); by_subject / by_level (MATH-500): problems and pass@1 per group."""
-    by_id = {}
-    for row in rows:
-        by_id.setdefault(row["id"], {})[row["sample"]] = row
+    by_key = {(r["id"], r["sample"]): r for r in rows}
     table = []  # per problem: its n rows in sample order
     for p in problems:
-        samples = by_id.get(p.id, {})
-        missing = [j for j in range(n) if j not in samples]
-        if missing:
-            raise ValueError(f"problem {p.id!r} lacks samples {missing}; the run is incomplete")
-        table.append([samples[j] for j in range(n)])
-    if not table:
-        raise ValueError("no problems to summarise")
+        if missing := [j for j in range(n) if (p.id, j) not in by_key]:
+            raise InputError(f"problem {p.id!r} lacks samples {missing}; the run is incomplete")
+        table.append([by_key[p.id, j] for j in range(n)])
     correct = [[bool(r["correct"]) for r in samples] for samples in table]
     all_rows = [r for samples in table for r in samples]
     set_accuracy = [sum(c[j] for c in correct) / len(correct) for j in range(n)]
     pass1 = sum(map(sum, correct)) / len(all_rows)
-    stderr = (math.sqrt(sum((a - pass1) ** 2 for a in set_accuracy) / (n - 1) / n) if n > 1 else None)
-    summary = {
-        "problems": len(table), "n": n, "samples": len(all_rows),
-        "pass@1": pass1, "pass@1_stderr": stderr,
-        "pass@k": {str(k): sum(pass_at_k(n, sum(c), k) for c in correct) / len(correct)
-                   for k in pass_at_k_sizes(n)},
-        f"maj@{n}": sum(majority_correct([r["answer"] for r in samples], c, same)
-                        for samples, c in zip(table, correct)) / len(table),
-        "mean_response_tokens": sum(r["num_tokens"] for r in all_rows) / len(all_rows),
-        "truncated": sum(r["finish_reason"] == "length" for r in all_rows) / len(all_rows),
-        "no_answer": sum(r["answer"] is None for r in all_rows) / len(all_rows),
-    }
-    for field in ("subject", "level"):
+    stderr = math.sqrt(sum((a - pass1) ** 2 for a in set_accuracy) / (n - ddof) / n) if n > ddof else None
+    share = lambda test: sum(map(test, all_rows)) / len(all_rows)
+    summary = {"problems": len(table), "n": n, "samples": len(all_rows), "pass@1": pass1,
+               "pass@1_stderr": stderr, "pass@1_stderr_ddof": ddof,
+               "pass@k": {str(k): sum(pass_at_k(n, sum(c), k) for c in correct) / len(correct)
+                          for k in pass_at_k_sizes(n)},
+               f"maj@{n}": sum(majority_correct([r["answer"] for r in samples], c, same)
+                               for samples, c in zip(table, correct)) / len(table),
+               "mean_response_tokens": share(lambda r: r["num_tokens"]),
+               "truncated": share(lambda r: r["finish_reason"] == "length"),
+               "no_answer": share(lambda r: r["answer"] is None)}
+    for key in ("subject", "level"):
         groups = {}
         for p, c in zip(problems, correct):
-            if getattr(p, field) is not None:
-                groups.setdefault(str(getattr(p, field)), []).append(c)
+            if getattr(p, key) is not None:
+                groups.setdefault(str(getattr(p, key)), []).append(c)
         if groups:
-            summary[f"by_{field}"] = {name: {"problems": len(cs), "pass@1": sum(map(sum, cs)) / (len(cs) * n)}
-                                      for name, cs in sorted(groups.items())}
+            summary[f"by_{key}"] = {name: {"problems": len(cs), "pass@1": sum(map(sum, cs)) / (len(cs) * n)}
+                                    for name, cs in sorted(groups.items())}
     return summary
 
 
 def format_table(summary: dict, title: str) -> str:
     """The summary as a small text table, rates in percent."""
-    n = summary["n"]
+    n, stderr = summary["n"], summary["pass@1_stderr"]
     pct = lambda x: f"{100 * x:6.2f} %"
-    stderr = summary["pass@1_stderr"]
-    pass1 = f"  pass@1      {pct(summary['pass@1'])}"
     lines = [f"{title}: {summary['problems']} problems x {n} samples",
-             pass1 + (f"  +- {100 * stderr:.2f} (standard error)" if stderr is not None else "")]
+             f"  pass@1      {pct(summary['pass@1'])}"
+             + (f"  +- {100 * stderr:.2f} (standard error)" if stderr is not None else "")]
     lines += [f"  pass@{k:<7}{pct(v)}" for k, v in summary["pass@k"].items() if k != "1"]
-    lines += [f"  maj@{n:<8}{pct(summary[f'maj@{n}'])}",
-              f"  mean length {summary['mean_response_tokens']:8.1f} tokens",
-              f"  truncated   {pct(summary['truncated'])}",
-              f"  no answer   {pct(summary['no_answer'])}"]
-    for field in ("subject", "level"):
-        if f"by_{field}" in summary:
-            lines.append(f"  by {field}:")
+    lines += [f"  maj@{n:<8}{pct(summary[f'maj@{n}'])}", f"  mean length {summary['mean_response_tokens']:8.1f} "
+              f"tokens", f"  truncated   {pct(summary['truncated'])}", f"  no answer   {pct(summary['no_answer'])}"]
+    for key in ("subject", "level"):
+        if f"by_{key}" in summary:
+            lines.append(f"  by {key}:")
             lines += [f"    {name:<28}{g['problems']:>5}  {pct(g['pass@1'])}"
-                      for name, g in summary[f"by_{field}"].items()]
+                      for name, g in summary[f"by_{key}"].items()]
     return "\n".join(lines)
 
 
@@ -451,307 +436,293 @@ class Problem:
 
 
 def read_problems(path) -> list[Problem]:
-    """Rows with `problem` and `answer` (and optionally id / unique_id, subject, level). The id is the
-    row's `id`, else `unique_id`, else its row index. A number as answer is accepted as its text (AIME
-    answers elsewhere are numbers); anything else wrong stops with file:line."""
+    """Rows with `problem` and `answer` (optionally id / unique_id, subject, level). The id is the row's `id`,
+    else `unique_id`, else its row index. A number as answer is taken as its text (AIME answers elsewhere are
+    numbers); anything else wrong stops with file:line."""
     problems, seen = [], {}
-    for line_no, row in data.read_jsonl(path):
-        where = f"{path}:{line_no}"
-        problem, answer = row.get("problem"), row.get("answer")
+    for line_no, row in common.read_jsonl(path):
+        where, problem, answer = f"{path}:{line_no}", row.get("problem"), row.get("answer")
         if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
+            raise InputError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise ValueError(f"{where}: needs an 'answer' (the gold final answer, a string) "
-                             f"(has {sorted(row)})")
-        if isinstance(answer, float) and answer.is_integer():
-            answer = int(answer)
-        index = len(problems)
-        problem_id = str(row.get("id", row.get("unique_id", index)))
+            raise InputError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
+        problem_id = str(row.get("id", row.get("unique_id", len(problems))))
         if problem_id in seen:
-            raise ValueError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; "
-                             "ids must be unique")
+            raise InputError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; ids must "
+                             "be unique")
         seen[problem_id] = line_no
-        problems.append(Problem(index, problem_id, problem, str(answer), row.get("subject"), row.get("level")))
+        answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer
+        problems.append(Problem(len(problems), problem_id, problem, str(answer), row.get("subject"),
+                                row.get("level")))
     if not problems:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows; pass a JSONL file with one problem per line")
     return problems
 
 
-def read_samples(path) -> tuple[list[dict], int]:
-    """The rows of a samples file and the number of incomplete lines at its end (a run killed while
-    writing leaves at most one, without its newline). A bad line anywhere else is an error: file:line."""
-    if not os.path.exists(path):
-        return [], 0
-    rows, partial = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.endswith("\n"):  # only the last line can lack its newline
-                partial = 1
+def sample_files(out_dir) -> list[str]:
+    """OUT/samples.jsonl and the per-rank files of a data-parallel run, in a fixed order."""
+    names = sorted(f for f in os.listdir(out_dir) if f.startswith("samples.rank") and f.endswith(".jsonl"))
+    return [os.path.join(out_dir, f) for f in ["samples.jsonl"] + names]
+
+
+def load_done(out_dir) -> tuple[list[dict], int]:
+    """Every sample row written so far, once per (id, sample) (a merge killed before it removed the per-rank
+    files leaves copies: the first is kept), and how many files end in an unfinished line (a run killed while
+    writing leaves one, without its newline: its sample is redone). A bad line elsewhere names FILE:LINE."""
+    rows, partial = {}, 0
+    fix = "a damaged samples file: delete that line (its sample is then redone) or pick another --out"
+    for path in filter(os.path.exists, sample_files(out_dir)):
+        for line_no, raw in common.read_lines(path):
+            if not raw.endswith(b"\n"):  # only the last line can lack its newline
+                partial += 1
                 break
-            if not line.strip():
-                continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or delete the "
-                                 "line") from None
-            if not isinstance(row, dict) or "id" not in row or "sample" not in row:
-                raise ValueError(f"{path}:{line_no}: not a sample row (needs 'id' and 'sample')")
-            rows.append(row)
-    return rows, partial
+                row = common.parse_jsonl_line(raw, f"{path}:{line_no}")
+            except InputError as e:
+                raise InputError(f"{e}; {fix}") from None
+            if row is None:
+                continue
+            if "id" not in row or "sample" not in row:
+                raise InputError(f"{path}:{line_no}: not a sample row (needs 'id' and 'sample'); {fix}")
+            rows.setdefault((row["id"], row["sample"]), row)
+    return list(rows.values()), partial
 
 
-def drop_partial_line(path) -> None:
-    """Cut an unfinished last line off a samples file before appending to it (else the next row would be
-    glued onto the fragment)."""
-    with open(path, "rb+") as f:
-        content = f.read()
-        f.truncate(content.rfind(b"\n") + 1)
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def merge_samples(out_dir, problems: list[Problem]) -> list[dict]:
+    """Rewrite OUT/samples.jsonl with every row, ordered by (data row, sample), then remove the per-rank files
+    it absorbed. Returns the rows."""
+    rows, _ = load_done(out_dir)
+    order = {p.id: p.index for p in problems}
+    rows.sort(key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    common.write_text(os.path.join(out_dir, "samples.jsonl"), "".join(lines))
+    for path in sample_files(out_dir)[1:]:
+        os.remove(path)
+    return rows
 
 
 def run_fingerprint(args, dtype: torch.dtype) -> dict:
-    """Every setting that changes the samples. Not batch size, device or world size: they change results
-    only through floating-point rounding. Not --limit: a longer run may extend a shorter one. The
-    checkpoint is identified by its path and its weight files' sizes and modification times."""
-    weights = sorted(f for f in os.listdir(args.checkpoint) if f.endswith(".safetensors") or f == "config.json")
-    stats = {f: [os.path.getsize(os.path.join(args.checkpoint, f)),
-                 os.path.getmtime(os.path.join(args.checkpoint, f))] for f in weights}
-    return {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_files": stats,
-            "data": os.path.abspath(args.data), "data_sha256": file_sha256(args.data),
-            "template": args.template, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
-            "seed": args.seed, "dtype": str(dtype).removeprefix("torch.")}
+    """Every setting that changes the samples or their grades. Not batch size, device, world size or
+    --compile: they change results only through floating-point rounding. Not --limit: a longer run may
+    extend a shorter one. The checkpoint is identified by its path and its files' sizes and times."""
+    files = [os.path.join(args.checkpoint, f) for f in sorted(os.listdir(args.checkpoint))
+             if f.endswith(".safetensors") or f == "config.json"]
+    keys = ("protocol", "template", "strict_think", "num_samples", "temperature", "top_p", "top_k",
+            "max_new_tokens", "max_seq_len", "seed")
+    return {"checkpoint": os.path.abspath(args.checkpoint),
+            "checkpoint_files": {os.path.basename(f): [os.path.getsize(f), os.path.getmtime(f)] for f in files},
+            "data": os.path.abspath(args.data), "data_sha256": common.sha256_file(args.data),
+            **{k: getattr(args, k) for k in keys}, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def check_run_file(out_dir, fingerprint: dict) -> bool:
-    """Compare with OUT/run.json; True if it exists and matches, False if absent, an error if it differs
-    (the samples there were drawn with other settings and must not be mixed with these)."""
-    path = os.path.join(out_dir, "run.json")
+def check_run_file(out_dir, fingerprint: dict, has_samples: bool) -> bool:
+    """Compare with OUT/run.json; True if it exists and matches, False if absent (and no samples are there).
+    Otherwise the samples there were drawn with other or unknown settings and must not be mixed with these."""
+    path, fix = os.path.join(out_dir, "run.json"), f"pick another --out, or delete {out_dir} to start over"
     if not os.path.exists(path):
+        if has_samples:
+            raise InputError(f"{out_dir} holds samples but no run.json, so their settings are unknown; {fix}")
         return False
-    with open(path) as f:
-        stored = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: damaged ({e}); the settings of its samples are unknown: {fix}") from None
     current = json.loads(json.dumps(fingerprint))  # the same JSON round trip as the stored copy
     differ = [f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
               for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
     if differ:
-        raise SystemExit(f"{path}: this output directory holds samples of a run with other settings "
-                         f"({'; '.join(differ)}); pick another --out, or delete {out_dir} to start over")
+        raise InputError(f"{path}: this output directory holds samples of a run with other settings "
+                         f"({'; '.join(differ)}); {fix}")
     return True
 
 
-def sample_files(out_dir) -> list[str]:
-    """OUT/samples.jsonl and any per-rank files of a data-parallel run, in a fixed order."""
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith("samples.rank") and f.endswith(".jsonl"))
-    return [os.path.join(out_dir, "samples.jsonl")] + [os.path.join(out_dir, f) for f in names]
-
-
-def load_done(out_dir) -> tuple[list[dict], int]:
-    """All sample rows already written (deduplicated on (id, sample), first kept) and the number of
-    unfinished lines found."""
-    rows, partial, seen = [], 0, set()
-    for path in sample_files(out_dir):
-        file_rows, file_partial = read_samples(path)
-        partial += file_partial
-        for row in file_rows:
-            if (row["id"], row["sample"]) not in seen:
-                seen.add((row["id"], row["sample"]))
-                rows.append(row)
-    return rows, partial
-
-
-def merge_samples(out_dir, problems: list[Problem]) -> list[dict]:
-    """Rewrite OUT/samples.jsonl with every row, ordered by (data row, sample), and remove the per-rank
-    files it absorbed. Returns the rows."""
-    rows, _ = load_done(out_dir)
-    order = {p.id: p.index for p in problems}
-    rows.sort(key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
-    path = os.path.join(out_dir, "samples.jsonl")
-    data.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    for other in sample_files(out_dir)[1:]:
-        os.remove(other)
-    return rows
-
-
-def sample_row(problem: Problem, sample: int, prompt_text: str, tokens: list[int], finish_reason: str,
-               tokenizer) -> dict:
+def sample_row(problem: Problem, sample: int, prompt_text: str, tokens: list[int], finish_reason: str, tokenizer,
+               strict_think: bool) -> dict:
     """One line of samples.jsonl. The completion is the decoded new tokens without the final stop token
-    (special tokens such as </think> kept); num_tokens counts every new token, the stop token included."""
-    body = tokens[:-1] if finish_reason == "stop" else tokens
-    completion = tokenizer.decode(body, skip_special_tokens=False)
+    (special tokens such as </think> kept): the generated text only, so under a template that ends the prompt
+    with `<think>\\n` it starts after it. strict_think: no `</think>`, no answer (rllm's rule). num_tokens
+    counts every new token, the stop token included."""
+    completion = tokenizer.decode(tokens[:-1] if finish_reason == "stop" else tokens, skip_special_tokens=False)
     return {"id": problem.id, "sample": sample, "prompt": prompt_text, "completion": completion,
-            "answer": verify.extract_answer(completion), "gold": problem.answer,
-            "correct": bool(verify.grade(completion, problem.answer)), "num_tokens": len(tokens),
-            "finish_reason": finish_reason}
-
-
-class Progress:
-    """A line every `every` seconds: samples done, new tokens per second, estimated time left."""
-
-    def __init__(self, total: int, prefix: str = "", every: float = 10.0):
-        self.total, self.prefix, self.every = total, prefix, every
-        self.done = self.tokens = 0
-        self.start = self.last = time.time()
-
-    def update(self, num_tokens: int) -> None:
-        self.done += 1
-        self.tokens += num_tokens
-        now = time.time()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            eta = (self.total - self.done) * elapsed / self.done
-            print(f"{self.prefix}samples {self.done}/{self.total} | {self.tokens / elapsed:.1f} tok/s | "
-                  f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}",
-                  file=sys.stderr, flush=True)
+            "answer": verify.extract_answer(completion, require_think_close=strict_think), "gold": problem.answer,
+            "correct": verify.grade(completion, problem.answer, require_think_close=strict_think),
+            "num_tokens": len(tokens), "finish_reason": finish_reason}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. CLI
 
+# Settings bundles; a flag given on the command line overrides its protocol's value.
+#   default  Qwen2.5-Math's chat template, lenient grading, the standard error with the sample s.d. (ddof 1).
+#   redi     the paper's evaluation (appendix C.5; the authors' README forces `<think>` through the chat
+#            template, and they grade and score with rllm): data.py's `redi` template (their system prompt,
+#            Open-R1's math query before the problem, `<|im_start|>assistant<think>\n`), a response without
+#            `</think>` scored 0, std(ddof 0) / sqrt(n) (rllm/verl/verl/trainer/main_generation.py:207-208).
+SAMPLING = {"num_samples": 16, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768}  # the paper's
+PROTOCOLS = {"default": {"template": "qwen", "strict_think": False, "stderr_ddof": 1, **SAMPLING},
+             "redi": {"template": "redi", "strict_think": True, "stderr_ddof": 0, **SAMPLING}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    add = p.add_argument
+    add("checkpoint", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    add("--data", required=True, help="JSONL, a problem per line: 'problem', 'answer' (optional 'id' or "
+        "'unique_id', 'subject', 'level')")
+    add("--protocol", choices=sorted(PROTOCOLS), default="default", help="settings bundle: 'redi' is the paper's "
+        "evaluation (prompt, forced <think>, strict grading, ddof-0 standard error) (default: default)")
+    add("--template", choices=sorted(data.TEMPLATES), help="chat template (default: qwen; redi under --protocol redi)")
+    # One name: torchrun's parser rejects "--n" anywhere on its command line (ambiguous with its own options).
+    add("--num-samples", type=common.COUNT, help="samples per problem (default: 16)")
+    add("--temperature", type=float, help="0 = greedy (default: 0.6)")
+    add("--top-p", type=float, help="nucleus filter, in (0, 1] (default: 0.95)")
+    add("--top-k", type=int, default=0, help="keep the k most probable tokens, 0 = off (default: 0)")
+    add("--max-new-tokens", type=common.COUNT, help="new tokens per sample at most (default: 32768)")
+    add("--max-seq-len", type=common.COUNT, help="KV cache positions (default: longest prompt + --max-new-tokens)")
+    add("--batch-size", type=common.COUNT, help="KV cache slots (default: min(#samples, 64))")
+    add("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add("--limit", type=common.COUNT, help="only the first K problems (default: all)")
+    add("--out", help="output directory, one run at a time (default: runs/eval/<data file name>)")
+    add("--dtype", choices=["bf16", "fp32"], help="(default: bf16 on CUDA, fp32 on CPU)")
+    add("--device", help="(default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="decode through torch.compile (CUDA graphs on "
+        "CUDA), the same greedy tokens (default: on with CUDA, off on CPU)")
+    return p
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--data", required=True, help="JSONL with problem and answer (optional id, subject, level)")
-    # --num-samples: torchrun's own parser rejects "--n" as an ambiguous abbreviation of its options.
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=16, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=32768)
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="KV cache length: prompt + new tokens (default: longest prompt + max-new-tokens)")
-    p.add_argument("--template", default="qwen", choices=["qwen", "r1"])
-    p.add_argument("--batch-size", type=int, default=None, help="KV cache slots (default min(#samples, 64))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="only the first K problems")
-    p.add_argument("--out", default=None, help="output directory (default runs/eval/<data name>)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default=None, help="default: cuda if available (cuda:LOCAL_RANK), else cpu")
-    args = p.parse_args(argv)
-    for flag in ("n", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    try:
-        check_sampling_args(args.temperature, args.top_p, args.top_k)
-    except ValueError as e:
-        p.error(str(e))
-    if args.out is None:
-        args.out = os.path.join("runs", "eval", os.path.splitext(os.path.basename(args.data))[0])
+    """The flags, the protocol's settings where none was given, the sampling settings checked."""
+    args = build_parser().parse_args(argv)
+    for key, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    args.out = args.out or os.path.join("runs", "eval", os.path.splitext(os.path.basename(args.data))[0])
     return args
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise. gloo suffices (ranks only wait at barriers);
-    the timeout is long because ranks finish their shards at different times."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import datetime
+def load_tokenizer(checkpoint):
+    """The checkpoint's tokenizer, checked against its config: a token id past vocab_size would have no
+    embedding row (an IndexError deep in the model otherwise)."""
+    if not os.path.isdir(checkpoint):
+        raise InputError(f"{checkpoint}: no such checkpoint directory; pass one holding config.json, "
+                         "*.safetensors and tokenizer.json")
+    vocab_size = Qwen2Config.from_json(os.path.join(checkpoint, "config.json")).vocab_size  # an InputError if bad
+    tokenizer = data.load_tokenizer(checkpoint)
+    if (size := tokenizer.get_vocab_size(with_added_tokens=True)) > vocab_size:
+        raise InputError(f"{checkpoint}/tokenizer.json has {size} tokens but config.json's vocab_size is "
+                         f"{vocab_size}: ids from {vocab_size} on have no embedding; use the checkpoint's own "
+                         "tokenizer")
+    return tokenizer
 
-    import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_rank(), world
+def load_model(checkpoint, dtype, device) -> Qwen2:
+    """The model, refused if a weight is NaN or inf (a diverged run's output must not be scored)."""
+    model = Qwen2.from_pretrained(checkpoint, dtype=dtype, device=device)
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise InputError(f"{checkpoint}: tensor {to_hf_name(name)} holds NaN or inf values; the checkpoint "
+                             "is broken (a diverged run?): evaluate an earlier one")
+    return model
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+def make_requests(args, mine: list[Problem], done: set, tokenizer, template) -> tuple[list[Request], list]:
+    """The sampler's requests for the samples of `mine` not `done` yet, and per request its (problem, prompt
+    text). The prompts are checked (template tokens, forged turn markers, room in --max-seq-len) before any
+    weight is loaded."""
+    requests, sources = [], []
+    for p in mine:
+        samples = tuple(j for j in range(args.num_samples) if (p.id, j) not in done)
+        if not samples:
+            continue
+        messages = data.problem_messages(p.problem, template)
+        try:
+            ids = data.encode_prompt(tokenizer, template, messages)
+        except ValueError as e:
+            raise InputError(f"{args.data}: problem {p.id!r}: {e}") from None
+        if args.max_seq_len is not None and len(ids) >= args.max_seq_len:  # stream_samples' check, for the CLI
+            raise InputError(f"{args.data}: problem {p.id!r} has a {len(ids)}-token prompt, which leaves no room "
+                             f"in --max-seq-len {args.max_seq_len}; raise it or drop the problem")
+        requests.append(Request(ids, p.index, samples))
+        sources.append((p, template.prompt_text(messages)))
+    return requests, sources
+
+
+def log(d: common.Dist, message: str) -> None:
+    print(f"[rank {d.rank}] {message}" if d.world_size > 1 else message, file=sys.stderr, flush=True)
+
+
+def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None:
+    """Sample this rank's requests, appending each finished sample to its own samples file at once; every 10 s
+    a line with the samples done, new tokens per second and the estimated time left."""
+    own_file = os.path.join(args.out, "samples.jsonl" if d.world_size == 1 else f"samples.rank{d.rank}.jsonl")
+    if os.path.exists(own_file):  # cut an unfinished last line (else the next row would be glued onto it)
+        with open(own_file, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+    if not requests:
+        return
+    compile_decode = model.embed.weight.is_cuda if args.compile is None else args.compile
+    total, count, tokens, start = sum(len(r.samples) for r in requests), 0, 0, time.time()
+    last = start
+    with open(own_file, "a", encoding="utf-8") as f:
+        for done in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids, seed=args.seed,
+                                   batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode):
+            problem, prompt_text = sources[done.request]
+            row = sample_row(problem, done.sample, prompt_text, done.tokens, done.finish_reason, tokenizer,
+                             args.strict_think)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            count, tokens, now = count + 1, tokens + len(done.tokens), time.time()
+            if now - last >= 10 or count == total:
+                last, elapsed = now, max(now - start, 1e-9)
+                log(d, f"samples {count}/{total} | {tokens / elapsed:.1f} tok/s | ETA "
+                    f"{common.format_seconds((total - count) * elapsed / count)}")
 
 
 def main(argv=None) -> dict | None:
     """Evaluate; returns the summary on rank 0 (None on other ranks)."""
     args = parse_args(argv)
-    rank, world = init_distributed()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per rank under torchrun
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    prefix = f"[rank {rank}] " if world > 1 else ""
-
     all_problems = read_problems(args.data)
     problems = all_problems[:args.limit]
-    tokenizer = data.load_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     template = data.TEMPLATES[args.template]
-    stop_ids = []
-    for token in template.stop_tokens:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is None:
-            raise SystemExit(f"{args.checkpoint}/tokenizer.json has no token {token!r}, a stop token of "
-                             f"--template {args.template}; is this the right template for the checkpoint?")
-        stop_ids.append(token_id)
-
-    # Settings and resume: every rank checks run.json and reads what is done before any rank writes.
-    os.makedirs(args.out, exist_ok=True)
-    fingerprint = run_fingerprint(args, dtype)
-    had_run_file = check_run_file(args.out, fingerprint)
-    done_rows, partial = load_done(args.out)
-    if done_rows and not had_run_file:
-        raise SystemExit(f"{args.out} holds samples but no run.json, so their settings are unknown; pick "
-                         "another --out, or delete the directory to start over")
-    barrier(world)
-    if rank == 0 and not had_run_file:
-        data.write_atomic(os.path.join(args.out, "run.json"), json.dumps(fingerprint, indent=2) + "\n")
-    done = {(r["id"], r["sample"]) for r in done_rows}
-    mine = [p for p in problems if p.index % world == rank]
-    messages = {p.index: data.problem_messages(p.problem, template) for p in mine}
-    todo = [(p, tuple(j for j in range(args.n) if (p.id, j) not in done)) for p in mine]
-    todo = [(p, samples) for p, samples in todo if samples]
-    num_todo = sum(len(s) for _, s in todo)
-    print(f"{prefix}{len(mine)} problems x {args.n} samples: {len(mine) * args.n - num_todo} already in "
-          f"{args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) of an interrupted "
-                                                  "run (those samples are redone)" if partial else ""),
-          file=sys.stderr, flush=True)
-
-    own_file = os.path.join(args.out, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
-    if os.path.exists(own_file):
-        drop_partial_line(own_file)
-    if todo:
-        model = Qwen2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-        requests = [Request(data.encode_prompt(tokenizer, template, messages[p.index]), key=p.index,
-                            samples=samples) for p, samples in todo]
-        for (p, _), r in zip(todo, requests):
-            if args.max_seq_len is not None and len(r.prompt_ids) >= args.max_seq_len:
-                raise SystemExit(f"{args.data}: problem {p.id!r} has a {len(r.prompt_ids)}-token prompt, "
-                                 f"which leaves no room in --max-seq-len {args.max_seq_len}; raise it or drop "
-                                 "the problem")
-        progress = Progress(num_todo, prefix)
-        with open(own_file, "a", encoding="utf-8") as f:
-            for finished in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
-                                           top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
-                                           seed=args.seed, batch_size=args.batch_size,
-                                           max_seq_len=args.max_seq_len):
-                problem = todo[finished.request][0]
-                row = sample_row(problem, finished.sample, template.prompt_text(messages[problem.index]),
-                                 finished.tokens, finished.finish_reason, tokenizer)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                progress.update(len(finished.tokens))
-        del model
-
-    barrier(world)
+    stop_ids = template.stop_ids(tokenizer)
+    d = common.init_distributed(backend="gloo", timeout_s=7 * 24 * 3600)  # shards finish at different times
+    device = f"cuda:{d.local_rank}" if args.device == "cuda" else args.device or str(d.device)  # a GPU per rank
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     summary = None
-    if rank == 0:
-        rows = merge_samples(args.out, all_problems)
-        summary = summarize(problems, rows, args.n)
-        summary["settings"] = fingerprint
-        data.write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-        print(format_table(summary, os.path.basename(args.data)))
-        print(f"wrote {os.path.join(args.out, 'samples.jsonl')} and {os.path.join(args.out, 'summary.json')}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    # One run owns --out: rank 0 holds the lock for the whole run; the other ranks start once it has it.
+    with common.OutputLock(args.out, "evaluate.py") if d.is_main else contextlib.nullcontext():
+        common.barrier(d)
+        # Every rank checks run.json and reads what is done, before any rank writes.
+        fingerprint, (done_rows, partial) = run_fingerprint(args, dtype), load_done(args.out)
+        had_run_file = check_run_file(args.out, fingerprint, bool(done_rows))
+        mine = problems[d.rank::d.world_size]  # problem i goes to rank i mod world size
+        requests, sources = make_requests(args, mine, {(r["id"], r["sample"]) for r in done_rows}, tokenizer,
+                                          template)
+        num_todo = sum(len(r.samples) for r in requests)
+        log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo} "
+            f"already in {args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) of an "
+            "interrupted run (those samples are redone)" if partial else ""))
+        model = load_model(args.checkpoint, dtype, device) if requests else None
+        common.barrier(d)  # every rank has read OUT and checked its inputs before anything is written
+        if d.is_main and not had_run_file:
+            common.write_json(os.path.join(args.out, "run.json"), fingerprint)
+        draw_samples(args, d, model, requests, sources, tokenizer, stop_ids)
+        common.barrier(d)
+        if d.is_main:
+            rows = merge_samples(args.out, all_problems)
+            summary = summarize(problems, rows, args.num_samples, ddof=args.stderr_ddof)
+            summary["settings"] = fingerprint
+            common.write_json(os.path.join(args.out, "summary.json"), summary)
+            print(format_table(summary, os.path.basename(args.data)))
+            print(f"wrote {os.path.join(args.out, 'samples.jsonl')} and {os.path.join(args.out, 'summary.json')}")
+    common.close_distributed()
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main, "evaluate.py")

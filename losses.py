@@ -10,8 +10,12 @@ and token counts |y|, so the formula in its docstring can be read next to the pa
   group_advantages   GRPO-style z-scored rewards within each prompt's group of samples.
   weighted_nll_loss  AdvDistill (Padarha 2025): reward-weighted, length-normalised NLL.
 
-Each loss returns (loss, metrics). Metrics use TRL's names (logps/chosen, rewards/margins, ...) and are
-detached 0-dim tensors, so a trainer can all-reduce them without a host sync.
+Each loss returns (loss, metrics): detached 0-dim tensors (batch means), so a trainer can all-reduce them
+without a host sync. A metric under one of TRL's names means what TRL logs there for that loss: logps/chosen
+is the summed logπ(y_w|x) for DPO (trl/trainer/dpo_trainer.py:1350,1362,1324 at f2cd577) but the
+length-averaged one for SimPO (trl/experimental/cpo/cpo_trainer.py:786-787,849,902-903), and rewards/* is each
+loss's implicit reward. Quantities TRL does not log have names of their own (nll/token, redi/*, weights/*,
+logps/samples).
 
 Batch normalisation. A loss is Σ_i ℓ_i / N. N defaults to this batch's count (sequences, pairs or loss tokens),
 giving the batch mean. Under gradient accumulation or DDP the trainer passes `normalizer` = the count of the
@@ -45,6 +49,43 @@ def default_chunk_size(vocab_size: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _require(ok, message: str) -> None:
+    """ValueError(message) unless the 0-dim bool tensor `ok` holds. On CUDA, reading `ok` on the host would
+    stall the stream every micro-step, so there it is a device-side assert: the run still stops, with this
+    message in the CUDA error, without a synchronisation per step."""
+    if ok.is_cuda:
+        torch._assert_async(ok, message)
+    elif not ok:
+        raise ValueError(message)
+
+
+def _operand(x, low_precision: bool, compute_dtype):
+    """A matmul operand. fp32/fp64 path: x in compute_dtype, as always. bf16 path: x rounded to bf16; on a
+    GPU with bf16 tensor cores (compute capability 8+) kept in bf16 for them, elsewhere held in fp32 (bf16 ->
+    fp32 is exact, so an fp32 matmul of these values is what a bf16 GEMM with fp32 accumulation computes, up
+    to summation order: the CPU path is the CUDA path's arithmetic, testable without a GPU)."""
+    if not low_precision:
+        return x.to(compute_dtype)
+    x = x.to(torch.bfloat16)
+    native = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 8
+    return x if native else x.float()
+
+
+def _mm(a, b):
+    """a @ b with an fp32 (or fp64) result. bf16 operands (CUDA only, see _operand): cuBLAS bf16 GEMM with
+    fp32 accumulation writing fp32 (`out_dtype`, torch >= 2.8), never bf16 logits."""
+    if a.dtype == torch.bfloat16:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
+def _addmm_(acc, a, b):
+    """acc += a @ b in place, acc fp32 (or fp64); bf16 operands as in _mm."""
+    if a.dtype == torch.bfloat16:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.addmm_(a, b)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """logp_t = z_t[y_t] − logsumexp(z_t), with logits z_t = W h_t, computed chunk by chunk.
 
@@ -54,16 +95,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         ∂logp_t/∂z_t = onehot(y_t) − softmax(z_t),
     so with upstream gradient g_t and dz_t = g_t (onehot(y_t) − softmax(z_t)):
         ∂L/∂h_t = W^T dz_t,    ∂L/∂W = Σ_t dz_t h_t^T.
-    Logits are computed in fp32 (or fp64 for fp64 inputs) whatever the input dtype, because bf16 logits
-    are off by ~0.1 nats; gradients are returned in the inputs' dtypes. Ignored targets give 0, no gradient.
+    Logits, softmax and logsumexp are fp32 (fp64 for fp64 inputs) whatever the input dtype: bf16 *logits*
+    are off by up to |z|·2^-8 (bf16 keeps 8 significant bits: 0.06 nats at |z| = 16). With low_precision the three matmuls take bf16
+    operands (h, W, and dz in backward) with fp32 accumulation, see token_logps. Gradients are returned in
+    the inputs' dtypes. Ignored targets give 0 and no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, low_precision):
         compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
-        # Our own dtype choice must win over an enclosing torch.autocast (which would run the matmul in bf16).
+        # Our own dtype choice must win over an enclosing torch.autocast (which would write bf16 logits).
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            weight_c = weight.to(compute_dtype)
+            weight_c = _operand(weight, low_precision, compute_dtype)
             valid = targets != ignore_index
             safe_targets = torch.where(valid, targets, 0)
             logps = torch.zeros(targets.shape, dtype=compute_dtype, device=hidden.device)
@@ -71,7 +114,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             starts = range(0, targets.numel(), chunk_size)
             for start in starts:
                 rows = slice(start, start + chunk_size)
-                logits = hidden[rows].to(compute_dtype) @ weight_c.T  # [chunk, V], the only big buffer
+                logits = _mm(_operand(hidden[rows], low_precision, compute_dtype), weight_c.T)  # [chunk, V]
                 target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)
                 # logsumexp in place (torch.logsumexp would allocate two more [chunk, V] temporaries).
                 row_max = logits.amax(dim=1, keepdim=True)
@@ -83,33 +126,45 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         # The last chunk's buffer now holds exp(z − max); divided by its row sums it is the softmax backward needs.
         ctx.last_softmax = logits.div_(exp_sum[:, None]) if needs_grad and len(starts) else None
         ctx.save_for_backward(hidden, weight, safe_targets, valid, logsumexp)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.low_precision = chunk_size, low_precision
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, safe_targets, valid, logsumexp = ctx.saved_tensors
-        compute_dtype = logsumexp.dtype
+        compute_dtype, low = logsumexp.dtype, ctx.low_precision
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            weight_c = weight.to(compute_dtype)
+            weight_c = _operand(weight, low, compute_dtype)
             grad_per_token = torch.where(valid, grad_logps.to(compute_dtype), 0.0)
             grad_hidden = torch.zeros(hidden.shape, dtype=compute_dtype, device=hidden.device)
             grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
             # Last chunk first: its softmax was kept by forward, so it is freed before any other is recomputed.
             for start in reversed(range(0, safe_targets.numel(), ctx.chunk_size)):
                 rows = slice(start, start + ctx.chunk_size)
-                hidden_c = hidden[rows].to(compute_dtype)
+                hidden_c = _operand(hidden[rows], low, compute_dtype)
                 g = grad_per_token[rows]
                 if ctx.last_softmax is not None:
                     softmax, ctx.last_softmax = ctx.last_softmax, None
                 else:  # softmax = exp(z − logsumexp), recomputed in the logits buffer itself
-                    softmax = (hidden_c @ weight_c.T).sub_(logsumexp[rows, None]).exp_()
+                    softmax = _mm(hidden_c, weight_c.T).sub_(logsumexp[rows, None]).exp_()
                 # dz = g·(onehot − softmax), in place.
                 grad_logits = softmax.mul_(-g[:, None])
                 grad_logits.scatter_add_(1, safe_targets[rows, None], g[:, None])
-                grad_hidden[rows] = grad_logits @ weight_c
-                grad_weight.addmm_(grad_logits.T, hidden_c)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None
+                grad_logits = _operand(grad_logits, low, compute_dtype)
+                grad_hidden[rows] = _mm(grad_logits, weight_c)
+                _addmm_(grad_weight, grad_logits.T, hidden_c)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def uses_bf16_matmuls(hidden, weight) -> bool:
+    """token_logps' choice: bf16 matmul operands when both inputs are bf16, or under bf16 autocast (as every
+    other matmul of the step then is); otherwise (fp32, fp64, mixed without autocast) the exact fp32 path."""
+    device_type = hidden.device.type
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return False
+    if hidden.dtype == weight.dtype == torch.bfloat16:
+        return True
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
 
 
 def token_logps(hidden, weight, targets, chunk_size=None, ignore_index=IGNORE_INDEX):
@@ -119,6 +174,20 @@ def token_logps(hidden, weight, targets, chunk_size=None, ignore_index=IGNORE_IN
 
     hidden [..., H] (final normed hidden states), weight [V, H] (the output projection), targets [...] ids.
     Returns fp32 log-probs shaped like targets (fp64 for fp64 inputs), 0 where targets == ignore_index.
+
+    Precision. fp32 (fp64) inputs: every matmul in fp32 (fp64), bit for bit the path of earlier versions.
+    bf16 inputs, or bf16 autocast (uses_bf16_matmuls): the matmuls z = W h, dz W and dz^T h take bf16
+    operands with fp32 accumulation (CUDA: cuBLAS with fp32 output; CPU: the bf16-rounded values in fp32);
+    logits, softmax and logsumexp stay fp32. Liger's fused linear cross-entropy makes the same GEMMs but
+    rounds its logits to bf16 (src/liger_kernel/ops/fused_linear_cross_entropy.py:114 at ead96b6; dW by addmm
+    with out_dtype=fp32, :236-256). Error of the logits: against exact arithmetic on the same bf16 operands,
+    fp32 accumulation only (≲ H·2^-24·Σ_i|h_i W_i|, typically far less); against fp32 operands, the operands'
+    rounding, |δz| ≲ 2^-7·Σ_i|h_i W_i| (2^-8 per operand), which every bf16 layer of the model incurs too.
+    Avoided: rounding the logits themselves to bf16 (|δz| up to 2^-8·|z|), which transformers' bf16 logits
+    carry. Gradients: dz rounded to bf16 (2^-8 relative per entry), then the cast to the inputs' dtype.
+    Measured (tests/test_losses.py, tiny bf16 Qwen2, against fp64 on the same operands): log-probs 1e-6 here
+    vs 5e-3 for transformers' bf16 logits; gradients no larger than transformers' (equal with bf16 weights,
+    smaller under autocast over fp32 weights, where ours are accumulated and returned in fp32).
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"losses.token_logps: hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} "
@@ -128,14 +197,13 @@ def token_logps(hidden, weight, targets, chunk_size=None, ignore_index=IGNORE_IN
     vocab_size = weight.shape[0]
     valid = targets != ignore_index
     out_of_range = valid & ((targets < 0) | (targets >= vocab_size))
-    if out_of_range.any():
-        raise ValueError(f"losses.token_logps: {int(out_of_range.sum())} target ids are outside [0, {vocab_size}) "
-                         f"and not ignore_index={ignore_index}; check the tokenizer matches the model's vocabulary")
+    _require(~out_of_range.any(), f"losses.token_logps: target ids outside [0, {vocab_size}) that are not "
+             f"ignore_index={ignore_index}; check the tokenizer matches the model's vocabulary")
     chunk_size = default_chunk_size(vocab_size) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"losses.token_logps: chunk_size must be ≥ 1 (or None for the default), got {chunk_size}")
     flat = _ChunkedTokenLogps.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                    chunk_size, ignore_index)
+                                    chunk_size, ignore_index, uses_bf16_matmuls(hidden, weight))
     return flat.view(targets.shape)
 
 
@@ -150,9 +218,8 @@ def sequence_logps(token_logps, targets, document_ids, num_sequences, ignore_ind
     # carry any id); only loss tokens must point at one of the S sequences.
     documents = torch.where(valid, document_ids.reshape(-1), 0)
     bad = (documents < 0) | (documents >= num_sequences)
-    if bad.any():
-        raise ValueError(f"losses.sequence_logps: {int(bad.sum())} loss tokens have a document id outside "
-                         f"[0, {num_sequences}); num_sequences must match the packed batch's document_ids")
+    _require(~bad.any(), f"losses.sequence_logps: loss tokens with a document id outside [0, {num_sequences}); "
+             "num_sequences must match the packed batch's document_ids")
     values = torch.where(valid, token_logps.reshape(-1), 0.0)
     sum_logps = values.new_zeros(num_sequences).index_add(0, documents, values)
     lengths = torch.zeros(num_sequences, dtype=torch.long, device=documents.device).index_add(
@@ -211,9 +278,9 @@ def sft_loss(sum_logps, lengths, normalizer=None):
     """
     _check_batch("sft_loss", sum_logps=sum_logps, lengths=lengths)
     loss = _normalise(-sum_logps, lengths.sum() if normalizer is None else normalizer)
+    # (No "num_tokens": TRL's is the running count of all tokens seen, which the trainer logs itself.)
     metrics = {"logps/chosen": _mean(sum_logps),
-               "nll/token": -sum_logps.detach().float().sum() / lengths.sum().clamp(min=1),
-               "num_tokens": lengths.detach().sum().float()}
+               "nll/token": -sum_logps.detach().float().sum() / lengths.sum().clamp(min=1)}
     return loss, metrics
 
 
@@ -255,13 +322,16 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, b
     """SimPO: L = mean over pairs of  −log σ(β(logπ_w/|y_w| − logπ_l/|y_l|) − γ).
 
     Reference-free; γ is the target reward margin. Implicit reward (as in the paper and TRL): β·logπ(y|x)/|y|.
+    logps/chosen and logps/rejected are the length-averaged logπ(y|x)/|y|, as TRL's CPOTrainer logs them for
+    loss_type="simpo" (trl/experimental/cpo/cpo_trainer.py:786-787,849,902-903 at f2cd577).
     """
     _check_batch("simpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    chosen_rewards = beta * _per_token(chosen_logps, chosen_lengths)
-    rejected_rewards = beta * _per_token(rejected_logps, rejected_lengths)
+    chosen_avg = _per_token(chosen_logps, chosen_lengths)
+    rejected_avg = _per_token(rejected_logps, rejected_lengths)
+    chosen_rewards, rejected_rewards = beta * chosen_avg, beta * rejected_avg
     loss = _normalise(-F.logsigmoid(chosen_rewards - rejected_rewards - gamma), normalizer)
-    return loss, _preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+    return loss, _preference_metrics(chosen_avg, rejected_avg, chosen_rewards, rejected_rewards)
 
 
 def group_advantages(rewards, group_size, eps=1e-4, clip_negative=False):
@@ -293,10 +363,12 @@ def weighted_nll_loss(logps, lengths, weights, *, normalizer=None):
     """AdvDistill's reward-weighted NLL: L = mean over sequences of  −w·logπ(y|x)/|y|.
 
     The weights (e.g. group_advantages of the teacher's rewards) are constants: detached, no gradient.
+    Metrics: logps/samples, the mean summed logπ(y|x) of the samples (every sample, whatever its weight: not
+    TRL's logps/chosen), and the weights' mean and positive fraction.
     """
     _check_batch("weighted_nll_loss", logps=logps, lengths=lengths, weights=weights)
     weights = weights.detach().to(logps.dtype)
     loss = _normalise(-weights * _per_token(logps, lengths), normalizer)
-    metrics = {"logps/chosen": _mean(logps), "weights/mean": _mean(weights),
+    metrics = {"logps/samples": _mean(logps), "weights/mean": _mean(weights),
                "weights/positive_fraction": _mean(weights > 0)}
     return loss, metrics

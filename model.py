@@ -16,10 +16,8 @@ Conventions worth knowing:
 """
 
 import json
-import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -27,12 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import InputError, atomic_write, write_json
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Config
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or config this implementation cannot load faithfully; the message says what and why."""
+class CheckpointError(InputError):
+    """A checkpoint or config this implementation cannot load faithfully, or a damaged file: the message names
+    the file and says what to do. An InputError, so every command line reports it in one line, exit 2."""
 
 
 @dataclass
@@ -166,7 +167,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Static, preallocated keys and values: [slots, kv_heads, max_seq_len, head_dim], indexed by position."""
+    """Static, preallocated keys and values: [slots, kv_heads, max_seq_len, head_dim], indexed by position.
+    Every write goes through update() (one write path, as gpt-fast's `kv_cache.update(input_pos, k, v)`):
+    a prefill writes one prompt into several slots, a decode step one token into every slot."""
 
     def __init__(self, slots, kv_heads, max_seq_len, head_dim, dtype, device):
         super().__init__()
@@ -174,28 +177,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write_prompt(self, k, v, slots):
-        """Copy one prompt's keys/values [1, kv_heads, T, d] into positions 0..T-1 of every slot in `slots`
-        (a problem's prompt is prefilled once and shared by its n samples)."""
-        T = k.shape[2]
-        self.k[slots, :, :T] = k.to(self.k.dtype)
-        self.v[slots, :, :T] = v.to(self.v.dtype)
-
-    def read_prompt(self, slot: int, length: int):
-        """A copy of one slot's keys/values at positions < length, shaped [1, kv_heads, length, d] for
-        write_prompt (so a problem's prompt can be copied into slots that free up later)."""
-        return self.k[slot:slot + 1, :, :length].clone(), self.v[slot:slot + 1, :, :length].clone()
+    def update(self, slots, positions, k, v):
+        """cache[slots[i], :, positions[i, t]] = k[i, :, t] (likewise v). slots [S], positions [S, T],
+        k/v [S or 1, kv_heads, T, d]: a batch of 1 is shared by every slot (a problem's prompt is prefilled
+        once for its n samples). One index_put per tensor: static shapes, so it compiles and graph-captures."""
+        index = (slots[:, None], slice(None), positions)  # advanced indices first: the value is [S, T, H, d]
+        self.k[index] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[index] = v.transpose(1, 2).to(self.v.dtype)
 
     def keep_slots(self, index):
         """Shrink to the slots `index` (in that order): a finished batch's tail stops paying for idle rows."""
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-
-    def write_token(self, k, v, positions):
-        """Write each slot's new key/value [slots, kv_heads, 1, d] at that slot's own position
-        (a scatter along the position axis: one kernel, no advanced-indexing bookkeeping)."""
-        index = positions.view(-1, 1, 1, 1).expand_as(k)
-        self.k.scatter_(2, index, k.to(self.k.dtype))
-        self.v.scatter_(2, index, v.to(self.v.dtype))
 
 
 class Attention(nn.Module):
@@ -214,17 +206,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_len=None):
         """Three uses. Training / full forward: attend over x itself (causal, or `mask`). Prefill
-        (`cache_slots`): the same, and also store k/v in those cache slots. Decode (`cache_positions`, one new
-        token per slot): store k/v at each slot's position, then attend over the cache up to `kv_len`."""
+        (`cache_slots`, `cache_positions` [S, T]): the same, and also store k/v in those cache slots. Decode
+        (`kv_len` too, one new token per slot): store k/v at each slot's position, then attend over the cache
+        up to `kv_len`."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:
-            self.cache.write_prompt(k, v, cache_slots)
-        if cache_positions is not None:
-            self.cache.write_token(k, v, cache_positions)
+            self.cache.update(cache_slots, cache_positions, k, v)
+        if kv_len is not None:
             k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
         gqa = self.n_heads != self.n_kv_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
@@ -391,16 +383,18 @@ class Qwen2(nn.Module):
             block.attn.cache = None
         self.rope_table = None
 
-    def save_prompt_cache(self, slot: int, length: int) -> list:
-        """Every layer's keys/values of one slot's first `length` positions (see load_prompt_cache)."""
-        return [block.attn.cache.read_prompt(slot, length) for block in self.layers]
-
-    def load_prompt_cache(self, saved: list, slots):
-        """Write keys/values from save_prompt_cache into positions 0..length-1 of every slot in `slots`:
-        the same state a prefill of that prompt would leave, without recomputing it."""
-        slots = torch.as_tensor(slots, device=self.embed.weight.device).view(-1)
-        for block, (k, v) in zip(self.layers, saved):
-            block.attn.cache.write_prompt(k, v, slots)
+    def copy_prompt(self, source_slot: int, slots, length: int):
+        """Copy positions 0..length-1 of `source_slot` into every slot of `slots` in every layer: the state a
+        prefill of that prompt leaves, without recomputing it (the sampler admits a problem's n samples as
+        slots free up, yet prefills its prompt once)."""
+        device = self.embed.weight.device
+        slots = torch.as_tensor(slots, device=device).view(-1)
+        positions = torch.arange(length, device=device).expand(len(slots), length)
+        for block in self.layers:
+            cache = block.attn.cache
+            # clone: the source may be among the destinations; a write must not read what it overwrites
+            k, v = (t[source_slot:source_slot + 1, :, :length].clone() for t in (cache.k, cache.v))
+            cache.update(slots, positions, k, v)
 
     def keep_cache_slots(self, keep):
         """Shrink every layer's cache to the slots `keep`, in that order; slot i is then keep[i]."""
@@ -419,22 +413,25 @@ class Qwen2(nn.Module):
             raise ValueError(f"prompt of {T} tokens does not fit the KV cache")
         x = self.embed(prompt_ids)
         cos, sin = self.rope_table[0][None, :T], self.rope_table[1][None, :T]  # positions 0..T-1
+        positions = torch.arange(T, device=x.device).expand(len(slots), T)
         for block in self.layers:
-            x = block(x, cos, sin, cache_slots=slots)
+            x = block(x, cos, sin, cache_slots=slots, cache_positions=positions)
         return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
 
     @torch.no_grad()
     def decode_step(self, tokens, positions, kv_len: int | None = None):
         """One new token per cache slot: tokens [slots] at positions [slots] (each slot's own position).
         Attends over cache positions < kv_len (default: the whole cache; pass max(positions) + 1 to skip
-        the empty tail). Returns logits [slots, vocab]."""
+        the empty tail). Returns logits [slots, vocab]. Shapes depend only on (slots, kv_len), so a compiled
+        step (torch.compile, dynamic=False) is reused for every call with the same pair."""
         kv_len = kv_len or self.layers[0].attn.cache.k.shape[2]
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [slots, 1, 1, kv_len]
         x = self.embed(tokens[:, None])
         cos, sin = self.rope_table[0][positions, None], self.rope_table[1][positions, None]  # [slots, 1, d]
+        slots = torch.arange(len(tokens), device=tokens.device)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache_positions=positions, kv_len=kv_len)
+            x = block(x, cos, sin, mask, cache_slots=slots, cache_positions=positions[:, None], kv_len=kv_len)
         return F.linear(self.norm(x[:, 0]), self.lm_head_weight)
 
     # --- checkpoints (section 4) ---
@@ -443,8 +440,9 @@ class Qwen2(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Qwen2":
         return load_pretrained(cls, path, dtype, device)
 
-    def save_pretrained(self, path, generation_config: dict | None = None, max_shard_bytes: int = 5 * 2**30):
-        save_pretrained(self, path, generation_config, max_shard_bytes)
+    def save_pretrained(self, path, generation_config: dict | None = None, dtype: torch.dtype | None = None,
+                        eos_token: str | None = None, max_shard_bytes: int = 5 * 2**30):
+        save_pretrained(self, path, generation_config, dtype, eos_token, max_shard_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,9 +496,13 @@ def checkpoint_files(path) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON / UTF-8, no weight_map
+            raise CheckpointError(f"{index}: damaged ({type(e).__name__}: {e}); {DAMAGED_HINT}") from None
+        return [os.path.join(path, name) for name in names]
     if os.path.exists(single):
         return [single]
     found = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth")))
@@ -508,19 +510,18 @@ def checkpoint_files(path) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def load_pretrained(cls, path, dtype, device) -> Qwen2:
-    """Build the model on the meta device (no memory), read every tensor straight from safetensors onto
-    `device` in `dtype`, check names and shapes strictly, then load with assign=True so the read tensors
-    become the parameters: the weights exist once, never twice."""
-    from safetensors import safe_open
+DAMAGED_HINT = ("copy or download the checkpoint again, or use an earlier one (for a training run, an earlier "
+                "OUT/step-N)")
 
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")
-    config = Qwen2Config.from_json(os.path.join(path, "config.json"))
-    files = checkpoint_files(path)
 
-    state, unexpected = {}, []
-    for file in files:
+def read_safetensors(file, state: dict, dtype, device) -> list[str]:
+    """Read every tensor of one safetensors file into state[our name], in `dtype` on `device`; return the
+    file's tensor names that are not Qwen2's. A truncated or garbage file (safetensors checks the header
+    against the file size) is a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    unexpected = []
+    try:
         with safe_open(file, framework="pt", device=str(device)) as f:
             for hf_name in f.keys():
                 name = from_hf_name(hf_name)
@@ -528,6 +529,25 @@ def load_pretrained(cls, path, dtype, device) -> Qwen2:
                     unexpected.append(hf_name)
                     continue
                 state[name] = f.get_tensor(hf_name).to(dtype)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing (named by the checkpoint's index); {DAMAGED_HINT}") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: damaged or not a safetensors file ({e}); {DAMAGED_HINT}") from None
+    return unexpected
+
+
+def load_pretrained(cls, path, dtype, device) -> Qwen2:
+    """Build the model on the meta device (no memory), read every tensor straight from safetensors onto
+    `device` in `dtype`, check names and shapes strictly, then load with assign=True so the read tensors
+    become the parameters: the weights exist once, never twice."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")
+    config = Qwen2Config.from_json(os.path.join(path, "config.json"))
+    files = checkpoint_files(path)
+
+    state, unexpected = {}, []
+    for file in files:
+        unexpected += read_safetensors(file, state, dtype, device)
     if "lm_head.weight" not in state:
         config.tie_word_embeddings = True  # no lm_head.weight in the files: the output projection is tied
     elif config.tie_word_embeddings:
@@ -551,46 +571,20 @@ def load_pretrained(cls, path, dtype, device) -> Qwen2:
     return model.eval()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_vocab(config: Qwen2Config, tokenizer, where: str = "the tokenizer") -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding (config.vocab_size rows): such an id
+    would index past the table (an IndexError deep in a forward, or garbage on CUDA). A smaller tokenizer is
+    normal (Qwen2.5 pads its 151,665 tokens to 151,936 rows). `tokenizer`: a tokenizers.Tokenizer or a
+    transformers tokenizer (both have get_vocab(), added tokens included)."""
+    size = max(tokenizer.get_vocab().values(), default=-1) + 1
+    if size > config.vocab_size:
+        raise CheckpointError(f"{where}: has token ids up to {size - 1} but the model's vocabulary "
+                              f"(config.json vocab_size) has {config.vocab_size} rows; use the tokenizer that "
+                              "belongs to this checkpoint")
 
 
-def _atomic_write(path, write):
-    """Write through a temporary file in the same directory and rename: a crash leaves the old file or
-    the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint must be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic_write(path, write)
-
-
-def save_pretrained(model: Qwen2, path, generation_config=None, max_shard_bytes=5 * 2**30):
-    """Write a checkpoint transformers and vLLM load unchanged: config.json, transformers' tensor names in
-    safetensors (a tied lm_head stored once, as the embedding), sharded with an index above max_shard_bytes,
-    and the source checkpoint's tokenizer files. `generation_config`, if given, replaces the copied
-    generation_config.json. Every file is written atomically; the index (or model.safetensors) comes last."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    tensors = {to_hf_name(n): t.detach().contiguous() for n, t in model.state_dict().items()}
-    dtype = next(iter(tensors.values())).dtype
-
+def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
+    """Split {name: tensor} in order into shards of at most max_shard_bytes (a larger tensor alone)."""
     shards, current, current_bytes = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -600,30 +594,76 @@ def save_pretrained(model: Qwen2, path, generation_config=None, max_shard_bytes=
         current[name] = t
         current_bytes += nbytes
     shards.append(current)
+    return shards
 
-    if model.source_dir and os.path.abspath(model.source_dir) != os.path.abspath(path):
-        for name in TOKENIZER_FILES:
-            src = os.path.join(model.source_dir, name)
-            if os.path.exists(src):
-                _atomic_write(os.path.join(path, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+def _eos_token_id(tokenizer_dir, eos_token: str) -> int:
+    from tokenizers import Tokenizer
+
+    file = os.path.join(tokenizer_dir or "", "tokenizer.json")
+    if not tokenizer_dir or not os.path.isfile(file):
+        raise CheckpointError(f"eos_token={eos_token!r}: no tokenizer.json beside the model ({file}) to look "
+                              "it up in; load the model from a checkpoint directory that has one")
+    token_id = Tokenizer.from_file(file).token_to_id(eos_token)
+    if token_id is None:
+        raise CheckpointError(f"eos_token={eos_token!r}: not a token of {file}")
+    return token_id
+
+
+def _copy_tokenizer_files(source_dir, path, eos_token: str | None) -> None:
+    """Copy the source checkpoint's tokenizer files; with eos_token, set it as `eos_token` in
+    tokenizer_config.json and special_tokens_map.json (their other keys kept), which AutoTokenizer reads."""
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source_dir, name)
+        if not os.path.exists(src):
+            continue
+        if eos_token is not None and name in ("tokenizer_config.json", "special_tokens_map.json"):
+            with open(src, encoding="utf-8") as f:
+                settings = json.load(f)
+            write_json(os.path.join(path, name), {**settings, "eos_token": eos_token})
+        elif os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
+            atomic_write(os.path.join(path, name), lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def save_pretrained(model: Qwen2, path, generation_config=None, dtype=None, eos_token=None,
+                    max_shard_bytes=5 * 2**30):
+    """Write a checkpoint transformers and vLLM load unchanged: config.json, transformers' tensor names in
+    safetensors (a tied lm_head stored once, as the embedding), sharded with an index above max_shard_bytes,
+    and the source checkpoint's tokenizer files.
+      generation_config  if given, replaces the copied generation_config.json.
+      dtype              the saved tensors' dtype (None: the model's); config.json's dtype/torch_dtype match.
+      eos_token          the end-of-turn token the model was trained to emit: written as tokenizer_config.json's
+                         eos_token and its id as config.json's eos_token_id, so tools that stop on the
+                         tokenizer's or the config's EOS stop where the model ends a turn.
+    Every file is written atomically; the index (or model.safetensors) comes last."""
+    from safetensors.torch import save_file
+
+    eos_token_id = None if eos_token is None else _eos_token_id(model.source_dir, eos_token)
+    os.makedirs(path, exist_ok=True)
+    tensors = {to_hf_name(n): t.detach().to(dtype or t.dtype).contiguous() for n, t in model.state_dict().items()}
+    shards = _shards(tensors, max_shard_bytes)
+    if model.source_dir:
+        _copy_tokenizer_files(model.source_dir, path, eos_token)
     if generation_config is not None:
-        _write_json(os.path.join(path, "generation_config.json"), generation_config)
-    _write_json(os.path.join(path, "config.json"), model.config.to_dict(dtype))
+        write_json(os.path.join(path, "generation_config.json"), generation_config)
+    config = model.config.to_dict(next(iter(tensors.values())).dtype)
+    if eos_token_id is not None:
+        config["eos_token_id"] = eos_token_id
+    write_json(os.path.join(path, "config.json"), config)
 
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(os.path.join(path, "model.safetensors"),
-                      lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=metadata))
         stale = [os.path.join(path, "model.safetensors.index.json")]
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             shard_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(os.path.join(path, shard_name), lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
+            atomic_write(os.path.join(path, shard_name), lambda tmp, s=shard: save_file(s, tmp, metadata=metadata))
             weight_map.update({name: shard_name for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(os.path.join(path, "model.safetensors.index.json"),
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(os.path.join(path, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
         stale = [os.path.join(path, "model.safetensors")]
     for f in stale:  # a previous save in the other layout would shadow this one
         if os.path.exists(f):

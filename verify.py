@@ -1,21 +1,43 @@
 r"""verify.py — decide whether a model's final answer matches the gold answer (MATH-500, AIME).
 
-    grade(completion, gold) -> bool      extract the final answer from a completion, then compare
-    extract_answer(text)    -> str|None  the answer a completion commits to, or None
-    is_equiv(pred, gold)    -> bool      compare two answer strings
-    python verify.py PRED GOLD           print the verdict and both parsed forms
+    grade(completion, gold, require_think_close=False) -> bool
+                                           extract the final answer from a completion, then compare
+    extract_answer(text, require_think_close=False) -> str|None
+                                           the answer a completion commits to, or None
+    is_equiv(pred, gold)    -> bool        compare two answer strings
+    python verify.py [--require-think-close] PRED GOLD
+                                           print the verdict and both parsed forms (answers may
+                                           begin with '-': python verify.py -x -x)
 
 Every accuracy, every positive/negative split of teacher traces and every reward in this project goes
 through `grade`, so the checker must be right, must never hang, and must never run model output.
 
-Extraction
-    Text after the last `</think>` (a `<think>` that never closes means truncated output: no answer).
-    Then the last `\boxed{...}` / `\fbox{...}` / `\boxed 5` with balanced braces (boxes separated only
-    by commas or "and" are joined into a list; "or" separates alternatives, so only the last counts);
-    else "the final answer is X" (Minerva's "... is $X$. I hope it is correct"); else the whole text
-    if it is a short bare formula with no prose. Nothing ever grabs
-    the tail of a number out of prose ("711" can never be read as "11"). A last box whose braces never
-    close is truncated output: no answer.
+Extraction (the policy; tests/test_verify.py tables JOINED_BOXES, ANSWER_PRECEDENCE, PROSE_ANSWERS)
+    1. Only the text after the last `</think>` counts. Without one: a `<think>` that never closes is
+       truncated output (no answer). require_think_close=True is the paper's evaluation, graded as
+       rllm grades (rllm/rewards/math_reward.py + math_utils/utils.py extract_answer): a completion
+       without `</think>` has no answer, and after it only a box (rule 2) counts, no phrase or bare
+       formula. Unlike rllm we read after the LAST `</think>` (rllm: between the first and a second
+       one) and join adjacent boxes (rllm: the last box alone).
+    2. Box candidate: the last top-level `\boxed{...}` / `\fbox{...}` / `\boxed 5` (nested boxes
+       are one box), joined with the boxes just before it that only punctuation, math delimiters,
+       spacing (`\quad`) or "and" separate: `\boxed{1} \quad \text{and} \quad \boxed{-2}` is the
+       list 1, -2; "or" separates alternatives, so only the last counts. A last box whose braces never
+       close is truncated output: no answer.
+    3. Phrase candidate: the LAST whole word "answer" (any case), read like rllm's and lighteval's
+       final-answer anchors: "answer is $X$", "Answer: X", "**Answer:** \(X\)", "answer $X$",
+       Minerva's "final answer is $X$. I hope it is correct", and "Final Answer: The largest $n$ is
+       X" (the formula after the sentence's last "is"/"are"/":"). X must be a math span or a short
+       formula with no prose word; otherwise the anchor states nothing and there is no phrase
+       candidate (an earlier anchor is never consulted, so a number from the middle of reasoning is
+       never picked up).
+    4. A box beats a plain "answer" phrase; a "final answer" phrase after the last box beats the box
+       ("boxes intermediate values, then says The final answer is X" gives X). This is the order of
+       Math-Verify's anchors, which lighteval uses: "final answer is" ties with or outranks a box
+       (the later one wins), a bare "answer" ranks below it.
+    5. Neither: the whole text, if it is one formula (a single math span such as
+       `$\begin{pmatrix}...\end{pmatrix}$`, or a short line with no prose word). Nothing ever grabs
+       the tail of a number out of prose ("711" can never be read as "11").
 
 Parsing (never `eval`, `sympify` or `parse_expr`)
     A small tokenizer and recursive-descent parser turn the answer subset of LaTeX into values built
@@ -26,25 +48,36 @@ Parsing (never `eval`, `sympify` or `parse_expr`)
 Comparison policy
     * Exact numbers compare exactly: integers and rationals by exact equality (so 1/2^98 != 1/2^99 and
       10^20+1 != 10^20); irrational constants numerically at a precision that grows with the size of
-      the integers involved (30 digits + their digit count), tolerance 1e-(precision-5).
+      the integers involved (30 digits + their digit count), to an absolute 10^-(precision-5).
     * A relative tolerance of 1e-6 applies only when a decimal literal is involved (0.333333 = 1/3,
       3.14159 = pi), but never between two bare decimal literals (326.5 != 326.53: both are roundings).
+      It is relative to the value, so with a decimal literal in it an expression can still hide a
+      term below 1e-6 of its value ((x+1)^{1000} + 0.5 vs (x+1)^{1000}): a known limit.
     * Expressions with variables: equal if structurally equal after sympy's automatic evaluation; small
       polynomials with rational coefficients are decided exactly by `expand(a - b) == 0`; anything else
       by numeric evaluation at three fixed pseudo-random points with every variable in (0.3, 1.9)
       (answers usually assume positive variables, so sqrt(x^2) = x passes). No unbounded `simplify`.
-    * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` and bare lists `a, b` (solutions) are
-      unordered; a partial list is wrong; `1 \pm \sqrt2` is the list of both values. A column/row
-      vector equals the tuple of its entries.
+      Numeric checks are absolute, not relative: each value is computed with as many extra digits as
+      its largest intermediate has, so (x+1)^1000 + x never equals (x+1)^1000 (see _evaluate).
+    * \sum, \prod and \lim stay unevaluated (sympy's inert Sum/Product/Limit) and compare
+      structurally: reordered factors match, a different body or bound does not (so equal sums
+      written with other bounds, or a bare limit against its value, are not recognised). `a \bmod n`,
+      `\pmod{n}` and `\equiv` are computed for rationals; a vmatrix is its determinant.
+    * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` (also written `{a, b}`) and bare lists
+      `a, b` (solutions) are unordered and a repeated item counts once; a partial list is wrong;
+      `1 \pm \sqrt2` is the list of both values. A column/row vector equals the tuple of its
+      entries; a tuple of names only labels its value: `(p,q) = (3,2)` is `(3,2)`.
     * Intervals compare ends and openness (openness at an infinite end is ignored); a pair `(a,b)`
       equals the open interval (a,b); unions compare their parts unordered; `x \in S` is S, and
-      `a < x <= b`, `x > a` become intervals.
+      inequalities in one variable become intervals whatever linear form the variable takes
+      (`a < x <= b`, `x > a`, `-x > -1`, `1 < 2x - 1 < 5`).
     * `x=5` matches `5` (an equation whose one side is a lone variable, or `2+3=5`, stands for its other
       side); two equations match up to swapping sides and a nonzero constant factor.
     * Units and annotations (`\text{ cm}`, inches, degrees, `^\circ`, `\$`) are dropped. `50\%` equals
       `50` and also `0.5`. A base subscript `52_8` equals `52_8`, `52_{8}` or `52`, not 42.
     * Text answers compare case-insensitively with whitespace collapsed; multiple-choice letters
-      `\text{(C)}`, `(C)`, `C` compare as letters.
+      `\text{(C)}`, `(C)`, `C` compare as letters. Unicode is folded first: x², a₁, 3½ become
+      x^{2}, a_{1}, 3\frac{1}{2}, then NFKC (full-width ５ is 5), then √ π ≤ ... become commands.
 
 Bounds
     No call runs more than about 1.5 s, whatever the input, and nothing uses signals (so threads are
@@ -60,19 +93,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import random
 import re
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
 import mpmath
-from sympy import (Abs, Add, E, I, Integer, Mul, Pow, Rational, Symbol, acos, acosh, acot, asin,
-                   asinh, atan, atanh, binomial, cos, cosh, cot, csc, exp, expand, factorial, gamma,
-                   log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
+from sympy import (Abs, Add, E, I, Integer, Limit, Mod, Mul, Pow, Product, Rational, Sum, Symbol, acos,
+                   acosh, acot, asin, asinh, atan, atanh, binomial, cos, cosh, cot, csc, exp, expand,
+                   factorial, gamma, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
@@ -135,30 +170,43 @@ def _with_deadline(fn, *args, seconds: float | None = None):
 # Extraction: from a completion to the answer string it commits to.
 # ---------------------------------------------------------------------------------------------
 _BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
-_BOX_GAP_RE = re.compile(r"[\s$,;]*(?:(?:and|\\text\{\s*and\s*\}|\\quad)[\s$,;]*)?", re.I)
-_FINAL_RE = re.compile(r"final answer is\s*:?\s*|final answer\s*:\s*", re.I)
+# What may stand between boxes that together are one answer ("\boxed{1}, \boxed{2}",
+# "\( \boxed{1} \) \quad \text{and} \quad \( \boxed{2} \)"): punctuation, math delimiters, spacing, "and".
+_BOX_GAP_RE = re.compile(
+    r"(?:[\s$,;]|\\[()\[\],;:! ]|\\q?quad(?![A-Za-z])|and\b|\\text\s*\{\s*,?\s*and\s*\})*", re.I)
+MAX_BOX_GAP = 200             # longer text between two boxes is prose: they are not one answer
+_ANSWER_LEAD_RE = re.compile(r"[\s*]*(is\b|are\b|:|=)?[\s*:]*", re.I)     # "Answer:** ", " is "
+_FINAL_BEFORE_RE = re.compile(r"final[\s*]*$", re.I)                      # "Final **Answer"
+_LAST_VERB_RE = re.compile(r".*\s(?:is|are)\s+|.*:\s*", re.I | re.S)      # "The largest $n$ is "
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_MATH_SPAN_RE = re.compile(                                               # $X$ $$X$$ \(X\) \[X\]
+    r"\$\$([^$]+)\$\$|\$([^$]+)\$|\\\(((?:(?!\\\)).)+)\\\)|\\\[((?:(?!\\\]).)+)\\\]", re.S)
+_ENV_NAME_RE = re.compile(r"\\(?:begin|end)\s*\{[A-Za-z*]*\}")
 _PROSE_RE = re.compile(r"[A-Za-z]{3,}")
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a completion: after `</think>`, the last box, else "final answer is X",
-    else the whole text when it is a short bare formula. None when there is none or it is truncated."""
+def extract_answer(text: str, require_think_close: bool = False) -> str | None:
+    """The answer a completion commits to (policy: "Extraction" in the module docstring), or None
+    when it has none or is truncated. require_think_close (the paper's strict protocol): a completion
+    without `</think>` has none, and only a box after it counts, as in rllm's grader."""
     if not isinstance(text, str):
         return None
     close = text.rfind("</think>")
     if close >= 0:
         text = text[close + len("</think>"):]
-    elif "<think>" in text:
+    elif require_think_close or "<think>" in text:
         return None                                   # reasoning never finished: truncated
     if not text.strip():
         return None
-    boxed = _last_boxes(text)
+    boxes_end, boxed = _last_boxes(text)
+    if require_think_close:                           # rllm's grader reads boxes only
+        return boxed or None
+    phrase_start, phrase = _answer_phrase(text)
+    final = _FINAL_BEFORE_RE.search(text, max(phrase_start - 20, 0), max(phrase_start, 0)) is not None
+    if phrase is not None and (boxed is None or (final and phrase_start >= boxes_end)):
+        return phrase                                 # a "final answer" after the last box wins
     if boxed is not None:
         return boxed or None                          # "" means the last box is cut off
-    phrase = _final_answer_phrase(text)
-    if phrase is not None:
-        return phrase or None
     return _bare_answer(text)
 
 
@@ -195,53 +243,118 @@ def _box_content(text: str, m: re.Match) -> tuple[int, str] | None:
     return j + len(token), token
 
 
-def _last_boxes(text: str) -> str | None:
-    """Content of the last non-empty box, joined with boxes just before it that are separated only by
-    commas/"and"; "" if that box is truncated; None if the text has no box. Works backwards from the
-    end, so the cost does not grow with the number of boxes earlier in the text."""
-    parts: list[str] = []
-    later_start = len(text)
-    for m in reversed(list(_BOX_RE.finditer(text))):
+def _top_level_boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """(start, end, content) of every box not nested in another, in order. A box whose braces never
+    close holds the rest of the text, so it is the last one; its content is None (cut off).
+    Linear time: each top-level box is scanned once and nested boxes are skipped."""
+    boxes, cursor = [], 0
+    for m in _BOX_RE.finditer(text):
+        if m.start() < cursor:
+            continue                                  # \boxed{\boxed{5}}: the inner box is content
         box = _box_content(text, m)
-        if box is None:                              # braces never close
-            return "" if not parts else ", ".join(parts)
-        end, content = box
-        if not content.strip():
-            if parts:
+        if box is None:
+            boxes.append((m.start(), len(text), None))
+            break
+        content = box[1].strip()
+        for _ in range(8):                            # \boxed{\boxed{5}}: the innermost content
+            content, outer = _unbox(content), content
+            if content == outer:
                 break
-            continue
-        if parts and not _BOX_GAP_RE.fullmatch(text[end:later_start]):
-            break
-        parts.insert(0, content.strip())
-        later_start = m.start()
-        if len(parts) >= MAX_ITEMS:
-            break
-    return ", ".join(parts) if parts else None
+        if content:                                   # an empty box states nothing
+            boxes.append((m.start(), box[0], content))
+        cursor = box[0]
+    return boxes
 
 
-def _final_answer_phrase(text: str) -> str | None:
-    """X in the last "final answer is X" ($X$, \\(X\\), or up to the end of the sentence/line)."""
-    last = None
-    for last in _FINAL_RE.finditer(text):
-        pass
-    if last is None:
+def _unbox(s: str) -> str:
+    """The content of s if s is exactly one box, \\boxed{...}; else s."""
+    m = _BOX_RE.match(s)
+    if m and s.endswith("}"):
+        j = s.find("{", m.end())
+        if j >= 0 and not s[m.end():j].strip() and _match_brace(s, j) == len(s) - 1:
+            return s[j + 1:-1].strip()
+    return s
+
+
+def _last_boxes(text: str) -> tuple[int, str | None]:
+    """(end, answer): the last box joined with the boxes just before it that only punctuation,
+    spacing or "and" separates ("or" separates alternatives: only the last counts); answer "" if the
+    last box is cut off, (-1, None) if the text has no box."""
+    boxes = _top_level_boxes(text)
+    if not boxes:
+        return -1, None
+    start, end, content = boxes[-1]
+    if content is None:
+        return end, ""
+    parts = [content]
+    for prev_start, prev_end, prev in reversed(boxes[:-1]):
+        gap = text[prev_end:start]
+        if len(parts) >= MAX_ITEMS or len(gap) > MAX_BOX_GAP or not _BOX_GAP_RE.fullmatch(gap):
+            break
+        parts.insert(0, prev)
+        start = prev_start
+    return end, ", ".join(parts)
+
+
+def _answer_phrase(text: str) -> tuple[int, str | None]:
+    """(start, X) for the LAST word "answer" when its sentence states a formula X ("the final answer
+    is $X$", "Answer: X", "Final Answer: The largest $n$ is X"); (-1, None) otherwise. Only the last
+    anchor is read, so a number stated earlier in the reasoning is never picked up."""
+    start = _last_word(text, "answer")
+    if start < 0:
+        return -1, None
+    rest = text[start + len("answer"):]
+    lead = _ANSWER_LEAD_RE.match(rest)
+    span = _MATH_SPAN_RE.match(rest, lead.end())
+    if span is not None:                              # "answer is $X$.", "Answer \(X\)": the span
+        return start, _span_content(span) or None
+    connective = lead.group(1) is not None            # "answer is X", "Answer: X"
+    sentence = _SENTENCE_END_RE.split(rest[lead.end() if connective else 0:].split("\n", 1)[0], 1)[0]
+    formula = _formula(sentence) if connective else None
+    if formula is None:                               # "The largest $n$ is 34": after the last verb
+        verb = _LAST_VERB_RE.match(sentence)
+        formula = _formula(sentence[verb.end():]) if verb else None
+    return (start, formula) if formula else (-1, None)
+
+
+def _last_word(text: str, word: str) -> int:
+    """Start of the last whole-word occurrence of word (lower, Capitalized or UPPER case) in text, or
+    -1. Searches back from the end: a case-blind regex over a long completion costs ~50x more."""
+    best = -1
+    for variant in (word, word.capitalize(), word.upper()):
+        i = text.rfind(variant)
+        while i > best:
+            before = text[i - 1] if i > 0 else " "
+            after = text[i + len(word)] if i + len(word) < len(text) else " "
+            if not (before.isalnum() or before == "_" or after.isalnum() or after == "_"):
+                best = i
+                break
+            i = text.rfind(variant, 0, i)
+    return best
+
+
+def _span_content(m: re.Match) -> str:
+    return next(g for g in m.groups() if g is not None).strip()
+
+
+def _formula(s: str) -> str | None:
+    """The formula s states, if s is one: a single math span ($X$, $$X$$, \\(X\\), \\[X\\]) gives X;
+    a short line with no word of 3+ letters outside commands gives itself; anything else None."""
+    s = s.strip().strip("*").strip()
+    span = _MATH_SPAN_RE.fullmatch(s)
+    if span is not None:
+        return _span_content(span)
+    if not s or len(s) > 200 or "\n" in s:
         return None
-    rest = text[last.end():]
-    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if rest.startswith(opener):
-            end = rest.find(closer, len(opener))
-            return rest[len(opener):end].strip() if end >= 0 else ""
-    line = rest.split("\n", 1)[0]
-    return _SENTENCE_END_RE.split(line, 1)[0].strip()
+    probe = _ENV_NAME_RE.sub(" ", s)                  # \begin{pmatrix}: not prose
+    probe = re.sub(r"\\(?:text|textbf|mbox|mathrm)\s*\{[^{}]*\}|\\[A-Za-z]+", " ", probe)
+    return None if _PROSE_RE.search(probe) else s
 
 
 def _bare_answer(text: str) -> str | None:
-    """The whole text, if it is one short line of formula (no word of 3+ letters outside commands)."""
+    """The whole text, if it is one formula (see _formula): a completion that is only an answer."""
     s = text.strip()
-    if len(s) > 200 or "\n" in s:
-        return None
-    probe = re.sub(r"\\(?:text|textbf|mbox|mathrm)\s*\{[^{}]*\}|\\[A-Za-z]+", " ", s)
-    return None if _PROSE_RE.search(probe) else s
+    return s if _formula(s) is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,13 +363,17 @@ def _bare_answer(text: str) -> str | None:
 _UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
             "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
             "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
-            "\u00a0": " "}
+            "\u00a0": " ", "\u2044": "/"}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+_SCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻₀₁₂₃₄₅₆₇₈₉₊₋", "0123456789+-0123456789+-")
+_SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+")
+_SUBSCRIPT_RE = re.compile("[₀₁₂₃₄₅₆₇₈₉₊₋]+")
+_VULGAR_FRACTION_RE = re.compile("[\u00bc-\u00be\u2150-\u215e]")           # ¼ ½ ¾ ⅓ ... ⅞
 _REWRITES = [  # (pattern, replacement), applied in order
-    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?|middle)(?![A-Za-z])\s*\.?"), ""),
-    (re.compile(r"(?<=\d)\{,\}(?=\d)"), ""),                       # 10{,}080
+    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?|middle)(?![A-Za-z])\s*\.?|\\(?:no)?limits(?![A-Za-z])"), ""),
+    (re.compile(r"(?<=\d)\s*\{\s*,\s*\}\s*(?=\d)"), ""),             # 10{,}080, 14 {, }916
     (re.compile(r"(?<=\d),\\!\s*(?=\d)"), ""),                     # 10,\!080
-    (re.compile(r"(?<!\\)\\[,:;! ]|\\q?quad(?![A-Za-z])|~|\\(?:display|text|script)style(?![A-Za-z])"), " "),
+    (re.compile(r"(?<!\\)\\[,:;! ]|\\q?quad|~|\\(?:display|text|script)style(?![A-Za-z])"), " "),
     (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])|\\circ(?![A-Za-z])"), r" \\degree "),
     (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
     (re.compile(r"\\[dt]binom(?![A-Za-z])"), r"\\binom"),
@@ -295,23 +412,30 @@ def _clean(answer: str) -> str:
     s = answer.strip()
     if len(s) > MAX_ANSWER_CHARS:
         return s
-    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    if not s.isascii():
+        s = _unicode_to_latex(s)
     for _ in range(8):                              # peel nested wrappers: $\boxed{$5$}$ ...
         before = s
         for opener, closer in _OUTER_WRAPPERS:
             if len(s) >= len(opener) + len(closer) and s.startswith(opener) and s.endswith(closer):
                 s = s[len(opener):len(s) - len(closer)].strip()
-        m = _BOX_RE.match(s)
-        if m and s.endswith("}"):
-            j = s.find("{", m.end())
-            if j >= 0 and not s[m.end():j].strip() and _match_brace(s, j) == len(s) - 1:
-                s = s[j + 1:-1].strip()
-        s = s.rstrip(".,;: ").strip()
+        s = _unbox(s).rstrip(".,;: ").strip()
         if s == before:
             break
     for pattern, replacement in _REWRITES:
         s = pattern.sub(replacement, s)
-    return s.strip().rstrip(".,;:").strip()
+    return s.strip().rstrip(".,;:\\").strip()                   # "185\\": a stray line break
+
+
+def _unicode_to_latex(s: str) -> str:
+    """x², a₁, 3½ become x^{2}, a_{1}, 3\\frac{1}{2} (NFKC would flatten them to x2, a1, 31/2); then
+    NFKC folds full-width digits and letters, ligatures etc. into ASCII; then √ π ≤ ... become commands."""
+    s = _VULGAR_FRACTION_RE.sub(
+        lambda m: r"\frac{%s}{%s}" % tuple(unicodedata.normalize("NFKC", m.group(0)).split("\u2044")), s)
+    s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SCRIPT_DIGITS) + "}", s)
+    s = _SUBSCRIPT_RE.sub(lambda m: "_{" + m.group(0).translate(_SCRIPT_DIGITS) + "}", s)
+    s = unicodedata.normalize("NFKC", s)
+    return _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +559,10 @@ _COMMANDS = {  # LaTeX command -> token
     "%": ("pct", "%"), "degree": ("deg", "deg"), "infty": ("const", "oo"), "infin": ("const", "oo"),
     "pi": ("const", "pi"), "emptyset": ("const", "empty"), "varnothing": ("const", "empty"),
     "reals": ("const", "reals"), "frac": ("cmd", "frac"), "sqrt": ("cmd", "sqrt"),
-    "binom": ("cmd", "binom"), "and": ("sep", "and"), "or": ("sep", "or"),
+    "binom": ("cmd", "binom"), "and": ("sep", "and"), "or": ("sep", "or"), "equiv": ("rel", "="),
+    "bmod": ("op", "mod"), "mod": ("op", "mod"), "pmod": ("cmd", "pmod"), "to": ("rel", "->"),
+    "rightarrow": ("rel", "->"), "longrightarrow": ("rel", "->"), "sum": ("cmd", "sum"),
+    "prod": ("cmd", "prod"), "lim": ("cmd", "lim"),
 }
 _UNIT_WORDS = frozenset("""cm mm km ft in yd mi kg mg lb lbs oz hr hrs min mins ml sq cc mph kph
     inch inches foot feet yard yards mile miles meter meters metre metres centimeter centimeters
@@ -458,9 +585,11 @@ def _letter_tokens(run: str, space: bool) -> list[_Tok]:
         return [_Tok("const", "oo", space)]
     if run in ("and", "or"):
         return [_Tok("sep", run, space)]
+    if run == "mod":
+        return [_Tok("op", "mod", space)]
     if run.lower() in _UNIT_WORDS:
         return [_Tok("word", run, space)]
-    if run.lower() == "percent":
+    if run.lower() in ("percent", "percentage", "pct"):
         return [_Tok("pct", "%", space)]
     for name in sorted(_FUNCS, key=len, reverse=True):          # "sinx" -> sin x
         if run.startswith(name) and len(run) - len(name) <= 2:
@@ -781,6 +910,31 @@ def _abs(a: Num) -> Num:
     return _num(Abs(a.expr, evaluate=not _too_big_for_function(a)), a, frozen=_too_big_for_function(a))
 
 
+def _mod(a: Num, n: Num) -> Num:
+    """a mod n (\\bmod, \\pmod): computed for rationals (exact, cheap), kept unevaluated for anything
+    else (sympy's symbolic Mod can run for seconds in C code the deadline cannot stop)."""
+    _need_num(a, n)
+    exact = a.expr.is_Rational and n.expr.is_Rational and not (a.frozen or n.frozen)
+    return _num(Mod(a.expr, n.expr, evaluate=exact), a, n, frozen=a.frozen or n.frozen)
+
+
+MAX_DETERMINANT_SIZE = 4      # |A| by the Leibniz formula: n! products of n entries
+
+
+def _determinant(rows: list[tuple]) -> Num:
+    """det A = sum over permutations s of sign(s) * prod_i A[i][s(i)], built with the bounded helpers
+    (a vmatrix is a determinant, a value; exact for any entries, numbers or expressions)."""
+    n = len(rows)
+    if len(rows[0]) != n or n > MAX_DETERMINANT_SIZE:
+        raise _ParseError("determinant of a non-square or large matrix")
+    terms = []
+    for perm in itertools.permutations(range(n)):
+        inversions = sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n))
+        product = _mul_all([rows[i][perm[i]] for i in range(n)])
+        terms.append(_neg(product) if inversions % 2 else product)
+    return _add_all(terms)
+
+
 def _with_percent(a: Num) -> Num:
     return Num(a.expr, a.decimal, a.literal, a.frozen, True, a.digits)
 
@@ -846,6 +1000,8 @@ def _parse_items(toks: list[_Tok], depth: int, expand_pm: bool = False) -> list:
     its two values; elsewhere (inside braces, a tuple) ± stays a symbol until the enclosing item."""
     values = []
     for lo, hi in _split(toks, _is_item_sep):
+        if lo == hi and 0 < lo < len(toks) and toks[lo - 1].text == "," and toks[hi].kind == "sep":
+            continue                                   # "1, 2, and 3": the comma before "and"
         if lo == hi:
             raise _ParseError("empty list item")
         value = _parse_union(toks[lo:hi], depth)
@@ -969,10 +1125,15 @@ class _Parser:
             t = self.peek()
             if t is None:
                 break
-            if t.kind == "op" and t.text in "*/":
+            if t.kind == "op" and t.text in ("*", "/", "mod"):
                 self.take()
                 rhs = self.signed()
-                factors.append(rhs if t.text == "*" else _reciprocal(rhs))
+                if t.text == "mod":                # a b \bmod c = (a b) mod c, like a product
+                    factors = [_mod(_mul_all(factors), rhs)]
+                else:
+                    factors.append(rhs if t.text == "*" else _reciprocal(rhs))
+            elif (modulus := self.modulus()) is not None:
+                factors = [_mod(_mul_all(factors), modulus)]
             elif t.kind == "text" or (t.kind == "word" and t.text.lower() in _UNIT_WORDS):
                 self.take()                        # a unit or annotation: dropped
                 if self.at("op", "^"):
@@ -983,6 +1144,21 @@ class _Parser:
             else:
                 break
         return _mul_all(factors)
+
+    def modulus(self) -> Num | None:
+        """After a value: `\\pmod{n}` or `(\\bmod n)` is taken and gives n; otherwise None."""
+        if self.at("cmd", "pmod"):
+            self.take()
+            return self.argument()
+        after = self.toks[self.i + 1] if self.i + 1 < len(self.toks) else None
+        if not (self.at("op", "(") and after is not None and after.kind == "op" and after.text == "mod"):
+            return None
+        close = _find_close(self.toks, self.i)
+        items = self.sub_items(self.i + 2, close)
+        self.i = close + 1
+        if len(items) != 1:
+            raise _ParseError("bad modulus")
+        return items[0]
 
     def starts_atom(self, t: _Tok) -> bool:
         if t.kind in ("num", "id", "const", "func", "cmd", "setl", "begin", "word"):
@@ -1053,6 +1229,8 @@ class _Parser:
                     "reals": lambda: IntervalV(Num(-oo), Num(oo), True, True)}[t.text]()
         if t.kind == "func":
             return self.function(t.text)
+        if t.kind == "cmd" and t.text in ("sum", "prod", "lim"):
+            return self.big_operator(t.text)
         if t.kind == "cmd":
             if t.text == "frac":
                 return _div(self.argument(), self.argument())
@@ -1070,7 +1248,7 @@ class _Parser:
         if t.kind == "op" and t.text in "([":
             return self.bracket()
         if t.kind == "op" and t.text == "{":
-            return self.group()
+            return self.group(set_allowed=True)
         if t.kind == "setl":
             close = _find_close(self.toks, self.i - 1)
             items = self.sub_items(self.i, close, expand_pm=True) if close > self.i else []
@@ -1181,13 +1359,54 @@ class _Parser:
             self.take()
         return self.argument()
 
-    def group(self):
-        """After `{`: the braced content (a single item)."""
+    def group(self, set_allowed: bool = False):
+        """After `{`: the braced content, a single item; where a value may stand (not a command's
+        argument), `{-2021, 2021}` is the set \\{-2021, 2021\\} written without backslashes."""
         close = _find_close(self.toks, self.i - 1)
         items = self.sub_items(self.i, close)
         self.i = close + 1
-        if len(items) != 1:
+        if len(items) == 1:
+            return items[0]
+        if not set_allowed:
             raise _ParseError("a list inside braces")
+        return SetV(tuple(v for item in items for v in _expand_pm(item)))
+
+    def big_operator(self, name: str) -> Num:
+        """\\sum_{k=a}^{b} f, \\prod_{k=a}^{b} f, \\lim_{x \\to a} f, where f is the term that follows.
+        Kept unevaluated (sympy's inert Sum, Product, Limit) and so compared structurally: reordered
+        factors or terms in f still match, a different f or bound does not."""
+        if not (self.at("op", "_") and self.i + 1 < len(self.toks) and self.toks[self.i + 1].text == "{"):
+            raise _ParseError(f"\\{name} without a braced subscript")
+        close = _find_close(self.toks, self.i + 1)
+        inner = self.toks[self.i + 2:close]
+        self.i = close + 1
+        relation = "->" if name == "lim" else "="
+        if len(inner) < 3 or inner[0].kind != "id" or inner[1].kind != "rel" or inner[1].text != relation:
+            raise _ParseError(f"bad \\{name} subscript")
+        point, direction = inner[2:], "+"
+        if name == "lim" and len(point) > 2 and point[-2].text == "^" and point[-1].text in ("+", "-"):
+            point, direction = point[:-2], point[-1].text          # one-sided: x \to 0^+
+        start = self.single(point)
+        end = None
+        if name != "lim":
+            if not self.at("op", "^"):
+                raise _ParseError(f"\\{name} without an upper bound")
+            self.take()
+            end = self.script()
+        body = self.term()
+        parts = [p for p in (body, start, end) if p is not None]
+        _need_num(*parts)
+        var = Symbol(inner[0].text)
+        if name == "lim":
+            expr = Limit(body.expr, var, start.expr, direction)
+        else:
+            expr = (Sum if name == "sum" else Product)(body.expr, (var, start.expr, end.expr))
+        return _num(expr, *parts)
+
+    def single(self, toks: list[_Tok]):
+        items = _parse_items(toks, self.depth + self.level + 1)
+        if len(items) != 1:
+            raise _ParseError("a list where one value belongs")
         return items[0]
 
     def bracket(self):
@@ -1246,7 +1465,7 @@ class _Parser:
             rows.append(tuple(cells))
         if not rows or len({len(r) for r in rows}) != 1 or len(rows) * len(rows[0]) > MAX_ITEMS:
             raise _ParseError("ragged or oversized matrix")
-        return MatrixV(tuple(rows))
+        return _determinant(rows) if env == "vmatrix" else MatrixV(tuple(rows))
 
     def function(self, name: str) -> Num:
         """\\sin x, \\sin(x), \\sin^2 x, \\sin^{-1} x, \\log_2 8, \\ln x."""
@@ -1277,8 +1496,12 @@ def _lone_symbol(v) -> bool:
 
 
 def _relation_value(terms: list, ops: list[str], lhs_label: bool = False):
-    """a = b (= c): an equation of the first and last sides. Inequalities on one variable become
-    intervals (a < x <= b, x > a); other inequalities stay relations."""
+    """a = b (= c): an equation of the first and last sides, except that a tuple of names on the left
+    only labels the value: (p, q) = (3, 2) is the tuple (3, 2). Inequalities in one variable become
+    intervals, whatever linear form the variable takes (x > a, a < x <= b, -x > -1, 3 - 2x <= 5);
+    other inequalities stay relations."""
+    if all(op == "=" for op in ops) and _is_label_tuple(terms[0]):
+        return terms[-1]
     _need_num(*terms)
     if all(op == "=" for op in ops):
         return EquationV(terms[0], terms[-1], lhs_label)
@@ -1290,15 +1513,57 @@ def _relation_value(terms: list, ops: list[str], lhs_label: bool = False):
         terms, ops = terms[::-1], [{">": "<", ">=": "<="}.get(op, op) for op in ops[::-1]]
     if any(op not in ("<", "<=") for op in ops):
         raise _ParseError("inconsistent inequality chain")
-    if len(ops) == 2 and _lone_symbol(terms[1]) and not terms[0].expr.free_symbols and not terms[2].expr.free_symbols:
-        return IntervalV(terms[0], terms[2], ops[0] == "<", ops[1] == "<")
-    if len(ops) == 1 and _lone_symbol(terms[0]) and not terms[1].expr.free_symbols:
-        return IntervalV(Num(-oo), terms[1], True, ops[0] == "<")
-    if len(ops) == 1 and _lone_symbol(terms[1]) and not terms[0].expr.free_symbols:
-        return IntervalV(terms[0], Num(oo), ops[0] == "<", True)
-    if len(ops) == 1:
-        return RelationV(ops[0], terms[0], terms[1])
-    raise _ParseError("unsupported inequality chain")
+    opens = [op == "<" for op in ops]
+    if len(ops) == 2:
+        interval = _solved_interval(terms[0], terms[1], terms[2], *opens)
+        if interval is None:
+            raise _ParseError("unsupported inequality chain")
+        return interval
+    lhs, rhs = terms
+    if not rhs.expr.free_symbols:                  # f(x) < c
+        interval = _solved_interval(Num(-oo), lhs, rhs, True, opens[0])
+    elif not lhs.expr.free_symbols:                # c < f(x)
+        interval = _solved_interval(lhs, rhs, Num(oo), opens[0], True)
+    else:                                          # f(x) < g(x): f - g < 0
+        interval = _solved_interval(Num(-oo), _add(lhs, _neg(rhs)), Num(Integer(0)), True, opens[0])
+    return interval if interval is not None else RelationV(ops[0], lhs, rhs)
+
+
+def _is_label_tuple(value) -> bool:
+    return isinstance(value, TupleV) and all(_lone_symbol(v) for v in value.items)
+
+
+def _solved_interval(lo: Num, middle: Num, hi: Num, lo_open: bool, hi_open: bool) -> IntervalV | None:
+    """The x with lo < a x + b < hi (each < possibly <=), when middle = a x + b is linear in its one
+    variable x and lo, hi are numbers: ((lo - b)/a, (hi - b)/a), ends swapped when a < 0."""
+    if lo.frozen or hi.frozen or lo.expr.free_symbols or hi.expr.free_symbols:
+        return None
+    linear = _linear_form(middle)
+    if linear is None:
+        return None
+    a, b = linear
+    left, right = _num((lo.expr - b) / a, lo, middle), _num((hi.expr - b) / a, hi, middle)
+    if a < 0:
+        return IntervalV(right, left, hi_open, lo_open)
+    return IntervalV(left, right, lo_open, hi_open)
+
+
+def _linear_form(m: Num) -> tuple | None:
+    """(a, b), rationals with a != 0, when m = a x + b for the one variable x of m; else None."""
+    symbols = m.expr.free_symbols
+    if m.frozen or len(symbols) != 1 or _PM in symbols:
+        return None
+    (x,) = symbols
+    if m.expr == x:
+        return Integer(1), Integer(0)
+    size = _poly_terms(m.expr)
+    if size is None or size > MAX_POLY_TERMS:
+        return None
+    e = expand(m.expr)
+    a, b = e.coeff(x, 1), e.coeff(x, 0)
+    if not (a.is_Rational and b.is_Rational) or a == 0 or expand(e - a * x - b) != 0:
+        return None
+    return a, b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1453,10 +1718,11 @@ def _ordered_equal(xs: tuple, ys: tuple) -> bool:
 
 
 def _unordered_equal(xs: tuple, ys: tuple) -> bool:
-    """Multiset equality: identical items are paired first (cheap), the rest by _equal."""
-    if len(xs) != len(ys):
+    """Set equality: a repeated item counts once (a solution listed twice is still one solution);
+    identical items are paired first (cheap), the rest by _equal."""
+    left, right = Counter(set(xs)), Counter(set(ys))
+    if len(left) != len(right):
         return False
-    left, right = Counter(xs), Counter(ys)
     common = left & right
     rest_x = list((left - common).elements())
     rest_y = list((right - common).elements())
@@ -1529,10 +1795,13 @@ def _bits(value) -> int:
 
 
 def _guard(value):
-    """value, unless it is infinite, NaN, or so large that further steps could not be bounded."""
+    """value, unless it is infinite, NaN, or so large that further steps could not be bounded.
+    Records the largest magnitude met (_state.peak_bits): see _evaluate."""
     ctx = _mp()
-    if not ctx.isfinite(value) or _bits(value) > MAX_MAGNITUDE_BITS:
+    bits = _bits(value) if ctx.isfinite(value) else MAX_MAGNITUDE_BITS + 1
+    if bits > MAX_MAGNITUDE_BITS:
         raise _Unsafe
+    _state.peak_bits = max(_state.peak_bits, bits)
     return value
 
 
@@ -1581,29 +1850,47 @@ def _mp_value(expr, point: dict):
 
 
 def _evaluate(expr, precision: int, point: dict | None = None):
-    """expr as an mpmath number at `precision` digits (variables taken from point), or None if it
-    is not a finite number or cannot be evaluated within bounded cost."""
+    """expr as an mpmath number (variables taken from point) with an ABSOLUTE error below
+    10^-(precision+10), or None if it is not a finite number or cannot be evaluated within bounded cost.
+
+    Why absolute: (x+1)^1000 + x and (x+1)^1000 differ by x, a relative 1e-460 of either value; at a
+    fixed 30 significant digits they would look equal. So a first pass finds the largest magnitude
+    met on the way (_state.peak_bits, which also bounds cancellation), and the value is computed
+    again with that many more digits."""
     ctx = _mp()
-    ctx.dps = precision + 10
     try:
-        return ctx.mpc(_mp_value(expr, point or {}))
+        extra = 0
+        for _ in range(2):
+            ctx.dps = precision + extra + 10
+            _state.peak_bits = 0
+            value = ctx.mpc(_mp_value(expr, point or {}))
+            needed = int(_state.peak_bits * LOG10_2) + 1
+            if needed <= extra + 10:                 # the 10 guard digits already cover it
+                break
+            extra = needed
+        return value
     except (_Unsafe, ArithmeticError, ValueError, TypeError, RecursionError):
         return None
 
 
-def _close(u, v, precision: int, rel_tol) -> bool:
+def _close(u, v, precision: int, rel_tol, scale=1) -> bool:
+    """u = v: "exactly" (rel_tol None) means |u - v| <= 10^(5-precision) * scale, an absolute bound
+    (values come from _evaluate, accurate to 10^-(precision+10)); with a decimal literal involved,
+    within rel_tol of the larger value."""
     ctx = _mp()
-    ctx.dps = precision + 10
-    scale = max(abs(u), abs(v))
-    if rel_tol is None:                          # "exact": equal to the working precision
-        tol = ctx.mpf(10) ** (5 - precision)
-        return abs(u - v) <= tol * max(scale, 1)
-    return abs(u - v) <= ctx.mpf(rel_tol.p) / rel_tol.q * scale
+    if rel_tol is None:
+        return abs(u - v) <= ctx.mpf(10) ** (5 - precision) * scale
+    return abs(u - v) <= ctx.mpf(rel_tol.p) / rel_tol.q * max(abs(u), abs(v))
+
+
+def _close_at(x, y, precision: int, rel_tol, point: dict | None = None) -> bool | None:
+    """x = y evaluated at point (see _close); None if either side cannot be evaluated there."""
+    u, v = _evaluate(x, precision, point), _evaluate(y, precision, point)
+    return None if u is None or v is None else _close(u, v, precision, rel_tol)
 
 
 def _numbers_close(x, y, precision: int, rel_tol) -> bool:
-    u, v = _evaluate(x, precision), _evaluate(y, precision)
-    return u is not None and v is not None and _close(u, v, precision, rel_tol)
+    return bool(_close_at(x, y, precision, rel_tol))
 
 
 _SAMPLE_RNG = random.Random(20240601)
@@ -1639,12 +1926,10 @@ def _expressions_equal(x, y, precision: int, rel_tol) -> bool:
     symbols = sorted(x.free_symbols | y.free_symbols, key=str)
     agreed = 0
     for point in _sample_points(symbols):
-        u, v = _evaluate(x, precision, point), _evaluate(y, precision, point)
-        if u is None or v is None:
-            continue                             # a singular point for one side: try the next
-        if not _close(u, v, precision, rel_tol):
+        verdict = _close_at(x, y, precision, rel_tol, point)
+        if verdict is False:
             return False
-        agreed += 1
+        agreed += verdict is True                # None: a singular point for one side
     return agreed > 0
 
 
@@ -1656,8 +1941,9 @@ def _difference(rel) -> Num | None:
 
 def _equation_equal(a: EquationV, b: EquationV) -> bool:
     """Same equation up to swapping sides and a nonzero constant factor."""
-    if (_lone_symbol(a.lhs) or a.lhs_label) and a.lhs == b.lhs:   # y = f(x) vs y = g(x): compare f, g
-        return _num_equal(a.rhs, b.rhs)
+    a_named, b_named = _lone_symbol(a.lhs) or a.lhs_label, _lone_symbol(b.lhs) or b.lhs_label
+    if a_named and b_named and (a.lhs == b.lhs or a.lhs_label or b.lhs_label):
+        return _num_equal(a.rhs, b.rhs)          # y = f(x) vs y = g(x), f(x) = ... vs y = ...: compare f, g
     if (a.lhs == b.rhs and a.rhs == b.lhs) or (_num_equal(a.lhs, b.lhs) and _num_equal(a.rhs, b.rhs)):
         return True
     if (_assigned_value(a) is not None and _assigned_value(b) is not None
@@ -1681,12 +1967,12 @@ def _proportional(d1: Num | None, d2: Num | None, positive: bool) -> bool:
         u, v = _evaluate(d1.expr, precision, point), _evaluate(d2.expr, precision, point)
         if u is None or v is None or abs(v) == 0:
             return False
-        r = u / v
-        if abs(r) == 0 or (positive and (abs(r.imag) > abs(r) * 1e-20 or r.real <= 0)):
+        if ratio is None:                        # c from the first point, then d1 = c d2 at the others
+            ratio = u / v
+            if abs(ratio) == 0 or (positive and (abs(ratio.imag) > abs(ratio) * 1e-20 or ratio.real <= 0)):
+                return False
+        elif not _close(u, ratio * v, precision, None, max(abs(ratio), 1)):
             return False
-        if ratio is not None and not _close(r, ratio, precision - 10, None):
-            return False
-        ratio = r
     return True
 
 
@@ -1729,18 +2015,20 @@ def is_equiv(pred: str, gold: str) -> bool:
         return False
 
 
-def grade(completion: str, gold: str) -> bool:
-    """True iff the completion's final answer (extract_answer) is equivalent to gold. Never raises."""
+def grade(completion: str, gold: str, require_think_close: bool = False) -> bool:
+    """True iff the completion's final answer (extract_answer) is equivalent to gold. Never raises.
+    require_think_close=True is the paper's strict protocol (rllm's grader): a completion without
+    `</think>` scores False; otherwise the answer is read from the text after the last `</think>`."""
     if not isinstance(gold, str):
         return False
     try:
-        return bool(_with_deadline(_grade, completion, gold))
+        return bool(_with_deadline(_grade, completion, gold, bool(require_think_close)))
     except (_OutOfTime, Exception):
         return False
 
 
-def _grade(completion: str, gold: str) -> bool:
-    answer = extract_answer(completion)
+def _grade(completion: str, gold: str, require_think_close: bool) -> bool:
+    answer = extract_answer(completion, require_think_close)
     return answer is not None and _equiv(answer, gold)
 
 
@@ -1790,12 +2078,26 @@ def describe(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Compare a predicted answer (or a whole completion) with a gold answer. "
-                    "Exit status 0 if equivalent, 1 if not.")
+        prog="verify.py", description="Compare a predicted answer (or a whole completion) with a gold "
+        "answer. Exit status 0 if equivalent, 1 if not, 2 on a usage error. Answers may begin with "
+        "'-' (python verify.py -x -x): every argument is an answer, except a lone -h/--help.")
     parser.add_argument("pred", help="predicted answer, or a completion containing \\boxed{...}")
     parser.add_argument("gold", help="gold answer")
-    args = parser.parse_args(argv)
-    extracted = extract_answer(args.pred)
+    parser.add_argument("--require-think-close", action="store_true",
+                        help="the paper's strict protocol: no </think> in pred means no answer")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    strict = "--require-think-close" in argv
+    answers = [a for a in argv if a != "--require-think-close"]
+    if answers in (["-h"], ["--help"]):
+        parser.parse_args(answers)                   # prints the help and exits
+    if answers[:1] == ["--"]:
+        answers = answers[1:]
+    args = parser.parse_args((["--require-think-close"] if strict else []) + ["--", *answers])
+    extracted = extract_answer(args.pred, args.require_think_close)
+    if extracted is None and args.require_think_close:
+        print("pred: no answer after </think> (strict protocol)")
+        print("verdict: not equivalent")
+        return 1
     answer = extracted if extracted is not None else args.pred
     if extracted is None:
         print("pred: no boxed or 'final answer' found; comparing the argument as given")
@@ -1814,4 +2116,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import cli                       # not at the top: common imports torch, verify does not
+
+    cli(main, "verify.py")

@@ -1,10 +1,12 @@
-"""One command for the performance figures: `python bench.py --device cpu --quick` (minutes, CI-sized) or
-`python bench.py --device cuda` (a Qwen2.5-1.5B-shaped model with random weights; no download).
+"""One command for the performance figures: `python -m scripts.bench --device cpu --quick` (minutes,
+CI-sized) or `python -m scripts.bench --device cuda` (a Qwen2.5-1.5B-shaped model with random weights; no
+download).
 
 Sections (--sections, default all):
-  train    one training step (packed documents, chunked log-probs, backward): tokens/s, MFU, peak memory at
-           several tokens per micro-batch, with and without activation checkpointing and torch.compile; on
-           every device also transformers' forward+backward on the same model and batch, side by side.
+  train    one training step (packed documents, chunked log-probs, backward; bf16 autocast on CUDA):
+           tokens/s, MFU, peak memory at several tokens per micro-batch, for each of --variants (activation
+           checkpointing and torch.compile, on or off); unless --no-transformers, also transformers'
+           forward+backward on the same model and batch, side by side.
   logprob  peak memory of losses.token_logps forward+backward against tokens and vocabulary size: it must grow
            with tokens and not with the vocabulary (beyond one chunk).
   decode   evaluate.generate tokens/s against transformers' generate at batch 1, 16 and 64 (bench_decode.py).
@@ -14,7 +16,6 @@ Prints a table per section and writes everything to --out as JSON.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -24,6 +25,7 @@ import time
 
 import torch
 
+import common
 import losses
 from model import Qwen2, Qwen2Config
 from train import PEAK_BF16_FLOPS
@@ -108,28 +110,31 @@ def bench_train(args, device):
         model = Qwen2(config).init_weights().train()
     peak = peak_flops(device)
     rows = []
-    variants = [(False, False), (True, False)] + ([(False, True), (True, True)] if device.type == "cuda" else [])
+    variants = [VARIANTS[name] for name in args.variants.split(",")]
+    blocks = list(model.layers)
     for tokens in token_counts:
         batch = packed_batch(tokens, config.vocab_size, min(doc_len, tokens), device)
         for checkpointing, compiled in variants:
             model.gradient_checkpointing = checkpointing
-            runner = torch.compile(model) if compiled else model
+            # Compiled as train.py --compile does it: each block (identical blocks share one compiled graph).
+            model.layers = torch.nn.ModuleList([torch.compile(b) for b in blocks] if compiled else blocks)
             try:
-                seconds, mem = time_steps(our_step, runner, batch, autocast_dtype, device, args.warmup, args.iters)
+                seconds, mem = time_steps(our_step, model, batch, autocast_dtype, device, args.warmup, args.iters)
             except torch.OutOfMemoryError:
                 rows.append(dict(impl="ours", tokens=tokens, checkpointing=checkpointing, compile=compiled,
                                  error="out of memory"))
                 torch.cuda.empty_cache()
                 continue
             tps = tokens / seconds
-            mfu = model.flops_per_token(doc_len) * tps / peak if peak else None
+            mfu = model.flops_per_token(min(doc_len, tokens)) * tps / peak if peak else None
             rows.append(dict(impl="ours", tokens=tokens, checkpointing=checkpointing, compile=compiled,
                              step_s=seconds, tokens_per_s=tps, mfu=mfu, peak_mem_gib=mem))
             print(f"  ours tokens={tokens} ckpt={checkpointing} compile={compiled}: {seconds * 1e3:.1f} ms, "
                   f"{tps:,.0f} tok/s" + (f", MFU {mfu:.1%}" if mfu else "") + (f", {mem:.1f} GiB" if mem else ""),
                   flush=True)
-    model.gradient_checkpointing = False
-    rows += bench_train_vs_transformers(args, device, config, model, token_counts, autocast_dtype)
+    model.gradient_checkpointing, model.layers = False, torch.nn.ModuleList(blocks)
+    if args.transformers:
+        rows += bench_train_vs_transformers(args, device, config, model, token_counts, autocast_dtype)
     return rows
 
 
@@ -161,8 +166,9 @@ LOGPROB_PROBE = r"""
 import resource, sys, torch, losses
 tokens, vocab, hidden, device = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 g = torch.Generator().manual_seed(0)
-h = torch.randn(tokens, hidden, generator=g).to(device).requires_grad_()
-w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device).requires_grad_()
+dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what a training step feeds it there
+h = torch.randn(tokens, hidden, generator=g).to(device, dtype).requires_grad_()
+w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype).requires_grad_()
 t = torch.randint(0, vocab, (tokens,), generator=g).to(device)
 if device == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
@@ -198,7 +204,7 @@ def bench_logprob(args, device):
 
 
 def bench_decode_section(args, device):
-    import bench_decode
+    from scripts import bench_decode
     argv = ["--device", device.type, "--out", os.path.join(os.path.dirname(args.out) or ".", "decode.json")]
     if args.quick:
         argv += ["--max-new-tokens", "64", "--repeats", "2"]
@@ -206,17 +212,23 @@ def bench_decode_section(args, device):
 
 
 def bench_verify_section(args, device):
-    import bench_verify
+    from scripts import bench_verify
     return bench_verify.run()
 
 
+# --variants: (activation checkpointing, torch.compile)
+VARIANTS = {"plain": (False, False), "ckpt": (True, False), "compile": (False, True), "ckpt+compile": (True, True)}
 SECTIONS = {"train": bench_train, "logprob": bench_logprob, "decode": bench_decode_section,
             "verify": bench_verify_section}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", help="train section: comma-separated of " + ",".join(VARIANTS)
+                        + " (default: all on CUDA, plain,ckpt on CPU)")
+    parser.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                        help="train section: also time transformers on the same model and batch")
     parser.add_argument("--quick", action="store_true", help="small shapes; a few minutes on a CPU")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ",".join(SECTIONS))
     parser.add_argument("--tokens", type=int, nargs="*", help="tokens per micro-batch for the train section")
@@ -224,11 +236,15 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default="bench_results/bench.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"--sections: unknown {sorted(unknown)}; choose from {sorted(SECTIONS)}")
+    args.variants = args.variants or ("plain,ckpt,compile,ckpt+compile" if device.type == "cuda" else "plain,ckpt")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
 
     report = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(device)
                   if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, "
@@ -237,11 +253,9 @@ def main():
         print(f"[{name}]", flush=True)
         report[name] = SECTIONS[name](args, device)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    common.write_json(args.out, report)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main, "bench.py")

@@ -1,24 +1,27 @@
-"""Decode throughput: evaluate.generate against transformers' generate, greedy, on the same random model
-and the same ragged-length prompts, at several batch sizes. Prints a table and writes JSON.
+"""Decode throughput: evaluate.generate, eager and compiled, against transformers' generate, greedy, on the
+same random model and the same ragged-length prompts, at several batch sizes. Prints a table, writes JSON.
 
-    python bench_decode.py --threads 1           # CPU, batches 1, 16, 64
-    python bench_decode.py --device cuda --dtype bf16 --hidden 1536 --layers 28 --vocab 151936
+    python -m scripts.bench_decode --threads 1                     # CPU: batches 1, 16, 64, eager only
+    python -m scripts.bench_decode --device cuda --dtype bf16 --hidden 1536 --intermediate 8960 --layers 28 \\
+        --heads 12 --kv-heads 2 --vocab 151936 --out bench_results/decode.json      # Qwen2.5-1.5B shape
 
 Two workloads per batch size B:
   fixed   B prompts, no stop ids: every row generates exactly --max-new-tokens (pure decode speed).
   ragged  queue x B prompts whose greedy runs end at spread-out lengths, as an evaluation's answers do
           (the stop ids are tokens the runs themselves emit; see pick_stop_ids). transformers takes them in
           consecutive batches of B and each batch runs until its longest row ends; ours refills slots.
+--compile (default: on with CUDA, off on CPU) adds evaluate's compiled decode step (torch.compile, CUDA
+graphs on CUDA) on the fixed workload (and on ragged with --compile-ragged: the cache shrinking at its tail
+compiles a graph per slot count). Compilation happens in an untimed warm-up run of the same shapes.
 tokens/s = new tokens (stop tokens included) / wall time of the whole call, prefill included, best of
---repeats runs of each, alternated, after a warm-up. transformers runs as it is normally used:
-left-padded batches with an attention mask. `agree` is the share of rows whose greedy tokens are
-identical in both (left padding may move transformers' logits by rounding, so a near-tie could flip a
-row). On a machine shared with other work, pass --threads 1: parallel regions that wait for a busy
-core otherwise dominate both timings.
+--repeats runs of each, alternated, after a warm-up. transformers runs as it is normally used: left-padded
+batches with an attention mask. `agree` is the share of rows whose greedy tokens are identical to
+transformers' (left padding may move its logits by rounding, so a near-tie could flip a row);
+`compiled_agree` the share identical between our eager and compiled steps. On a machine shared with other
+work, pass --threads 1: parallel regions that wait for a busy core otherwise dominate both timings.
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -28,23 +31,10 @@ import time
 import torch
 import transformers
 
+import common
 import evaluate
 from model import Qwen2
-
-
-def make_checkpoint(path, args) -> transformers.Qwen2ForCausalLM:
-    """A random Qwen2 saved to `path`; returns the transformers model (ours loads the same files). Weights
-    are N(0, 0.1): with transformers' default 0.02 a random tied model only repeats its last token, which
-    would make the stop-token workload below impossible to build."""
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False,
-        initializer_range=0.1)
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return model
+from scripts import tiny
 
 
 def ragged_prompts(count: int, vocab: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
@@ -91,101 +81,127 @@ def hf_generate(model, prompts, max_new_tokens, device, stop_ids=None, batch=Non
     return out
 
 
-def compare(name, batch, ours_fn, hf_fn, repeats) -> dict:
-    """Run both `repeats` times, alternating (so a change in machine load hits both alike); keep each
-    one's best wall time."""
-    best = {"ours": float("inf"), "hf": float("inf")}
+def compare(name, batch, runners: dict, repeats) -> dict:
+    """Run each of `runners` {who: fn} `repeats` times, alternating (so a change in machine load hits all
+    alike); keep each one's best wall time. `runners` has "ours" and "transformers", maybe "ours_compiled"."""
+    best, outputs = {who: math.inf for who in runners}, {}
     for _ in range(repeats):
-        for who, fn in (("ours", ours_fn), ("hf", hf_fn)):
+        for who, fn in runners.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = fn()
+            outputs[who] = fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             best[who] = min(best[who], time.perf_counter() - start)
-            if who == "ours":
-                ours_out = out
-            else:
-                hf_out = out
-    t_ours, t_hf = best["ours"], best["hf"]
-    tokens = sum(map(len, ours_out))  # useful tokens (stop tokens included)
-    agree = sum(a == b for a, b in zip(ours_out, hf_out)) / len(ours_out)
-    r = {"workload": name, "batch": batch, "prompts": len(ours_out), "new_tokens": tokens,
-         "ours_tokens_per_s": tokens / t_ours, "transformers_tokens_per_s": tokens / t_hf,
-         "ratio": t_hf / t_ours, "ours_s": t_ours, "transformers_s": t_hf, "greedy_agree": agree}
-    print(f"{name:<7} batch {batch:>3} ({len(ours_out):>3} prompts, {tokens:>6} tokens): ours "
-          f"{r['ours_tokens_per_s']:8.1f} tok/s | transformers {r['transformers_tokens_per_s']:8.1f} tok/s | "
-          f"ratio {r['ratio']:5.2f}x | agree {agree:.2f}", flush=True)
+    ours = outputs["ours"]
+    tokens = sum(map(len, ours))  # useful tokens (stop tokens included)
+    agree = lambda other: sum(a == b for a, b in zip(ours, outputs[other])) / len(ours)
+    r = {"workload": name, "batch": batch, "prompts": len(ours), "new_tokens": tokens,
+         **{f"{who}_tokens_per_s": tokens / best[who] for who in runners},
+         **{f"{who}_s": best[who] for who in runners},
+         "ratio": best["transformers"] / best["ours"], "greedy_agree": agree("transformers")}
+    line = (f"{name:<7} batch {batch:>3} ({len(ours):>3} prompts, {tokens:>6} tokens): ours "
+            f"{tokens / best['ours']:8.1f} tok/s | transformers {tokens / best['transformers']:8.1f} tok/s | "
+            f"ratio {r['ratio']:5.2f}x | agree {r['greedy_agree']:.2f}")
+    if "ours_compiled" in runners:
+        r["compiled_ratio"] = best["transformers"] / best["ours_compiled"]
+        r["compiled_agree"] = agree("ours_compiled")
+        line += f" | compiled {tokens / best['ours_compiled']:8.1f} tok/s ({r['compiled_ratio']:5.2f}x, agree " \
+                f"{r['compiled_agree']:.2f})"
+    print(line, flush=True)
     return r
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", default="16,64", help="min,max prompt length (uniform)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=3, help="best of this many timed runs each")
-    p.add_argument("--queue", type=int, default=4, help="ragged workload: prompts per cache slot")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="bench_results/decode.json")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__.splitlines()[0],
+                                formatter_class=common.HelpFormatter)
+    add = p.add_argument
+    add("--batches", default="1,16,64", help="batch sizes (KV cache slots), comma-separated")
+    add("--max-new-tokens", type=common.COUNT, default=128, help="new tokens per row at most")
+    add("--prompt-len", default="16,64", help="min,max prompt length (uniform)")
+    add("--hidden", type=common.COUNT, default=256, help="model width")
+    add("--intermediate", type=common.COUNT, default=None, help="MLP width (default: 4 x hidden)")
+    add("--layers", type=common.COUNT, default=4, help="decoder layers")
+    add("--heads", type=common.COUNT, default=4, help="query heads")
+    add("--kv-heads", type=common.COUNT, default=2, help="key/value heads")
+    add("--vocab", type=common.COUNT, default=32000, help="vocabulary size")
+    add("--repeats", type=common.COUNT, default=3, help="best of this many timed runs each")
+    add("--queue", type=common.COUNT, default=4, help="ragged workload: prompts per cache slot")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="also time the compiled decode step (default: on with CUDA, off on CPU)")
+    add("--compile-ragged", action="store_true", help="the compiled step on the ragged workload too")
+    add("--threads", type=common.COUNT, default=None, help="torch CPU threads (default: torch's choice)")
+    add("--out", default="bench_results/decode.json", help="JSON report")
     args = p.parse_args(argv)
+    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
+    return args
+
+
+def load_models(args, dtype):
+    """A random checkpoint of the requested shape (scripts.tiny: N(0, 0.1) weights, so greedy runs vary and
+    end at spread-out stop ids), loaded by ours and by transformers."""
+    shape = {"vocab_size": args.vocab, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+             "intermediate_size": args.intermediate or 4 * args.hidden, "num_attention_heads": args.heads,
+             "num_key_value_heads": args.kv_heads, "max_position_embeddings": 4096}
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny.make_checkpoint(tmp, dtype=dtype, **shape)
+        hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+        ours = Qwen2.from_pretrained(tmp, dtype=dtype, device=args.device)
+    return hf, ours
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     low, high = map(int, args.prompt_len.split(","))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = make_checkpoint(tmp, args).to(device=args.device, dtype=dtype)
-        ours = Qwen2.from_pretrained(tmp, dtype=dtype, device=args.device)
+    hf, ours = load_models(args, dtype)
     results = []
     with torch.inference_mode():
         warm = ragged_prompts(2, args.vocab, low, high, seed=12345)  # first-call costs out of the timings
         evaluate.generate(ours, warm, 4)
         hf_generate(hf, warm, 4, args.device)
         for batch in map(int, args.batches.split(",")):
-            # Fixed: `batch` prompts, every row exactly max_new_tokens long (no stop ids).
             prompts = ragged_prompts(batch, args.vocab, low, high, seed=batch)
-            results.append(compare(
-                "fixed", batch, lambda: evaluate.generate(ours, prompts, args.max_new_tokens, batch_size=batch),
-                lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device), args.repeats))
-            # Ragged: queue x batch prompts whose greedy runs end at spread-out lengths (stop ids picked from
-            # the runs themselves); transformers takes them in consecutive batches, ours refills its slots.
-            prompts = ragged_prompts(args.queue * batch, args.vocab, low, high, seed=batch + 1)
-            free_runs = evaluate.generate(ours, prompts, args.max_new_tokens, batch_size=batch)
-            stops = pick_stop_ids(free_runs, seed=batch)
-            results.append(compare(
-                "ragged", batch, lambda: evaluate.generate(ours, prompts, args.max_new_tokens, stop_ids=stops,
-                                                           batch_size=batch),
-                lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device, stops, batch), args.repeats))
+            fixed = {"ours": lambda: evaluate.generate(ours, prompts, args.max_new_tokens, batch_size=batch),
+                     "transformers": lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device)}
+            if args.compile:
+                fixed["ours_compiled"] = lambda: evaluate.generate(ours, prompts, args.max_new_tokens,
+                                                                   batch_size=batch, compile=True)
+                fixed["ours_compiled"]()  # compiles this batch's graphs, untimed
+            results.append(compare("fixed", batch, fixed, args.repeats))
+            # Ragged: stop ids picked from the runs themselves; transformers takes consecutive batches.
+            prompts_r = ragged_prompts(args.queue * batch, args.vocab, low, high, seed=batch + 1)
+            stops = pick_stop_ids(evaluate.generate(ours, prompts_r, args.max_new_tokens, batch_size=batch), batch)
+            ragged = {"ours": lambda: evaluate.generate(ours, prompts_r, args.max_new_tokens, stop_ids=stops,
+                                                        batch_size=batch),
+                      "transformers": lambda: hf_generate(hf, prompts_r, args.max_new_tokens, args.device, stops,
+                                                          batch)}
+            if args.compile and args.compile_ragged:
+                ragged["ours_compiled"] = lambda: evaluate.generate(ours, prompts_r, args.max_new_tokens,
+                                                                    stop_ids=stops, batch_size=batch, compile=True)
+                ragged["ours_compiled"]()
+            results.append(compare("ragged", batch, ragged, args.repeats))
 
-    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    report = {"device": args.device if args.device != "cpu" else cpu,
+    cuda = torch.cuda.is_available() and args.device.startswith("cuda")
+    report = {"device": torch.cuda.get_device_name() if cuda else
+              f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": time.strftime("%Y-%m-%d"), "compile": args.compile,
               "model": {"hidden": args.hidden, "intermediate": args.intermediate or 4 * args.hidden,
-                        "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                        "vocab": args.vocab},
+                        "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab},
               "max_new_tokens": args.max_new_tokens, "prompt_len": [low, high], "queue": args.queue,
               "results": results}
-    if torch.cuda.is_available() and args.device.startswith("cuda"):
-        report["device"] = torch.cuda.get_device_name()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    common.write_json(args.out, report)
     print(f"wrote {args.out}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main, "bench_decode.py")

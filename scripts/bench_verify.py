@@ -11,30 +11,35 @@ Both checkers grade the same (completion, gold) pairs in one run:
                      except for the rare genuine equality such as "5" vs "x=5")
   challenge          hand-labelled pairs on the known failure modes of answer checkers (exactness,
                      extraction, formats, lists, intervals, units, text, multiple choice, injection)
+  peer:FAMILY        the families collected from other projects' test suites (Math-Verify,
+                     NeMo-Skills, MARIO_EVAL, rllm, lighteval), as tabled in tests/test_verify.py:
+                     answer pairs are graded in both argument orders, completions as written
 
 For each checker it prints accepted/rejected counts, agreement with the expected labels, and
-pairs/second over the first three sets (the MATH-500 pairs), then the speed ratio. Caches of our
-checker are cleared before its run (cold start); Math-Verify keeps its own small internal caches.
+pairs/second over the first three sets (the MATH-500 pairs), then the speed ratio, a side-by-side
+table of agreement per peer family, and the slowest single pair. Caches of our checker are cleared
+before its run (cold start); Math-Verify keeps its own small internal caches.
 
 Math-Verify is a benchmark-only dependency (requirements-bench.txt); without it only our numbers
 are reported. Results are written as JSON to --out (default bench_results/verify.json).
 
-    python bench_verify.py [--data ../shared/data/math500.jsonl] [--out PATH] [--hang-cases]
+    python -m scripts.bench_verify [--data ../shared/data/math500.jsonl] [--out PATH] [--hang-cases]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 
 import verify
-from data import read_jsonl, write_atomic
+from common import InputError, cli, read_jsonl, write_text
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "math500.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +50,7 @@ def load_rows(path: Path) -> list[dict]:
     for line_no, row in read_jsonl(path):
         for key in ("solution", "answer"):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{line_no}: missing string field {key!r}")
+                raise InputError(f"{path}:{line_no}: missing string field {key!r}")
         rows.append(row)
     return rows
 
@@ -84,6 +89,22 @@ def rewrite(answer: str) -> str | None:
     if re.fullmatch(r"\(.*\)", answer):                     # a tuple: respace it
         return answer.replace(",", " , ")
     return None
+
+
+def peer_sets() -> dict[str, list[tuple[str, str, bool]]]:
+    """The peer-suite families of tests/test_verify.py, one set each ("peer:NAME"). Answer pairs are
+    wrapped as $pred$ completions and listed in both orders (our is_equiv is symmetric, Math-Verify's
+    verify(gold, pred) need not be); completion tables are used as written."""
+    spec = importlib.util.spec_from_file_location("verify_tables", ROOT / "tests" / "test_verify.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    sets = {}
+    for name, rows in tables.PEER_FAMILIES.items():
+        sets[f"peer:{name}"] = ([(f"${p}$", g, want) for p, g, want in rows]
+                                + [(f"${g}$", p, want) for p, g, want in rows])
+    for name, rows in tables.PEER_COMPLETIONS.items():
+        sets[f"peer:{name}"] = list(rows)
+    return sets
 
 
 def math500_sets(rows: list[dict]) -> dict[str, list[tuple[str, str, bool]]]:
@@ -210,51 +231,73 @@ def load_math_verify():
 
 
 def grade_sets(checker, sets: dict[str, list]) -> dict:
-    """Grade every pair with checker; counts per set and pairs/s over the MATH-500 sets."""
+    """Grade every pair with checker; counts per set, pairs/s over the MATH-500 sets, slowest pair."""
     report, timed_pairs, timed_seconds = {}, 0, 0.0
+    slowest = (0.0, None)
     for name, pairs in sets.items():
         accepted = agree = 0
         mistakes = []
-        start = time.perf_counter()
+        set_start = time.perf_counter()
         for completion, gold, expected, *_ in pairs:
+            start = time.perf_counter()
             verdict = checker(completion, gold)
+            pair_seconds = time.perf_counter() - start
+            if pair_seconds > slowest[0]:
+                slowest = (pair_seconds, {"set": name, "completion": completion[-120:], "gold": gold[:120]})
             accepted += verdict
             agree += verdict == expected
             if verdict != expected and len(mistakes) < 25:
                 mistakes.append({"completion": completion[-120:], "gold": gold, "expected": expected})
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - set_start
         if name.startswith("math500"):
             timed_pairs += len(pairs)
             timed_seconds += seconds
         report[name] = {"pairs": len(pairs), "accepted": accepted, "rejected": len(pairs) - accepted,
                         "agree_with_expected": agree, "seconds": round(seconds, 3), "mistakes": mistakes}
     report["math500_pairs_per_second"] = round(timed_pairs / timed_seconds, 1) if timed_seconds else None
+    report["slowest_pair"] = {"seconds": round(slowest[0], 4), **(slowest[1] or {})}
     return report
 
 
 def print_report(name: str, report: dict) -> None:
     print(f"\n== {name}")
     for set_name, r in report.items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "pairs" in r and not set_name.startswith("peer:"):
             print(f"  {set_name:18s} pairs {r['pairs']:4d}  accepted {r['accepted']:4d}  rejected {r['rejected']:4d}"
                   f"  agree with expected {r['agree_with_expected']:4d}/{r['pairs']:<4d}  {r['seconds']:8.3f} s")
     print(f"  MATH-500 pairs/s: {report['math500_pairs_per_second']}")
+    slow = report["slowest_pair"]
+    print(f"  slowest pair: {slow['seconds']:.3f} s ({slow.get('set')}: {slow.get('completion', '')[-60:]!r} vs "
+          f"{slow.get('gold', '')[:30]!r})")
 
 
-def write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(report, indent=2))
+def print_peer_table(results: dict) -> None:
+    """Agreement with the expected verdicts per peer family, ours and Math-Verify side by side."""
+    mv = results.get("math_verify")
+    print("\n== peer-suite families (agreement with the expected verdict)")
+    print(f"  {'family':26s} {'pairs':>5s} {'verify.py':>10s} {'Math-Verify':>12s}")
+    totals = [0, 0, 0]
+    for name, r in results["ours"].items():
+        if not name.startswith("peer:"):
+            continue
+        theirs = mv[name]["agree_with_expected"] if mv else None
+        totals[0] += r["pairs"]
+        totals[1] += r["agree_with_expected"]
+        totals[2] += theirs or 0
+        print(f"  {name[5:]:26s} {r['pairs']:5d} {r['agree_with_expected']:10d} {'-' if theirs is None else theirs:>12}")
+    print(f"  {'all families':26s} {totals[0]:5d} {totals[1]:10d} {totals[2] if mv else '-':>12}")
 
 
 def run(data: Path = DEFAULT_DATA, hang_cases: bool = False) -> dict:
     """The whole benchmark: both checkers on the same pairs; prints a report, returns it as a dict
     (also what bench.py's "verify" section calls)."""
     if not Path(data).is_file():
-        raise FileNotFoundError(f"--data {data}: MATH-500 jsonl not found (expected ../shared/data beside "
-                                "the checkout; pass --data PATH)")
+        raise InputError(f"--data {data}: MATH-500 jsonl not found (expected ../shared/data beside "
+                         "the checkout; pass --data PATH)")
     rows = load_rows(Path(data))
     sets = math500_sets(rows)
     sets["challenge"] = CHALLENGE + (HANG_CASES if hang_cases else [])
+    sets.update(peer_sets())
     print(f"{len(rows)} MATH-500 rows; " + ", ".join(f"{k}: {len(v)} pairs" for k, v in sets.items()))
 
     verify._clear_caches()
@@ -264,9 +307,11 @@ def run(data: Path = DEFAULT_DATA, hang_cases: bool = False) -> dict:
     if math_verify is None:
         print("\nMath-Verify is not installed (pip install -r requirements-bench.txt): reporting ours only")
         results["math_verify"] = None
+        print_peer_table(results)
         return results
     results["math_verify"] = grade_sets(math_verify, sets)
     print_report("Math-Verify", results["math_verify"])
+    print_peer_table(results)
     ratio = results["ours"]["math500_pairs_per_second"] / results["math_verify"]["math500_pairs_per_second"]
     results["speed_ratio_ours_over_math_verify"] = round(ratio, 2)
     print(f"\nspeed ratio (ours / Math-Verify, MATH-500 pairs): {ratio:.1f}x")
@@ -274,17 +319,18 @@ def run(data: Path = DEFAULT_DATA, hang_cases: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench_verify.py", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MATH-500 jsonl (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/verify.json"), help="JSON output path")
     parser.add_argument("--hang-cases", action="store_true",
                         help="also grade power towers / huge factorials (Math-Verify takes its 5 s timeouts)")
     args = parser.parse_args(argv)
     results = run(args.data, args.hang_cases)
-    write_json(args.out, results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, "bench_verify.py")

@@ -1,15 +1,23 @@
-"""`make demo`: the whole method on a laptop CPU, in minutes, through the same scripts a real run uses.
+"""`make demo`: the paper's experiment in miniature, on a laptop CPU, through the same command lines a real
+run uses. `python -m scripts.demo --seeds 5` repeats it over seeds (the README's study table).
 
-  1. A synthetic teacher solves three-digit additions column by column, several traces per problem, and makes
-     the mistakes a teacher makes (a dropped carry, a wrong column sum, a slip in the final answer). Its raw
-     generations are written like Open-R1's OpenR1-Math-Raw rows: problem, answer, generations.
-  2. A tiny Qwen2 checkpoint (random weights, a byte-level BPE tokenizer with ChatML tokens) in Hugging Face
-     format, so every later step loads it with from_pretrained exactly as it would load Qwen2.5-Math-1.5B.
-  3. data.py labels every trace with verify.py and writes sft.jsonl, pairs.jsonl and groups.jsonl.
-  4. train.py Stage 1 (SFT on the correct traces), then Stage 2 from the SFT checkpoint: REDI (alpha=0.8),
-     symmetric REDI (alpha=1), DPO, SimPO and reward-weighted NLL.
-  5. evaluate.py samples every model on held-out problems (several samples each) and verify.py grades them.
-  6. runs/demo/results.json, a printed table, and plots (runs/demo/*.png) when matplotlib is installed.
+  1. A synthetic teacher solves three-digit additions column by column and errs the way a reasoning model
+     does: rarely on easy problems, often on hard ones. Hardness is the longest carry chain (columns in a row
+     that each produce a carry); the teacher's typical mistake forgets a carry that arrives inside that chain
+     and carries the consequence honestly to \\boxed{}, so a wrong trace shares all its other steps with a
+     correct one. A rare slip of the last digit is the teacher's only mistake on easy problems.
+  2. A tiny Qwen2 checkpoint (random weights, a byte-level BPE tokenizer trained on the toy's text, ChatML
+     tokens) in Hugging Face format; data.py labels the traces with verify.py (sft / pairs / groups files).
+  3. The paper's protocol (Xu et al. 2025, Sec. 3.2 and App. C.3-C.4): Stage 1 SFT, stopped while it is
+     still improving fast (the role of the paper's Qwen-SFT-1.5B-3ep); Stage 2 from it, the same number of
+     steps for REDI (α = 0.8), symmetric REDI (α = 1), DPO, SimPO and reward-weighted NLL (AdvDistill), each
+     with its learning rate chosen on a validation split disjoint from the test split. Two controls the paper
+     lacks: SFT continued for the same number of steps, and REDI with α = 0 (its positive term alone, same
+     length normalisation), so the effect of the negatives themselves is isolated.
+  4. Test pass@1 (evaluate.py, graded by verify.py) per method, mean ± std over seeds; the premise (which
+     share of the SFT student's wrong answers are the teacher's kind of mistake); the α = 1 vs α = 0.8 story
+     at the highest learning rate (validation accuracy at checkpoints, chosen / rejected log-probs from
+     metrics.jsonl); runs/demo/results.json and figures (PNG, matplotlib).
 
 Each step is a subprocess running the project's own command line, so the demo is also an end-to-end test of
 those commands. `--quick` shrinks everything to seconds (used by tests/test_demo.py).
@@ -17,67 +25,99 @@ those commands. `--quick` shrinks everything to seconds (used by tests/test_demo
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
-from scripts import tiny
+from common import InputError, OutputLock, cli, format_seconds, read_jsonl, write_json, write_text
 from data import SYSTEM_PROMPT
 from model import Qwen2, Qwen2Config
+from scripts import tiny
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 COLUMN_NAMES = ["ones", "tens", "hundreds", "thousands"]
-MISTAKES = ("dropped_carry", "wrong_column_sum", "final_slip")
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The synthetic teacher
 
 
-def teacher_trace(a: int, b: int, rng: random.Random, mistake: str | None = None) -> str:
-    """Column addition of a + b written step by step, ending in \\boxed{}. With `mistake`, one realistic
-    error enters the reasoning and the wrong result is carried honestly to the box."""
-    if mistake == "dropped_carry" and not has_carry(a, b):
-        mistake = "wrong_column_sum"  # no carry to drop: make the other column error
+def carry_outs(a: int, b: int) -> list[int]:
+    """The carry (0 or 1) that each column of a + b passes to the next, ones column first."""
+    carries, carry = [], 0
+    for i in range(max(len(str(a)), len(str(b)))):
+        carry = 1 if a // 10**i % 10 + b // 10**i % 10 + carry >= 10 else 0
+        carries.append(carry)
+    return carries
+
+
+def longest_carry_chain(a: int, b: int) -> tuple[int, int]:
+    """(length, first column) of the longest run of consecutive carry-producing columns (the first of equal
+    runs); (0, 0) without carries. 178 + 825: ones, tens and hundreds all carry, a chain of 3."""
+    best, best_start, run = 0, 0, 0
+    for i, carry in enumerate(carry_outs(a, b)):
+        run = run + 1 if carry else 0
+        if run > best:
+            best, best_start = run, i - run + 1
+    return best, best_start
+
+
+def dropped_carry_answers(a: int, b: int) -> set[int]:
+    """The teacher's error family: every answer that forgetting one incoming carry gives. Forgetting the
+    carry into column i (or the final carry, i = number of columns) and then adding honestly computes
+    a + b − 10^i exactly, because a carry is one unit of 10^i."""
+    return {a + b - 10 ** (i + 1) for i, carry in enumerate(carry_outs(a, b)) if carry}
+
+
+def teacher_trace(a: int, b: int, drop_carry_into: int | None = None, final_slip: int = 0) -> str:
+    """Column addition of a + b written step by step, ending in \\boxed{}. drop_carry_into=i forgets the carry
+    arriving at column i (i = number of columns: the final carry) and continues honestly; final_slip adds
+    that much to the stated result."""
     xs, ys = str(a)[::-1], str(b)[::-1]
     columns = max(len(xs), len(ys))
-    bad_column = rng.randrange(columns)
     carry, digits, lines = 0, [], []
     for i in range(columns):
+        if i == drop_carry_into:
+            carry = 0
         x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
         total = x + y + carry
-        if mistake == "wrong_column_sum" and i == bad_column:
-            total += rng.choice([-1, 1]) if total > 0 else 1
         terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
         lines.append(f"Add the {COLUMN_NAMES[i]}: {terms} = {total}. Write {total % 10}"
                      + (", carry 1." if total >= 10 else "."))
         digits.append(total % 10)
         carry = 1 if total >= 10 else 0
-        if mistake == "dropped_carry" and carry:
-            carry, mistake = 0, None  # forget the first carry, then continue correctly
-    if carry:
+    if carry and drop_carry_into != columns:
         digits.append(1)
         lines.append("Write the final carry 1.")
-    result = int("".join(str(d) for d in reversed(digits)))
-    if mistake == "final_slip":
-        result += rng.choice([-10, -1, 1, 10])
+    result = int("".join(str(d) for d in reversed(digits))) + final_slip
     lines.append(f"So {a} + {b} = {result}. The answer is \\boxed{{{result}}}.")
     return "\n".join(lines)
 
 
-def has_carry(a: int, b: int) -> bool:
-    return any((a // 10**i % 10) + (b // 10**i % 10) >= 10 for i in range(4))
+def teacher_generation(a: int, b: int, rng: random.Random, teacher: dict) -> tuple[str, str | None]:
+    """One sampled trace and its mistake ("dropped_carry", "final_slip" or None). With probability
+    teacher["drop_carry"][L] (L = longest carry chain) the teacher forgets a carry arriving inside that chain,
+    at a column drawn uniformly; otherwise, with probability teacher["final_slip"], the last digit slips by 1."""
+    length, start = longest_carry_chain(a, b)
+    if length and rng.random() < teacher["drop_carry"][length]:
+        column = rng.randint(start + 1, start + length)  # receivers of the chain's carries
+        return teacher_trace(a, b, drop_carry_into=column), "dropped_carry"
+    if rng.random() < teacher["final_slip"]:
+        return teacher_trace(a, b, final_slip=rng.choice([-1, 1])), "final_slip"
+    return teacher_trace(a, b), None
 
 
-def make_problems(count: int, seed: int, exclude=frozenset()):
+def make_problems(count: int, seed: int, exclude=frozenset()) -> list[tuple[int, int]]:
     """Distinct (a, b) pairs of three-digit numbers, none in `exclude`."""
     rng = random.Random(seed)
-    problems = []
-    seen = set(exclude)
+    problems, seen = [], set(exclude)
     while len(problems) < count:
         pair = (rng.randint(100, 999), rng.randint(100, 999))
         if pair not in seen:
@@ -90,215 +130,467 @@ def problem_text(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
 
-def write_raw_generations(path, problems, generations_per_problem, mistake_rate, seed):
-    """OpenR1-Math-Raw-style rows; no `correctness` field, so data.py labels them with verify.py."""
+def write_raw_generations(path, problems, generations_per_problem, teacher, seed) -> dict:
+    """OpenR1-Math-Raw-style rows (no `correctness`: data.py labels them with verify.py). Returns the
+    teacher's profile: per carry-chain length, problems, traces, wrong traces, problems with no right trace."""
     rng = random.Random(seed)
-    with open(path, "w") as f:
-        for a, b in problems:
-            traces = [teacher_trace(a, b, rng, rng.choice(MISTAKES) if rng.random() < mistake_rate else None)
-                      for _ in range(generations_per_problem)]
-            f.write(json.dumps({"problem": problem_text(a, b), "answer": str(a + b), "generations": traces}) + "\n")
+    profile = {}
+    rows = []
+    for a, b in problems:
+        traces = [teacher_generation(a, b, rng, teacher) for _ in range(generations_per_problem)]
+        rows.append(json.dumps({"problem": problem_text(a, b), "answer": str(a + b),
+                                "generations": [trace for trace, _ in traces]}))
+        stats = profile.setdefault(str(longest_carry_chain(a, b)[0]),
+                                   {"problems": 0, "traces": 0, "wrong_traces": 0, "no_correct_trace": 0})
+        wrong = sum(mistake is not None for _, mistake in traces)
+        stats["problems"] += 1
+        stats["traces"] += len(traces)
+        stats["wrong_traces"] += wrong
+        stats["no_correct_trace"] += wrong == len(traces)
+    write_lines(path, rows)
+    return dict(sorted(profile.items()))
 
 
-def write_eval_set(path, problems):
-    with open(path, "w") as f:
-        for i, (a, b) in enumerate(problems):
-            f.write(json.dumps({"id": f"add-{i}", "problem": problem_text(a, b), "answer": str(a + b)}) + "\n")
+def write_eval_set(path, problems, prefix):
+    write_lines(path, [json.dumps({"id": f"{prefix}-{i}", "problem": problem_text(a, b), "answer": str(a + b)})
+                       for i, (a, b) in enumerate(problems)])
+
+
+def write_lines(path, lines):
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The tiny base checkpoint
+# 2. The tiny base checkpoint (its own tokenizer: BPE merges learned on the toy's text, so the toy's words are
+#    single tokens and a trace is short)
 
 
 def make_base_checkpoint(path, problems, config_overrides, seed):
-    """Random Qwen2 + a BPE tokenizer trained on the teacher's own kind of text, saved in HF format."""
-    rng = random.Random(seed)
+    """Random Qwen2 + a BPE tokenizer trained on the teacher's kind of text, saved in HF format."""
     corpus = [SYSTEM_PROMPT, "<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n"]
-    corpus += [problem_text(a, b) + "\n" + teacher_trace(a, b, rng) for a, b in problems[:300]]
+    corpus += [problem_text(a, b) + "\n" + teacher_trace(a, b) for a, b in problems[:300]]
     tokenizer = tiny.make_tokenizer(path, texts=corpus, vocab_size=config_overrides.get("vocab_size", 512))
     config = Qwen2Config.from_dict(tiny.tiny_config_dict(**{**config_overrides,
                                                              "vocab_size": tokenizer.get_vocab_size()}))
     torch.manual_seed(seed)
     model = Qwen2(config).init_weights()
-    end_of_turn = tokenizer.token_to_id("<|im_end|>")
-    model.save_pretrained(path, generation_config={"eos_token_id": [end_of_turn],
+    model.save_pretrained(path, generation_config={"eos_token_id": [tokenizer.token_to_id("<|im_end|>")],
                                                    "pad_token_id": tokenizer.token_to_id("<|endoftext|>")})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3-5. The pipeline, through the project's command lines
+# 3. The pipeline, through the project's command lines
+
+# One thread per process: fp32 sums then do not depend on how many cores a machine has (a different thread
+# count rounds differently, and this tiny model amplifies rounding), and `--jobs` processes share the cores.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def run(cmd, log_path):
-    """Run one step of the pipeline, echoing its output to the terminal and a log file."""
-    print("$ " + " ".join(cmd), flush=True)
+    """Run one step of the pipeline, its output going to a log file (shown on failure)."""
+    print("$ " + " ".join(os.path.relpath(c, HERE) if os.path.isabs(c) else c for c in cmd), flush=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # stream progress lines
-        for line in proc.stdout:
-            log.write(line)
-            print("  " + line, end="", flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"demo: step failed (exit {proc.returncode}): {' '.join(cmd)}\n  log: {log_path}")
-    print(f"  ({time.time() - start:.0f} s)", flush=True)
+        code = subprocess.call(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
+    if code != 0:
+        with open(log_path) as log:
+            tail = log.read()[-2000:]
+        raise StepFailed(f"{tail}\nstep failed (exit {code}): {' '.join(cmd)}\n  log: {log_path}")
 
 
-def train(out, stage, model, data, settings, extra=()):
-    cmd = [sys.executable, "train.py", "--stage", stage, "--model", model, "--data", data, "--out", out,
-           "--template", "qwen", "--seed", "0"] + [str(x) for x in settings] + list(extra)
-    run(cmd, out + ".log")
+class StepFailed(RuntimeError):
+    """A pipeline command exited non-zero; its log says why."""
 
 
-def evaluate(checkpoint, data, out, settings):
-    cmd = [sys.executable, "evaluate.py", checkpoint, "--data", data, "--out", out, "--template", "qwen",
-           "--seed", "0"] + [str(x) for x in settings]
-    run(cmd, out + ".log")
+def in_parallel(jobs: int, calls: list) -> list:
+    """Run each zero-argument call, `jobs` at a time (threads that wait on subprocesses); results in order."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def train(out, stage, model, data, flags):
+    run([sys.executable, "train.py", "--stage", stage, "--model", model, "--data", data, "--out", out,
+         "--template", "qwen", "--seed", "0"] + [str(x) for x in flags], out + ".log")
+
+
+def evaluate(checkpoint, data, out, flags) -> float:
+    """evaluate.py on `data`; returns its pass@1 (samples and summary.json stay in `out`)."""
+    run([sys.executable, "evaluate.py", checkpoint, "--data", data, "--out", out, "--template", "qwen",
+         "--seed", "0"] + [str(x) for x in flags], out + ".log")
     with open(os.path.join(out, "summary.json")) as f:
-        return json.load(f)
+        return json.load(f)["pass@1"]
+
+
+def error_profile(samples_path, problems: dict) -> dict:
+    """Where a model's wrong answers fall: in the teacher's error family (the answer a dropped carry gives)
+    and on hard problems (a carry chain of 2 or more), against the share of hard problems among all samples."""
+    profile = {"samples": 0, "wrong": 0, "wrong_in_teacher_family": 0, "wrong_on_hard": 0, "samples_on_hard": 0}
+    for _, row in read_jsonl(samples_path):
+        a, b = problems[row["id"]]
+        hard = longest_carry_chain(a, b)[0] >= 2
+        profile["samples"] += 1
+        profile["samples_on_hard"] += hard
+        if not row["correct"]:
+            answer = (row["answer"] or "").strip()
+            profile["wrong"] += 1
+            profile["wrong_on_hard"] += hard
+            profile["wrong_in_teacher_family"] += answer.isdigit() and int(answer) in dropped_carry_answers(a, b)
+    return profile
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Results
+# 4. One seed of the protocol
 
-
-STAGE2 = {  # name: (train.py stage, data file, extra flags)
+# Stage 2 methods and the two controls: name -> (train.py stage, data file, loss flags). The loss settings are
+# stated here, not inherited: DPO β 0.1 (the DPO paper's value; the REDI paper's 0.001 belongs with its lr 2e-7
+# on a 1.5B model, while here every method's lr is chosen on the validation split), SimPO β 2, γ 1 (Table 2).
+STAGE2 = {
+    "sft_continued": ("sft", "sft.jsonl", []),
+    "redi_alpha0": ("redi", "pairs.jsonl", ["--alpha", "0"]),
     "redi": ("redi", "pairs.jsonl", ["--alpha", "0.8"]),
-    "redi_symmetric": ("redi", "pairs.jsonl", ["--alpha", "1.0"]),
-    "dpo": ("dpo", "pairs.jsonl", []),
-    "simpo": ("simpo", "pairs.jsonl", []),
+    "redi_symmetric": ("redi", "pairs.jsonl", ["--alpha", "1"]),
+    "dpo": ("dpo", "pairs.jsonl", ["--beta", "0.1"]),
+    "simpo": ("simpo", "pairs.jsonl", ["--beta", "2", "--gamma", "1"]),
     "weighted": ("weighted", "groups.jsonl", []),
 }
+STORY = ("redi", "redi_symmetric")  # α = 0.8 vs α = 1 at the highest learning rate of the grid
+MODELS = ["sft_start"] + list(STAGE2)
 
 
-def headline(summary: dict) -> dict:
-    """The rates the results table reports, from evaluate.py's summary.json."""
-    n = summary["n"]
-    return {"pass@1": summary["pass@1"], "pass@1_stderr": summary["pass@1_stderr"],
-            f"pass@{n}": summary["pass@k"][str(n)], f"maj@{n}": summary[f"maj@{n}"],
-            "mean_response_tokens": summary["mean_response_tokens"], "truncated": summary["truncated"],
-            "no_answer": summary["no_answer"], "samples": summary["samples"]}
+def prepare_seed(plan, seed, out) -> dict:
+    """Teacher data, the three disjoint problem splits, base checkpoint and data.py build for one seed.
+    Returns the evaluation problems by id, the teacher's profile and data.py's report."""
+    os.makedirs(out, exist_ok=True)
+    train_problems = make_problems(plan["train_problems"], seed)
+    val_problems = make_problems(plan["val_problems"], seed + 1000, exclude=frozenset(train_problems))
+    test_problems = make_problems(plan["test_problems"], seed + 2000,
+                                  exclude=frozenset(train_problems) | frozenset(val_problems))
+    teacher = write_raw_generations(os.path.join(out, "raw.jsonl"), train_problems, plan["generations"],
+                                    plan["teacher"], seed)
+    write_eval_set(os.path.join(out, "val.jsonl"), val_problems, "val")
+    write_eval_set(os.path.join(out, "test.jsonl"), test_problems, "test")
+    make_base_checkpoint(os.path.join(out, "base"), train_problems, plan["model"], seed)
+    run([sys.executable, "data.py", "build", "--raw", os.path.join(out, "raw.jsonl"), "--out",
+         os.path.join(out, "data"), "--tokenizer", os.path.join(out, "base"), "--template", "qwen"],
+        os.path.join(out, "data.log"))
+    with open(os.path.join(out, "data", "report.json")) as f:
+        report = json.load(f)
+    problems = {f"val-{i}": p for i, p in enumerate(val_problems)}
+    problems.update({f"test-{i}": p for i, p in enumerate(test_problems)})
+    return {"problems": problems, "teacher": teacher, "data": {k: report[k] for k in (
+        "sft_rows", "pairs_rows", "groups_rows", "correct", "incorrect", "problems_without_correct")}}
+
+
+def stage2_run(plan, out, name, lr, steps, story) -> float:
+    """Train one Stage 2 run from the SFT start and return its validation pass@1. Every run takes the same
+    number of optimizer steps at the same global batch (pairs, sequences or prompts per step)."""
+    stage, data_file, extra = STAGE2[name]
+    run_dir = os.path.join(out, "stage2", f"{name}-lr{lr:g}")
+    flags = ["--lr", lr, "--epochs", 1, "--max-steps", steps, "--batch-size", plan["stage2_batch"],
+             "--micro-batch-size", plan["micro_batch"][stage if stage in ("sft", "weighted") else "pairs"]] + extra
+    if story:
+        flags += ["--save-every", max(1, steps // plan["story_points"])]
+    train(run_dir, stage, os.path.join(out, "sft"), os.path.join(out, "data", data_file), flags)
+    return evaluate(run_dir, os.path.join(out, "val.jsonl"), os.path.join(out, "eval", "val", f"{name}-lr{lr:g}"),
+                    plan["val_eval"])
+
+
+def choose_lr(validation: dict[str, float]) -> float:
+    """The learning rate with the best validation pass@1 ({"1e-05": 0.61, ...}); a tie goes to the smaller
+    one (the gentler change to the SFT model)."""
+    return max((float(lr) for lr in validation), key=lambda lr: (validation[f"{lr:g}"], -lr))
+
+
+def run_seed(plan, seed, out, jobs: int, with_story: bool) -> dict:
+    """Stage 1; every Stage 2 method and control at every lr of the grid, each lr chosen by validation
+    pass@1; test pass@1 of the chosen runs and of the SFT start; the premise; (with_story) the α story."""
+    prep = prepare_seed(plan, seed, out)
+    sft, val, test = os.path.join(out, "sft"), os.path.join(out, "val.jsonl"), os.path.join(out, "test.jsonl")
+    train(sft, "sft", os.path.join(out, "base"), os.path.join(out, "data", "sft.jsonl"), plan["sft"])
+    steps = min(plan["stage2_steps"], math.ceil(prep["data"]["pairs_rows"] / plan["stage2_batch"]))  # <= 1 epoch
+    top_lr = max(plan["lrs"])
+    grid = [(name, lr) for name in reversed(STAGE2) for lr in sorted(plan["lrs"], reverse=True)]  # slowest first
+    scores = in_parallel(jobs, [partial(evaluate, sft, val, os.path.join(out, "eval", "val", "sft_start"),
+                                        plan["val_eval"])] +
+                         [partial(stage2_run, plan, out, name, lr, steps, with_story and name in STORY and lr == top_lr)
+                          for name, lr in grid])
+    models = {"sft_start": {"lr": None, "validation": {"-": scores[0]}, "run_dir": "sft"}}
+    for (name, lr), score in zip(grid, scores[1:]):
+        models.setdefault(name, {"validation": {}})["validation"][f"{lr:g}"] = score
+    for name in STAGE2:
+        best = choose_lr(models[name]["validation"])
+        models[name].update(lr=best, run_dir=os.path.join("stage2", f"{name}-lr{best:g}"))
+    test_pass = in_parallel(jobs, [partial(evaluate, os.path.join(out, models[name]["run_dir"]), test,
+                                           os.path.join(out, "eval", "test", name), plan["test_eval"])
+                                   for name in MODELS])
+    for name, score in zip(MODELS, test_pass):
+        models[name].update({"pass@1": score, "errors": error_profile(
+            os.path.join(out, "eval", "test", name, "samples.jsonl"), prep["problems"])})
+    result = {"seed": seed, "teacher": prep["teacher"], "data": dict(prep["data"], stage2_steps=steps),
+              "models": models, "premise": models["sft_start"]["errors"]}
+    if with_story:
+        result["alpha_story"] = alpha_story(plan, out, top_lr, models, jobs)
+    write_json(os.path.join(out, "seed.json"), result)
+    return result
+
+
+def alpha_story(plan, out, lr, models, jobs) -> dict:
+    """Validation pass@1 at every saved checkpoint of the α = 0.8 and α = 1 runs at learning rate `lr`, from
+    the SFT start (step 0) to the end, and their chosen / rejected log-probs from metrics.jsonl."""
+    story, points, calls = {"lr": lr}, [], []
+    for name in STORY:
+        run_dir = os.path.join(out, "stage2", f"{name}-lr{lr:g}")
+        rows = metrics_rows(run_dir)
+        story[name] = {"alpha": float(STAGE2[name][2][1]),
+                       "logps": [{k: row[k] for k in ("step", "logps/chosen", "logps/rejected")} for row in rows]}
+        points += [(name, 0, models["sft_start"]["validation"]["-"]),
+                   (name, rows[-1]["step"], models[name]["validation"][f"{lr:g}"])]
+        for step in saved_steps(run_dir):
+            eval_dir = os.path.join(out, "eval", "val", f"{name}-lr{lr:g}-step-{step}")
+            calls.append((name, step, partial(evaluate, os.path.join(run_dir, f"step-{step}"),
+                                              os.path.join(out, "val.jsonl"), eval_dir, plan["val_eval"])))
+    scores = in_parallel(jobs, [call for _, _, call in calls])
+    points += [(name, step, score) for (name, step, _), score in zip(calls, scores)]
+    for name in STORY:
+        story[name]["val_pass@1"] = {str(step): score for n, step, score in sorted(points) if n == name}
+    return story
+
+
+def saved_steps(run_dir) -> list[int]:
+    """N of every OUT/step-N checkpoint train.py --save-every wrote."""
+    return [int(e[5:]) for e in os.listdir(run_dir) if e.startswith("step-") and e[5:].isdigit()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Over seeds: results.json, the table, the figures
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n − 1); no std from a single seed."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(seed_results: list[dict], settings: dict) -> dict:
+    """results.json: per model {"pass@1": mean over seeds, "std", "seeds": per-seed test pass@1, "lr": per-seed
+    choice}, the premise (errors pooled over seeds), the teacher's profile and the α story (first seed)."""
+    results = {"settings": settings}
+    for name in MODELS:
+        per_seed = [r["models"][name] for r in seed_results]
+        mean, std = mean_std([m["pass@1"] for m in per_seed])
+        results[name] = {"pass@1": mean, "std": std, "seeds": [m["pass@1"] for m in per_seed],
+                         "lr": [m["lr"] for m in per_seed],
+                         "validation": [m["validation"] for m in per_seed],
+                         "errors": pooled([m["errors"] for m in per_seed])}
+    results["premise"] = dict(results["sft_start"]["errors"], per_seed=[r["premise"] for r in seed_results])
+    results["teacher"] = [r["teacher"] for r in seed_results]
+    results["data"] = [r["data"] for r in seed_results]
+    results["alpha_story"] = seed_results[0].get("alpha_story")
+    return results
+
+
+def pooled(profiles: list[dict]) -> dict:
+    """Counts summed over seeds, with the shares a reader wants."""
+    total = {k: sum(p[k] for p in profiles) for k in profiles[0]}
+    wrong = max(total["wrong"], 1)
+    total["share_in_teacher_family"] = total["wrong_in_teacher_family"] / wrong
+    total["share_on_hard"] = total["wrong_on_hard"] / wrong
+    total["hard_share_of_samples"] = total["samples_on_hard"] / max(total["samples"], 1)
+    return total
+
+
+LABELS = {"sft_start": "SFT start", "sft_continued": "SFT continued", "redi_alpha0": "REDI α=0",
+          "redi": "REDI α=0.8", "redi_symmetric": "REDI α=1", "dpo": "DPO", "simpo": "SimPO",
+          "weighted": "weighted NLL"}
 
 
 def print_table(results):
-    print(f"\n{'model':<16} {'pass@1':>8} {'± se':>6} {'pass@n':>8} {'maj@n':>8} {'no answer':>10}")
-    for name, r in results.items():
-        n_keys = [k for k in r if k.startswith("pass@") and k not in ("pass@1", "pass@1_stderr")]
-        maj = next(k for k in r if k.startswith("maj@"))
-        print(f"{name:<16} {100 * r['pass@1']:>7.1f}% {100 * r['pass@1_stderr']:>6.1f} "
-              f"{100 * r[n_keys[0]]:>7.1f}% {100 * r[maj]:>7.1f}% {100 * r['no_answer']:>9.1f}%")
+    seeds = len(results["settings"]["seeds"])
+    print(f"\ntest pass@1 over {seeds} seed(s): mean ± std (per-seed values); Stage 2 lr chosen on validation")
+    for name in MODELS:
+        r = results[name]
+        std = "" if r["std"] is None else f" ± {100 * r['std']:.1f}"
+        lrs = "" if r["lr"][0] is None else "  lr " + ", ".join(f"{lr:g}" for lr in r["lr"])
+        e = r["errors"]
+        print(f"  {LABELS[name]:<14} {100 * r['pass@1']:5.1f}%{std:<7} ("
+              + ", ".join(f"{100 * v:.1f}" for v in r["seeds"]) + f"){lrs}   wrong answers in teacher's family: "
+              f"{e['wrong_in_teacher_family']}/{e['wrong']}")
+    p = results["premise"]
+    print(f"\npremise: of the SFT start's {p['wrong']} wrong test answers, {100 * p['share_in_teacher_family']:.0f}% "
+          f"are a dropped carry (the teacher's error family) and {100 * p['share_on_hard']:.0f}% fall on hard "
+          f"problems (carry chain >= 2), which hold {100 * p['hard_share_of_samples']:.0f}% of the test samples")
+    story = results["alpha_story"]
+    if story:
+        for name in STORY:
+            points = ", ".join(f"{k}: {100 * v:.0f}%" for k, v in story[name]["val_pass@1"].items())
+            print(f"α story (lr {story['lr']:g}), α = {story[name]['alpha']:g}: validation pass@1 by step {points}")
 
 
-def plot(out, results, stage_dirs):
+def plot_figures(results, seed_results, out):
+    """accuracy.png (test pass@1 per model, error bars = std over seeds, dots = seeds), logps.png and
+    alpha_story.png (first seed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plots (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, d in stage_dirs.items():
-        path = os.path.join(d, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows = [json.loads(line) for line in f]
-            ax = axes[0] if name == "sft" else axes[1]  # the stages' losses live on different scales
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-    for ax, title in zip(axes[:2], ["Stage 1 (SFT) loss", "Stage 2 losses"]):
-        ax.set_xlabel("step")
-        ax.set_title(title)
+        print("matplotlib is not installed: no figures (pip install -r requirements-demo.txt)")
+        return []
+    paths = [os.path.join(out, name) for name in ("accuracy.png", "logps.png", "alpha_story.png")]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for x, name in enumerate(MODELS):
+        r = results[name]
+        ax.bar(x, 100 * r["pass@1"], yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
+               color="tab:gray" if name in ("sft_start", "sft_continued", "redi_alpha0") else "tab:blue")
+        ax.scatter([x] * len(r["seeds"]), [100 * v for v in r["seeds"]], color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(MODELS)), [LABELS[n] for n in MODELS], rotation=25, ha="right")
+    ax.set_ylabel("test pass@1 (%)")
+    ax.set_title(f"Test accuracy, mean ± std over {len(seed_results)} seed(s) (dots: seeds; gray: controls)")
+    save(fig, paths[0])
+    plot_logps(plt, results["settings"]["plan"]["lrs"], seed_results[0]["out"], paths[1])
+    story = results["alpha_story"]
+    if story:
+        plot_alpha_story(plt, story, paths[2])
+    return paths
+
+
+def plot_logps(plt, lrs, seed_dir, path):
+    """Chosen and rejected log-probs over Stage 2 steps (metrics.jsonl) of every pair method, one row per
+    learning rate. Every run sees the same batches in the same order, so the batch-to-batch wiggle is common
+    to all lines and the gaps between them are the methods' doing."""
+    fig, axes = plt.subplots(len(lrs), 2, figsize=(10, 3 * len(lrs)), squeeze=False)
+    for row_axes, lr in zip(axes, sorted(lrs)):
+        for name in [n for n, (_, data_file, _) in STAGE2.items() if data_file == "pairs.jsonl"]:
+            rows = metrics_rows(os.path.join(seed_dir, "stage2", f"{name}-lr{lr:g}"))
+            for ax, key in zip(row_axes, ("logps/chosen", "logps/rejected")):
+                ax.plot([row["step"] for row in rows], [row[key] for row in rows], label=LABELS[name])
+        for ax, title in zip(row_axes, ("chosen (correct trace)", "rejected (teacher's mistake)")):
+            ax.set_title(f"log π(y|x) of the {title}, batch mean, lr {lr:g}", fontsize=9)
+    row_axes[0].set_xlabel("Stage 2 step")
+    row_axes[1].set_xlabel("Stage 2 step")
+    axes[0][0].legend(fontsize=7)
+    save(fig, path)
+
+
+def plot_alpha_story(plt, story, path):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name in STORY:
+        label = f"α = {story[name]['alpha']:g}"
+        points = story[name]["val_pass@1"]
+        axes[0].plot([int(k) for k in points], [100 * v for v in points.values()], marker="o", label=label)
+        for ax, key in zip(axes[1:], ("logps/chosen", "logps/rejected")):
+            ax.plot([row["step"] for row in story[name]["logps"]], [row[key] for row in story[name]["logps"]],
+                    label=label)
+    for ax, title in zip(axes, ("validation pass@1 (%)", "log π(chosen)", "log π(rejected)")):
+        ax.set_title(f"{title}, REDI at lr {story['lr']:g}")
+        ax.set_xlabel("Stage 2 step")
         ax.legend()
-    names = list(results)
-    axes[2].bar(names, [100 * results[n]["pass@1"] for n in names])
-    axes[2].set_title("held-out pass@1 (%)")
-    axes[2].tick_params(axis="x", rotation=30)
+    save(fig, path)
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    return [row for _, row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def save(fig, path):
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "demo.png"), dpi=100)
-    print(f"wrote {os.path.join(out, 'demo.png')}")
+    fig.savefig(path, dpi=80)
+    fig.clf()
+    print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 
-
-# Hyperparameters follow the paper's recipe where it transfers to a 0.8M-parameter model: 5 SFT epochs,
-# alpha 0.8, warmup 10%, one short Stage 2 pass from the SFT checkpoint (60 steps x 16 pairs, or prompts for
-# weighted). The tiny model needs a larger SFT lr (2e-3). The Stage 2 lr, one for every method, was chosen on
-# a validation set disjoint from the evaluation problems (README: 4e-5 pushed every method far below SFT,
-# 4e-6 left every model unchanged, 1e-5 is used).
-# Micro-batches hold ~16 sequences per packed row (the math does not depend on it: losses are normalised
-# over the global batch); on CPU the dense document mask is quadratic in the row length.
-FULL = dict(train_problems=2000, eval_problems=100, generations=4, mistake_rate=0.35, samples=4,
+# Every setting, stated. The tiny model (0.8M parameters) needs a larger SFT lr than the paper's 5e-5. Stage 1
+# is 5 epochs, which here is the paper's Qwen-SFT-1.5B-3ep situation, an SFT model still improving fast: on
+# seed 0 (a 5-epoch run saving checkpoints) validation pass@1 was 0% at step 360, 6% at 420, 19% at 480, 39% at
+# 540 and 60% at the end (600), with the loss still falling (the model learns to copy digits late). Stage 2: the same number of steps for every method and control (a third of an epoch
+# over the pairs at this budget; the paper trains one epoch), linear warmup over 10% then linear decay
+# (train.py's schedule, as in the paper). The Stage 2 lr of every method and control is chosen from `lrs` on
+# the validation split: 1/50 of the SFT lr (the paper's ratio, 5e-5 -> 1e-6) and a quarter of it; the higher
+# one carries the α story. Decoding as in the paper (temperature 0.6, top-p 0.95); 4 samples per test
+# problem (the paper's intermediate evaluations), 2 per validation problem.
+# Micro-batches hold 4 sequences per packed row: the math does not depend on it (losses are normalised over
+# the global batch), only the speed does (on CPU the dense document mask is quadratic in the row length).
+SAMPLING = ["--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "160", "--batch-size", "64"]
+FULL = dict(train_problems=2000, val_problems=100, test_problems=200, generations=4,
+            teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
             model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-            sft=["--lr", "2e-3", "--epochs", "5", "--batch-size", "16", "--micro-batch-size", "16"],
-            stage2=["--lr", "1e-5", "--epochs", "1", "--max-steps", "60", "--batch-size", "16",
-                    "--micro-batch-size", "8"],
-            weighted_micro_batch=4,
-            eval=["--n", "4", "--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "160",
-                  "--batch-size", "64"])
-QUICK = dict(train_problems=48, eval_problems=6, generations=4, mistake_rate=0.35, samples=2,
+            sft=["--lr", "2e-3", "--epochs", "5", "--batch-size", "16", "--micro-batch-size", "4"],
+            lrs=[1e-5, 4e-5], stage2_steps=20, stage2_batch=16, micro_batch={"sft": 4, "pairs": 2, "weighted": 1},
+            story_points=4, val_eval=["--num-samples", "2"] + SAMPLING, test_eval=["--num-samples", "4"] + SAMPLING)
+QUICK = dict(train_problems=48, val_problems=4, test_problems=6, generations=4,
+             teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
              model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, vocab_size=400, max_position_embeddings=512),
              sft=["--lr", "1e-3", "--epochs", "1", "--max-steps", "3", "--batch-size", "8",
                   "--micro-batch-size", "4"],
-             stage2=["--lr", "2e-5", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
-                     "--micro-batch-size", "2"],
-             weighted_micro_batch=1,
-             eval=["--n", "2", "--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "24",
-                   "--batch-size", "8"])
+             lrs=[4e-5], stage2_steps=4, stage2_batch=8, micro_batch={"sft": 4, "pairs": 2, "weighted": 1},
+             story_points=2,
+             val_eval=["--num-samples", "2"] + SAMPLING[:4] + ["--max-new-tokens", "24", "--batch-size", "8"],
+             test_eval=["--num-samples", "2"] + SAMPLING[:4] + ["--max-new-tokens", "24", "--batch-size", "8"])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
+def cpu_seconds() -> float:
+    import resource
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds to run, from --seed up (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="pipeline commands run at a time, one thread each (default: 2; the results do not "
+                             "depend on it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: for tests")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     out = os.path.abspath(args.out)
-    if args.fresh and os.path.exists(out):
+    if os.path.exists(out) and os.listdir(out):
+        if not args.fresh:
+            raise InputError(f"--out {args.out} already holds a demo run; pass --fresh to delete and redo it, "
+                             "or choose another --out")
         shutil.rmtree(out)
-    if os.path.exists(os.path.join(out, "results.json")):
-        sys.exit(f"demo: {out} already holds a finished demo; pass --fresh to redo it or choose another --out")
     os.makedirs(out, exist_ok=True)
-    start = time.time()
-
-    train_problems = make_problems(plan["train_problems"], args.seed)
-    eval_problems = make_problems(plan["eval_problems"], args.seed + 1, exclude=frozenset(train_problems))
-    raw, eval_set = os.path.join(out, "raw.jsonl"), os.path.join(out, "eval.jsonl")
-    write_raw_generations(raw, train_problems, plan["generations"], plan["mistake_rate"], args.seed)
-    write_eval_set(eval_set, eval_problems)
-    base = os.path.join(out, "base")
-    if not os.path.exists(os.path.join(base, "config.json")):
-        make_base_checkpoint(base, train_problems, plan["model"], args.seed)
-
-    data_dir = os.path.join(out, "data")
-    run([sys.executable, "data.py", "build", "--raw", raw, "--out", data_dir, "--tokenizer", base,
-         "--template", "qwen"], os.path.join(out, "data.log"))
-
-    stage_dirs = {"sft": os.path.join(out, "sft")}
-    train(stage_dirs["sft"], "sft", base, os.path.join(data_dir, "sft.jsonl"), plan["sft"])
-    for name, (stage, data_file, extra) in STAGE2.items():
-        stage_dirs[name] = os.path.join(out, name)
-        if stage == "weighted":  # 4 completions per prompt: fewer prompts per packed row
-            extra = extra + ["--micro-batch-size", str(plan["weighted_micro_batch"])]
-        train(stage_dirs[name], stage, stage_dirs["sft"], os.path.join(data_dir, data_file), plan["stage2"], extra)
-
-    results = {}
-    for name, checkpoint in [("base", base)] + list(stage_dirs.items()):
-        summary = evaluate(checkpoint, eval_set, os.path.join(out, "eval", name), plan["eval"])
-        results[name] = headline(summary)
-    results_path = os.path.join(out, "results.json")
-    with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(results_path + ".tmp", results_path)
-    print_table(results)
-    plot(out, results, stage_dirs)
-    print(f"\nwrote {results_path} in {time.time() - start:.0f} s")
+    with OutputLock(out, "demo.py"):
+        start, cpu_start = time.time(), cpu_seconds()
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        seed_results = []
+        for seed in seeds:
+            seed_dir = os.path.join(out, f"seed-{seed}")
+            print(f"\n== seed {seed} ({format_seconds(time.time() - start)} elapsed)", flush=True)
+            seed_results.append(dict(run_seed(plan, seed, seed_dir, args.jobs, with_story=seed == seeds[0]),
+                                     out=seed_dir, wall_seconds=round(time.time() - start, 1)))
+            # Results so far after every seed: a long study that is stopped still reports the seeds it ran.
+            settings = {"seeds": seeds[:len(seed_results)], "seeds_requested": seeds, "quick": args.quick,
+                        "plan": plan, "jobs": args.jobs, "threads_per_process": 1, "cpu_count": os.cpu_count(),
+                        "wall_seconds": round(time.time() - start, 1),
+                        "wall_seconds_after_seed": [r["wall_seconds"] for r in seed_results],
+                        "cpu_seconds": round(cpu_seconds() - cpu_start, 1)}
+            results = aggregate(seed_results, settings)
+            results["figures"] = [os.path.basename(p) for p in plot_figures(results, seed_results, out)]
+            write_json(os.path.join(out, "results.json"), results)
+        print_table(results)
+        print(f"\nwrote {os.path.join(out, 'results.json')}: {format_seconds(settings['wall_seconds'])} wall, "
+              f"{format_seconds(settings['cpu_seconds'])} CPU (all processes)")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, "demo.py")

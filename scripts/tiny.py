@@ -1,11 +1,13 @@
 """Tiny stand-ins for a real checkpoint: a byte-level BPE tokenizer with the chat special tokens of
-Qwen2.5 (ChatML) and DeepSeek-R1-Distill, and small Qwen2 configs. Tests, `make demo` and bench.py use
-them because nothing can be downloaded from the Hugging Face hub here; the files they write have the
-same layout as a hub checkpoint, so every loading path is the real one."""
+Qwen2.5 (ChatML) and DeepSeek-R1-Distill, small Qwen2 configs, and make_checkpoint, which saves both as a
+random Hugging Face checkpoint. Tests, `make demo` and the benchmarks use them because nothing can be
+downloaded from the Hugging Face hub here; the files they write have the same layout as a hub checkpoint,
+so every loading path is the real one."""
 
 import json
 import os
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # Order fixes the ids (0, 1, 2, ...), so tests can rely on them.
@@ -79,3 +81,38 @@ def tiny_config_dict(vocab_size=400, **overrides):
     }
     config.update(overrides)
     return config
+
+
+def randomise_(model, generator: torch.Generator | None = None):
+    """Overwrite every parameter in place, in named_parameters() order: biases N(0, 0.5), norm weights
+    U(0.5, 1.5), matrices N(0, 0.1), drawn from `generator` (None: torch's global generator). Works on ours
+    and on transformers' Qwen2 (both name norms "...norm..."). A zero bias or a unit norm would hide a
+    missing or misplaced term in a parity test, and with transformers' default N(0, 0.02) a random tied model
+    only repeats its last token, so greedy runs would not vary."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5, generator=generator)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5, generator=generator)
+            else:
+                p.normal_(0, 0.1, generator=generator)
+    return model
+
+
+def make_checkpoint(path, seed=0, dtype=torch.float32, texts=None, **config_overrides) -> str:
+    """A tiny random Qwen2 and its tokenizer saved as a Hugging Face checkpoint in `path` (created): the
+    tokenizer trained on `texts` (default DEFAULT_CORPUS) with at most vocab_size tokens, the model
+    tiny_config_dict(**config_overrides) with randomise_'s weights (seeded), saved in `dtype`. Returns the
+    path. Loads unchanged in model.Qwen2.from_pretrained and transformers' from_pretrained / AutoTokenizer."""
+    from model import Qwen2, Qwen2Config
+
+    path = str(path)
+    config = Qwen2Config.from_dict(tiny_config_dict(**config_overrides))
+    make_tokenizer(path, texts=texts, vocab_size=config.vocab_size)
+    with torch.device("meta"):
+        model = Qwen2(config)  # no random init to throw away
+    model = randomise_(model.to_empty(device="cpu"), torch.Generator().manual_seed(seed))
+    model.source_dir = path  # its tokenizer files are already there
+    model.save_pretrained(path, dtype=dtype)
+    return path

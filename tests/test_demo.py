@@ -1,6 +1,8 @@
-"""The demo: its synthetic teacher, and the whole pipeline end to end in --quick mode (so CI guards it)."""
+"""The demo: its synthetic teacher (errors concentrated on long carry chains), the protocol's bookkeeping, and
+the whole pipeline end to end in --quick mode (so CI guards it)."""
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -14,52 +16,162 @@ import verify
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("a, b", [(47, 38), (100, 100), (999, 999), (555, 445), (123, 877)])
+@pytest.mark.parametrize("a, b", [(47, 38), (100, 100), (999, 999), (555, 445), (123, 877), (178, 825)])
 def test_correct_teacher_traces_grade_correct(a, b):
-    trace = demo.teacher_trace(a, b, random.Random(0))
+    trace = demo.teacher_trace(a, b)
     assert verify.extract_answer(trace) == str(a + b)
     assert verify.grade(trace, str(a + b))
 
 
-@pytest.mark.parametrize("mistake", demo.MISTAKES)
-def test_teacher_mistakes_give_wrong_answers(mistake):
-    rng = random.Random(1)
+@pytest.mark.parametrize("a, b, carries, chain", [
+    (123, 456, [0, 0, 0], (0, 0)),
+    (159, 141, [1, 1, 0], (2, 0)),   # 9+1=10, 5+4+1=10, 1+1+1=3
+    (178, 825, [1, 1, 1], (3, 0)),
+    (191, 318, [0, 1, 0], (1, 1)),   # 1+8=9, 9+1=10, 1+3+1=5
+    (519, 191, [1, 1, 0], (2, 0)),
+])
+def test_carries_and_longest_chain(a, b, carries, chain):
+    assert demo.carry_outs(a, b) == carries
+    assert demo.longest_carry_chain(a, b) == chain
+
+
+def test_dropped_carry_is_the_error_family():
+    # 178 + 825 = 1003; forgetting the carry into tens, hundreds or the final carry.
+    assert demo.dropped_carry_answers(178, 825) == {993, 903, 3}
+    assert demo.dropped_carry_answers(123, 456) == set()
+    for a, b in demo.make_problems(200, seed=5):
+        for column, carry in enumerate(demo.carry_outs(a, b)):
+            if carry:
+                trace = demo.teacher_trace(a, b, drop_carry_into=column + 1)
+                answer = int(verify.extract_answer(trace))
+                assert answer == a + b - 10 ** (column + 1) and answer in demo.dropped_carry_answers(a, b)
+                assert not verify.grade(trace, str(a + b))
+
+
+def test_dropped_carry_shares_the_rest_of_the_reasoning():
+    right, wrong = demo.teacher_trace(159, 141), demo.teacher_trace(159, 141, drop_carry_into=1)
+    assert right.splitlines()[0] == wrong.splitlines()[0] == "Add the ones: 9 + 1 = 10. Write 0, carry 1."
+    assert "Add the tens: 5 + 4 = 9. Write 9." in wrong and "\\boxed{290}" in wrong
+    assert "Add the tens: 5 + 4 + 1 = 10. Write 0, carry 1." in right and "\\boxed{300}" in right
+
+
+def test_final_slip_is_wrong_and_outside_the_family():
     for a, b in demo.make_problems(50, seed=3):
-        trace = demo.teacher_trace(a, b, rng, mistake)
-        assert not verify.grade(trace, str(a + b)), (a, b, mistake, trace)
+        for slip in (-1, 1):
+            trace = demo.teacher_trace(a, b, final_slip=slip)
+            assert not verify.grade(trace, str(a + b))
+            assert int(verify.extract_answer(trace)) not in demo.dropped_carry_answers(a, b)
 
 
-def test_dropped_carry_drops_a_carry():
-    trace = demo.teacher_trace(47, 38, random.Random(0), "dropped_carry")
-    assert "7 + 8 = 15. Write 5, carry 1." in trace
-    assert "Add the tens: 4 + 3 = 7." in trace and "\\boxed{75}" in trace
+def test_teacher_errs_only_where_told():
+    """drop_carry by chain length: here only chains of 2+ fail, always; no slips. The profile counts it."""
+    teacher = {"drop_carry": [0.0, 0.0, 1.0, 1.0], "final_slip": 0.0}
+    rng = random.Random(0)
+    for a, b in demo.make_problems(300, seed=7):
+        trace, mistake = demo.teacher_generation(a, b, rng, teacher)
+        hard = demo.longest_carry_chain(a, b)[0] >= 2
+        assert (mistake == "dropped_carry") == hard and verify.grade(trace, str(a + b)) != hard
 
 
-def test_eval_problems_are_held_out():
+def test_teacher_profile(tmp_path):
+    teacher = {"drop_carry": [0.0, 0.0, 1.0, 1.0], "final_slip": 0.0}
+    problems = [(123, 456), (159, 141), (178, 825)]
+    profile = demo.write_raw_generations(tmp_path / "raw.jsonl", problems, 3, teacher, seed=0)
+    assert profile == {"0": {"problems": 1, "traces": 3, "wrong_traces": 0, "no_correct_trace": 0},
+                       "2": {"problems": 1, "traces": 3, "wrong_traces": 3, "no_correct_trace": 1},
+                       "3": {"problems": 1, "traces": 3, "wrong_traces": 3, "no_correct_trace": 1}}
+    rows = [json.loads(line) for line in open(tmp_path / "raw.jsonl")]
+    assert [r["answer"] for r in rows] == ["579", "300", "1003"] and all(len(r["generations"]) == 3 for r in rows)
+
+
+def test_splits_are_disjoint():
     train = demo.make_problems(500, seed=0)
-    held_out = demo.make_problems(100, seed=1, exclude=frozenset(train))
-    assert len(set(train)) == 500 and not set(train) & set(held_out)
+    val = demo.make_problems(100, seed=1000, exclude=frozenset(train))
+    test = demo.make_problems(100, seed=2000, exclude=frozenset(train) | frozenset(val))
+    assert len(set(train)) == 500 and len(set(val)) == 100 and len(set(test)) == 100
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+
+
+def test_choose_lr_best_validation_ties_to_smaller():
+    assert demo.choose_lr({"1e-05": 0.5, "4e-05": 0.6}) == 4e-5
+    assert demo.choose_lr({"4e-05": 0.6, "1e-05": 0.6, "2.5e-06": 0.1}) == 1e-5
+
+
+def test_mean_std():
+    assert demo.mean_std([0.5]) == (0.5, None)
+    mean, std = demo.mean_std([0.2, 0.4, 0.9])
+    assert mean == pytest.approx(0.5) and std == pytest.approx(math.sqrt(((0.3**2) + 0.1**2 + 0.4**2) / 2))
+
+
+def test_error_profile(tmp_path):
+    problems = {"t-0": (178, 825), "t-1": (123, 456)}  # chain 3 (hard), chain 0
+    rows = [{"id": "t-0", "correct": False, "answer": "993"},   # dropped carry into tens
+            {"id": "t-0", "correct": False, "answer": "1004"},  # something else
+            {"id": "t-0", "correct": True, "answer": "1003"},
+            {"id": "t-1", "correct": False, "answer": None},
+            {"id": "t-1", "correct": True, "answer": "579"}]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo.error_profile(path, problems) == {"samples": 5, "wrong": 3, "wrong_in_teacher_family": 1,
+                                                  "wrong_on_hard": 2, "samples_on_hard": 3}
+    pooled = demo.pooled([demo.error_profile(path, problems)] * 2)
+    assert pooled["wrong"] == 6 and pooled["share_in_teacher_family"] == pytest.approx(1 / 3)
+    assert pooled["share_on_hard"] == pytest.approx(2 / 3) and pooled["hard_share_of_samples"] == pytest.approx(0.6)
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo", "--seeds", "0", "--out", str(tmp_path / "d")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "demo.py: error: --seeds must be >= 1, got 0"
 
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "scripts.demo", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / "data" / "report.json") as f:
-        report = json.load(f)
-    assert report["sft_rows"] > 0 and report["pairs_rows"] > 0 and report["labelled_by_verifier"] > 0
-    with open(out / "results.json") as f:
-        results = json.load(f)
-    assert list(results) == ["base", "sft", "redi", "redi_symmetric", "dpo", "simpo", "weighted"]
-    for name, r in results.items():
-        assert 0.0 <= r["pass@1"] <= 1.0 and 0.0 <= r["maj@2"] <= 1.0, name
-        samples = [json.loads(line) for line in open(out / "eval" / name / "samples.jsonl")]
-        assert len(samples) == r["samples"] == 12
-        assert r["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
-    for name in ["sft", "redi", "dpo", "simpo", "weighted"]:
-        assert (out / name / "config.json").exists() and (out / name / "metrics.jsonl").exists()
+    check_quick_demo(out)
     # A finished demo is never overwritten silently.
     again = subprocess.run([sys.executable, "-m", "scripts.demo", "--quick", "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode != 0 and "--fresh" in again.stderr
+    assert again.returncode == 2 and "--fresh" in again.stderr
+
+
+def check_quick_demo(out):
+    """results.json's structure, and every number in it traced back to the files it came from."""
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    seed_dir = out / "seed-0"
+    assert results["settings"]["seeds"] == [0]
+    plan = results["settings"]["plan"]
+    for name in demo.MODELS:
+        r = results[name]
+        assert set(r) >= {"pass@1", "std", "seeds", "lr"}, name
+        assert r["std"] is None and len(r["seeds"]) == 1 and r["pass@1"] == r["seeds"][0]
+        samples = [json.loads(line) for line in open(seed_dir / "eval" / "test" / name / "samples.jsonl")]
+        n = int(plan["test_eval"][plan["test_eval"].index("--num-samples") + 1])
+        assert len(samples) == plan["test_problems"] * n
+        assert r["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples)), name
+        assert r["errors"]["wrong"] == sum(not s["correct"] for s in samples)
+        if name != "sft_start":
+            run_dir = seed_dir / "stage2" / f"{name}-lr{r['lr'][0]:g}"
+            assert r["lr"][0] in plan["lrs"] and (run_dir / "config.json").exists(), name
+    premise = results["premise"]
+    assert premise["wrong"] == results["sft_start"]["errors"]["wrong"]
+    assert 0 <= premise["share_in_teacher_family"] <= 1 and premise["per_seed"][0]["samples"] == premise["samples"]
+    # Every Stage 2 run takes the same number of steps: one epoch over the pairs.
+    steps = results["data"][0]["stage2_steps"]
+    assert steps == math.ceil(results["data"][0]["pairs_rows"] / plan["stage2_batch"])
+    for name in demo.STAGE2:
+        run_dir = seed_dir / "stage2" / f"{name}-lr{results[name]['lr'][0]:g}"
+        rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        assert rows[-1]["step"] == steps, name
+    story = results["alpha_story"]
+    assert story["lr"] == max(plan["lrs"])
+    for name in demo.STORY:
+        assert list(story[name]["val_pass@1"])[0] == "0" and list(story[name]["val_pass@1"])[-1] == str(steps)
+        assert len(story[name]["val_pass@1"]) >= 3 and len(story[name]["logps"]) == steps
+    pytest.importorskip("matplotlib")
+    assert results["figures"] == ["accuracy.png", "logps.png", "alpha_story.png"]
+    for figure in results["figures"]:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

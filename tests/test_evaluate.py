@@ -4,8 +4,10 @@ sampling distribution, pass@k / maj@n / summary formulas, data errors, the CLI, 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import transformers
 
 import data
 import evaluate
+from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
 from model import Qwen2
@@ -234,22 +237,33 @@ def test_greedy_output_does_not_depend_on_batch_size(checkpoint, ragged_stop):
     assert all(runs[1][2 * i] == runs[1][2 * i + 1] for i in range(len(prompts)))  # greedy: samples equal
 
 
-def test_refill_hands_a_finished_slot_to_the_next_sample_at_once(checkpoint, ragged_stop):
+def test_refill_hands_a_finished_slot_to_the_next_sample_at_once(checkpoint, ragged_stop, monkeypatch):
     _, _, ours = checkpoint
     prompts, stops = ragged_stop
     one_at_a_time = evaluate.generate(ours, prompts, 16, stop_ids=stops, batch_size=1)
+    # The schedule, observed from outside: decode steps so far, and each prefill's (step, slots).
+    steps, prefills = [], []
+    real_step, real_prefill = ours.decode_step, ours.prefill
+    monkeypatch.setattr(ours, "decode_step", lambda *args: steps.append(1) or real_step(*args))
+    monkeypatch.setattr(ours, "prefill",
+                        lambda ids, slots: prefills.append((len(steps), list(slots))) or real_prefill(ids, slots))
     requests = [evaluate.Request(p, key=i) for i, p in enumerate(prompts)]
-    finished = list(evaluate.stream_samples(ours, requests, 16, stop_ids=stops, batch_size=2))
-    assert sorted(f.request for f in finished) == list(range(len(prompts)))
-    assert [f.tokens for f in sorted(finished, key=lambda f: f.request)] == one_at_a_time
+    finished = [(f, len(steps)) for f in evaluate.stream_samples(ours, requests, 16, stop_ids=stops, batch_size=2)]
+    assert sorted(f.request for f, _ in finished) == list(range(len(prompts)))
+    assert [f.tokens for f, _ in sorted(finished, key=lambda x: x[0].request)] == one_at_a_time
+    # One sample per request: request r is the r-th prefill, into one slot, at step admitted[r].
+    assert len(prefills) == len(prompts) and all(len(slots) == 1 for _, slots in prefills)
+    admitted = [step for step, _ in prefills]
+    slot_of = [slots[0] for _, slots in prefills]
+    finished_step = {f.request: step for f, step in finished}
     # Samples are yielded as they finish, and a slot is refilled in the very step its sample finished:
     # in each slot, every sample after the first was admitted at the step the previous one finished.
-    assert [f.finished_step for f in finished] == sorted(f.finished_step for f in finished)
+    assert [step for _, step in finished] == sorted(step for _, step in finished)
     for slot in (0, 1):
-        chain = sorted((f for f in finished if f.slot == slot), key=lambda f: f.admitted_step)
-        assert chain[0].admitted_step == 0
-        assert all(b.admitted_step == a.finished_step for a, b in zip(chain, chain[1:]))
-    assert max(f.admitted_step for f in finished) > 0  # refills happened
+        chain = sorted((r for r in range(len(prompts)) if slot_of[r] == slot), key=lambda r: admitted[r])
+        assert admitted[chain[0]] == 0
+        assert all(admitted[b] == finished_step[a] for a, b in zip(chain, chain[1:]))
+    assert max(admitted) > 0  # refills happened
 
 
 def test_each_prompt_is_prefilled_once_and_shared_by_its_samples(checkpoint, ragged_stop, monkeypatch):
@@ -411,8 +425,8 @@ def data_file(tmp_path_factory):
 
 
 def cli(checkpoint_path, data_path, out, *extra):
-    return [checkpoint_path, "--data", data_path, "--n", "2", "--max-new-tokens", "6", "--temperature", "0.7",
-            "--top-p", "0.95", "--out", str(out), *extra]
+    return [checkpoint_path, "--data", data_path, "--num-samples", "2", "--max-new-tokens", "6", "--temperature",
+            "0.7", "--top-p", "0.95", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +479,7 @@ def test_cli_grades_and_scores_what_the_sampler_returns(checkpoint, data_file, t
                 text, reason = scripted[(r.key, j)]
                 ids = tokenizer.encode(text, add_special_tokens=False).ids
                 ids += [stop] if reason == "stop" else []
-                yield evaluate.Finished(i, j, ids, reason, slot=0, admitted_step=0, finished_step=0)
+                yield evaluate.Finished(i, j, ids, reason)
 
     monkeypatch.setattr(evaluate, "stream_samples", fake_sampler)
     summary = evaluate.main(cli(checkpoint[0], data_file, tmp_path / "out"))
@@ -539,15 +553,15 @@ def test_an_interrupted_run_resumes_without_redoing_finished_samples(checkpoint,
 
 def test_resume_with_other_settings_is_refused(checkpoint, data_file, full_run, tmp_path):
     out = full_run[0]
-    with pytest.raises(SystemExit, match="run.json.*seed: 0 there, 1 now.*pick another --out"):
+    with pytest.raises(InputError, match="run.json.*seed: 0 there, 1 now.*pick another --out"):
         evaluate.main(cli(checkpoint[0], data_file, out, "--seed", "1"))
     (tmp_path / "samples.jsonl").write_text((out / "samples.jsonl").read_text())  # samples of unknown settings
-    with pytest.raises(SystemExit, match="no run.json.*pick another --out"):
+    with pytest.raises(InputError, match="no run.json.*pick another --out"):
         evaluate.main(cli(checkpoint[0], data_file, tmp_path))
 
 
 def test_a_prompt_longer_than_max_seq_len_names_the_problem(checkpoint, data_file, tmp_path):
-    with pytest.raises(SystemExit, match="problem 't/1.json' has a .*-token prompt.*--max-seq-len 20"):
+    with pytest.raises(InputError, match="problem 't/1.json' has a .*-token prompt.*--max-seq-len 20"):
         evaluate.main(cli(checkpoint[0], data_file, tmp_path, "--max-seq-len", "20"))
 
 
@@ -560,7 +574,7 @@ def test_a_bad_data_row_names_file_and_line(checkpoint, tmp_path):
 def test_torchrun_two_ranks_give_the_single_process_samples(checkpoint, data_file, full_run, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = [a if a != "--n" else "--num-samples" for a in cli(checkpoint[0], data_file, out)]
+    args = cli(checkpoint[0], data_file, out)  # --num-samples: torchrun's parser refuses "--n"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              "2", str(REPO / "evaluate.py"), *args],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -569,3 +583,303 @@ def test_torchrun_two_ranks_give_the_single_process_samples(checkpoint, data_fil
     assert not list(out.glob("samples.rank*.jsonl"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pass@1"] == full_run[1]["pass@1"] and summary["pass@k"] == full_run[1]["pass@k"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --protocol redi: the paper's prompt, sampling settings, strict grading and standard error
+
+# The REDI authors' evaluation prompt, written out here from their README (the "force thinking" chat
+# template: Qwen2.5-Math's system prompt, generation prompt `<|im_start|>assistant<think>\n`) and Open-R1's
+# math query template (rllm/scripts/data/deepscaler_dataset.py in their repository), independently of data.py.
+AUTHORS_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+AUTHORS_QUERY = ("Solve the following math problem efficiently and clearly.  The last line of your response should "
+                 "be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is "
+                 "correct' (without quotes) where ANSWER is just the final number or expression that solves the "
+                 "problem. Think step by step before answering.\n\n{Question}")
+AUTHORS_JINJA = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                 "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant<think>\\n' }}{%- endif %}")
+
+
+def scripted_sampler(tokenizer, completion_of, calls):
+    """A stand-in for stream_samples: records (requests, kwargs) and returns completion_of(key, sample)."""
+    stop = tokenizer.token_to_id("<|im_end|>")
+
+    def sampler(model, requests, max_new_tokens, **kwargs):
+        calls.append((requests, dict(kwargs, max_new_tokens=max_new_tokens)))
+        for i, r in enumerate(requests):
+            for j in r.samples:
+                ids = tokenizer.encode(completion_of(r.key, j), add_special_tokens=False).ids
+                yield evaluate.Finished(i, j, ids + [stop], "stop")
+    return sampler
+
+
+def strict_or_not(key, sample):
+    """Even samples close their reasoning, and sample j of problem i is then right unless (i + j) % 3 == 0;
+    odd samples never close it and are right: strict grading scores sample sets 2/3 (even j) and 0 (odd j)."""
+    gold = ROWS[key]["answer"]
+    answer = gold if sample % 2 or (key + sample) % 3 else "1000"
+    return f"So it is {answer}.</think> \\boxed{{{answer}}}" if sample % 2 == 0 else f"\\boxed{{{answer}}}"
+
+
+def test_redi_protocol_feeds_the_authors_template_and_settings(checkpoint, data_file, tmp_path, monkeypatch):
+    transformers_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{checkpoint[0]}/tokenizer.json")
+    tokenizer = data.load_tokenizer(checkpoint[0])
+    calls = []
+    monkeypatch.setattr(evaluate, "stream_samples", scripted_sampler(tokenizer, strict_or_not, calls))
+    summary = evaluate.main([checkpoint[0], "--data", data_file, "--protocol", "redi", "--out", str(tmp_path)])
+    (requests, kwargs), = calls
+    assert kwargs["temperature"] == 0.6 and kwargs["top_p"] == 0.95 and kwargs["max_new_tokens"] == 32768
+    assert [r.samples for r in requests] == [tuple(range(16))] * 3
+    rows = read_rows(tmp_path / "samples.jsonl")
+    for r, problem in zip(requests, ROWS):
+        messages = [{"role": "system", "content": AUTHORS_SYSTEM},
+                    {"role": "user", "content": AUTHORS_QUERY.replace("{Question}", problem["problem"])}]
+        text = transformers_tokenizer.apply_chat_template(messages, chat_template=AUTHORS_JINJA, tokenize=False,
+                                                          add_generation_prompt=True)
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant<think>\n")
+        assert r.prompt_ids == transformers_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert {row["prompt"] for row in rows if row["id"] == problem["unique_id"]} == {text}
+    assert summary["settings"]["protocol"] == "redi" and summary["settings"]["template"] == "redi"
+
+    # Explicit flags override the protocol's settings; the template and grading stay the protocol's.
+    calls.clear()
+    evaluate.main([checkpoint[0], "--data", data_file, "--protocol", "redi", "--num-samples", "2",
+                   "--temperature", "0", "--max-new-tokens", "7", "--out", str(tmp_path / "override")])
+    (requests, kwargs), = calls
+    assert kwargs["temperature"] == 0 and kwargs["max_new_tokens"] == 7 and requests[0].samples == (0, 1)
+    assert read_rows(tmp_path / "override" / "samples.jsonl")[0]["prompt"].endswith("assistant<think>\n")
+
+
+def test_strict_grading_and_the_papers_standard_error(checkpoint, data_file, tmp_path, monkeypatch):
+    import verify
+
+    tokenizer = data.load_tokenizer(checkpoint[0])
+    monkeypatch.setattr(evaluate, "stream_samples", scripted_sampler(tokenizer, strict_or_not, []))
+    runs = {protocol: evaluate.main([checkpoint[0], "--data", data_file, "--protocol", protocol, "--out",
+                                     str(tmp_path / protocol)]) for protocol in ("redi", "default")}
+    for protocol, strict in (("redi", True), ("default", False)):
+        for r in read_rows(tmp_path / protocol / "samples.jsonl"):
+            closed = "</think>" in r["completion"]
+            assert r["correct"] == (verify.grade(r["completion"], r["gold"]) and (closed or not strict))
+            if not closed:  # the same text: scored 0 when strict, graded as always otherwise
+                assert r["correct"] is (False if strict else verify.grade(r["completion"], r["gold"]))
+    # Sample sets (sample j of the 3 problems): strict, 2/3 for even j and 0 for odd j; lenient, 2/3 and 1.
+    # redi: mean 1/3, every deviation 1/3: std (ddof 0) = 1/3, over sqrt(16) = 1/12.
+    assert runs["redi"]["pass@1"] == pytest.approx(1 / 3)
+    assert runs["redi"]["pass@1_stderr"] == pytest.approx(1 / 12) and runs["redi"]["pass@1_stderr_ddof"] == 0
+    # default: mean 5/6, every deviation 1/6: std (ddof 1) = sqrt(16 / 36 / 15), over sqrt(16).
+    assert runs["default"]["pass@1"] == pytest.approx(5 / 6)
+    assert runs["default"]["pass@1_stderr"] == pytest.approx(math.sqrt(16 / 36 / 15) / 4)
+
+
+def test_papers_standard_error_equals_rllms_numpy_formula():
+    import numpy as np
+
+    problems, rows = hand_table()
+    s = evaluate.summarize(problems, rows, n=4, same=lambda a, b: a == b, ddof=0)
+    # Sample sets score 1, 1/2, 0, 1/2: mean 1/2, squared deviations 1/4, 0, 1/4, 0; std = sqrt(1/8), / sqrt(4).
+    assert s["pass@1_stderr"] == pytest.approx(math.sqrt(1 / 8) / 2)
+    scores = np.array([[1, 0, 0, 0], [1, 1, 0, 1]])  # problems x samples, as rllm holds them
+    assert s["pass@1_stderr"] == pytest.approx(np.std(np.mean(scores, axis=0)) / np.sqrt(4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, the culprit named, nothing in --out touched
+
+
+def run_cli(argv, capsys):
+    """evaluate.py as its __main__ runs it; (exit code, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.common.cli(lambda: evaluate.main(argv), "evaluate.py")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.name != ".lock"}
+
+
+@pytest.fixture
+def previous_run(full_run, tmp_path):
+    """A copy of a finished run's output directory (run.json, samples.jsonl, summary.json)."""
+    out = tmp_path / "previous"
+    out.mkdir()
+    for name, content in snapshot(full_run[0]).items():
+        (out / name).write_bytes(content)
+    return out
+
+
+def broken_checkpoint(source, target, config_changes=None, poison=None):
+    """A copy of the checkpoint with config.json changes or one tensor set to NaN."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    for name in os.listdir(source):
+        (target / name).write_bytes((Path(source) / name).read_bytes())
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    if poison:
+        tensors = load_file(target / "model.safetensors")
+        tensors[poison][0, 0] = float("nan")
+        save_file(tensors, target / "model.safetensors")
+    return str(target)
+
+
+def test_bad_inputs_exit_2_naming_the_culprit_and_leave_out_intact(checkpoint, data_file, previous_run, tmp_path,
+                                                                   capsys):
+    ckpt = checkpoint[0]
+    bad = lambda name, rows: write_jsonl(tmp_path / name, rows)
+    cases = [
+        ([ckpt, "--data", bad("dup.jsonl", [ROWS[0], ROWS[0]])], "dup.jsonl:2: id 't/1.json' already used"),
+        ([ckpt, "--data", bad("noanswer.jsonl", [ROWS[0], {"problem": "x"}])], "noanswer.jsonl:2: needs an 'answer'"),
+        ([ckpt, "--data", bad("empty.jsonl", [])], "empty.jsonl: no rows"),
+        ([ckpt, "--data", str(tmp_path)], "is a directory"),
+        ([str(tmp_path / "nope"), "--data", data_file], "nope: no such checkpoint directory"),
+        ([broken_checkpoint(ckpt, tmp_path / "small", {"vocab_size": 300}), "--data", data_file],
+         "tokenizer.json has 386 tokens but config.json's vocab_size is 300"),
+        ([ckpt, "--data", data_file, "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+        ([ckpt, "--data", data_file, "--num-samples", "-1"], "argument --num-samples: must be an integer >= 1"),
+        ([ckpt, "--data", data_file, "--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
+        ([ckpt, "--data", data_file, "--limit", "0"], "argument --limit: must be an integer >= 1"),
+        ([ckpt, "--data", data_file, "--max-seq-len", "x"], "argument --max-seq-len: must be an integer >= 1, got 'x'"),
+        ([ckpt, "--data", data_file, "--top-p", "0"], "top_p \\(--top-p\\) must be in \\(0, 1\\]"),
+        ([ckpt, "--data", data_file, "--temperature", "inf"], "temperature \\(--temperature\\) must be finite"),
+        ([ckpt, "--data", data_file, "--n", "2"], "unrecognized arguments: --n 2"),  # one flag name
+    ]
+    before = snapshot(previous_run)
+    for argv, message in cases:
+        code, err = run_cli(argv + ["--out", str(previous_run), "--max-new-tokens", "4"], capsys)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        assert re.search("evaluate.py: error: .*" + message, err), (argv, err)
+        assert snapshot(previous_run) == before, argv
+    # Weights are read after OUT is checked, yet before anything is written there: a NaN weight, a truncated
+    # safetensors file.
+    nan = broken_checkpoint(ckpt, tmp_path / "nan", poison="model.layers.1.mlp.up_proj.weight")
+    cut = broken_checkpoint(ckpt, tmp_path / "cut")
+    (Path(cut) / "model.safetensors").write_bytes((Path(cut) / "model.safetensors").read_bytes()[:5000])
+    for path, message in [(nan, "tensor model.layers.1.mlp.up_proj.weight holds NaN or inf"),
+                          (cut, "cut/model.safetensors: damaged")]:
+        code, err = run_cli([path, "--data", data_file, "--out", str(tmp_path / "fresh")], capsys)
+        assert code == 2 and "Traceback" not in err and "evaluate.py: error: " in err and message in err, err
+        assert snapshot(tmp_path / "fresh") == {}
+
+
+def test_damaged_run_files_are_named_with_what_to_do(checkpoint, data_file, previous_run, capsys):
+    argv = [checkpoint[0], "--data", data_file, "--num-samples", "2", "--max-new-tokens", "6", "--temperature",
+            "0.7", "--top-p", "0.95", "--out", str(previous_run)]
+    lines = (previous_run / "samples.jsonl").read_text().splitlines(keepends=True)
+    for name, damage, message in [
+            ("run.json", '{"seed": 0,', "run.json: damaged .*pick another --out, or delete"),
+            ("samples.jsonl", "".join(lines[:1] + ["{oops\n"] + lines[2:]),
+             "samples.jsonl:2: not valid JSON.*delete that line .*or pick another --out"),
+            ("samples.jsonl", "".join(lines[:2] + ['["a list"]\n'] + lines[3:]),
+             "samples.jsonl:3: expected a JSON object.*delete that line")]:
+        original = (previous_run / name).read_text()
+        (previous_run / name).write_text(damage)
+        before = snapshot(previous_run)
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and "Traceback" not in err and re.search(message, err), err
+        assert snapshot(previous_run) == before
+        (previous_run / name).write_text(original)
+    assert evaluate.main(argv)["pass@1"] is not None  # repaired: the run is whole again
+
+
+def test_main_reports_errors_as_one_line_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tmp_path / "missing"), "--data",
+                             str(tmp_path / "none.jsonl")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("evaluate.py: error: ") and "none.jsonl" in result.stderr
+
+
+GATED_RUN = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import common, evaluate
+real = evaluate.stream_samples
+def gated(*args, **kwargs):  # holds the run (and its lock) mid-way until the test says go
+    open({ready!r}, "w").close()
+    while not os.path.exists({go!r}):
+        time.sleep(0.05)
+    yield from real(*args, **kwargs)
+evaluate.stream_samples = gated
+sys.argv = ["evaluate.py", *{argv!r}]
+common.cli(evaluate.main, "evaluate.py")
+"""
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_completes(checkpoint, data_file, full_run,
+                                                                          tmp_path):
+    out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
+    argv = cli(checkpoint[0], data_file, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", GATED_RUN.format(repo=str(REPO), ready=str(ready),
+                                                                     go=str(go), argv=argv)],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if ready.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), first.communicate()[1][-3000:]
+        second = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *argv], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert re.search(f"{re.escape(str(out))} is in use by evaluate.py \\(pid {first.pid} ", second.stderr)
+        go.touch()
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert read_rows(out / "samples.jsonl") == full_run[2]  # the first run's output, whole
+    assert json.loads((out / "summary.json").read_text())["pass@1"] == full_run[1]["pass@1"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: help, one flag name
+
+
+def test_help_documents_every_flag_with_its_default_once():
+    parser = evaluate.build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, action.option_strings
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert action.help.count("(default:") == 1, (action.option_strings, action.help)
+    text = parser.format_help()
+    assert "(default: None)" not in text and "--num-samples" in text and "--n " not in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiled decode
+
+
+def test_compiled_decode_gives_the_eager_greedy_tokens_for_ragged_prompts(tmp_path):
+    """torch.compile (inductor, on CPU here) of the decode step. The lengths keep every step in one (slots,
+    kv_len) bucket, so this compiles a single graph (tens of seconds on a small CPU)."""
+    hf = make_hf_model(seed=3)
+    hf.save_pretrained(tmp_path)
+    model = Qwen2.from_pretrained(str(tmp_path))
+    prompts = random_prompts([2, 5, 9], seed=6)
+    eager = evaluate.generate(model, prompts, 6, batch_size=3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = evaluate.generate(model, prompts, 6, batch_size=3, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it really compiled
+    assert compiled == eager and all(len(t) == 6 for t in eager)
+    assert eager == [hf_greedy(hf, p, 6) for p in prompts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled decode with CUDA graphs")
+def test_compiled_decode_with_cuda_graphs_gives_the_eager_greedy_tokens(checkpoint, ragged_stop):
+    """On CUDA (fp32: cuBLAS without TF32, as eager), with ragged stops: several (slots, kv_len) graphs, slot
+    refills and the cache shrinking at the tail."""
+    model = Qwen2.from_pretrained(checkpoint[0], device="cuda")
+    prompts, stops = ragged_stop
+    for batch_size in (2, 6):
+        eager = evaluate.generate(model, prompts, 16, stop_ids=stops, batch_size=batch_size, n=2)
+        compiled = evaluate.generate(model, prompts, 16, stop_ids=stops, batch_size=batch_size, n=2, compile=True)
+        assert compiled == eager
+    sampled = dict(temperature=0.8, top_p=0.9, n=3, batch_size=4)
+    assert evaluate.generate(model, prompts, 16, compile=True, **sampled) == evaluate.generate(model, prompts, 16,
+                                                                                              **sampled)

@@ -77,13 +77,119 @@ def test_token_logps_under_autocast_computes_fp32_and_returns_input_dtypes(weigh
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, (gh, gw) = grads_of(lambda h, w: losses.token_logps(h, w, targets, chunk_size=7),
                                  hidden, weight, upstream=upstream)
-    # Reference: the same bf16-valued inputs, computed in fp32 (no autocast).
-    want, (rh, rw) = grads_of(lambda h, w: reference_token_logps(h.float(), w.float(), targets),
+    # Reference: the bf16-valued inputs (an fp32 weight is rounded to bf16 as autocast rounds every matmul
+    # operand, issue 17), computed in fp32 without autocast.
+    want, (rh, rw) = grads_of(lambda h, w: reference_token_logps(h.float(), w.bfloat16().float(), targets),
                               hidden, weight, upstream=upstream)
     assert got.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == weight_dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32-accurate, not bf16-accurate
-    torch.testing.assert_close(gh.float(), rh.float(), rtol=1e-2, atol=1e-2)  # only the final cast rounds
-    torch.testing.assert_close(gw.float(), rw.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gh.float(), rh.float(), rtol=1e-2, atol=1e-2)
+    # ∂L/∂W = Σ_t dz_t h_t^T with dz rounded to bf16 (a bf16 GEMM operand) and the result cast to the weight's
+    # dtype: each term is off by at most 2^-8 of its size (bf16's unit roundoff), the sum by 2^-8 of
+    # Σ_t |dz_t||h_t|, plus the final cast (2^-8 of the result).
+    h, w = hidden.float(), weight.bfloat16().float()
+    valid = (targets != IGNORE)[..., None]
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), w.shape[0]).float()
+    dz = torch.where(valid, upstream.float()[..., None] * (onehot - torch.softmax(h @ w.T, -1)), 0.0)
+    bound = 2**-8 * (dz.abs().flatten(0, 1).T @ h.abs().flatten(0, 1)) + 2**-8 * rw.float().abs() + 1e-6
+    assert ((gw.float() - rw.float()).abs() <= bound).all()
+
+
+def test_token_logps_fp32_path_is_plain_fp32_arithmetic_bit_for_bit():
+    """fp32 inputs (no autocast) take the exact fp32 path: equal to the bit to the same formulas written out
+    in fp32 here (one chunk: z = h W^T, lse = max + log Σ exp(z − max), dz = g·(onehot − softmax))."""
+    hidden, weight, targets, upstream = random_case(torch.float32, shape=(37,), hidden_size=16, vocab=50)
+    upstream = upstream.float()
+    got, (gh, gw) = grads_of(lambda h, w: losses.token_logps(h, w, targets, chunk_size=64), hidden, weight,
+                             upstream=upstream.double())
+    valid = targets != IGNORE
+    safe = torch.where(valid, targets, 0)
+    logits = hidden @ weight.T
+    row_max = logits.amax(dim=1, keepdim=True)
+    shifted_exp = (logits - row_max).exp()
+    exp_sum = shifted_exp.sum(dim=1)
+    lse = exp_sum.log() + row_max.squeeze(1)
+    want = torch.where(valid, logits.gather(1, safe[:, None]).squeeze(1) - lse, 0.0)
+    g = torch.where(valid, upstream, 0.0)
+    dz = (shifted_exp / exp_sum[:, None]) * -g[:, None]
+    dz.scatter_add_(1, safe[:, None], g[:, None])
+    assert torch.equal(got, want)
+    assert torch.equal(gh, dz @ weight)
+    assert torch.equal(gw, torch.zeros_like(weight).addmm_(dz.T, hidden))
+    assert not losses.uses_bf16_matmuls(hidden, weight)
+
+
+def test_bf16_matmuls_are_chosen_for_bf16_inputs_and_bf16_autocast_only():
+    h32, w32 = torch.zeros(2, 4), torch.zeros(3, 4)
+    h16, w16 = h32.bfloat16(), w32.bfloat16()
+    assert losses.uses_bf16_matmuls(h16, w16)
+    assert not losses.uses_bf16_matmuls(h32, w32)
+    assert not losses.uses_bf16_matmuls(h16, w32)  # mixed, no autocast: promoted to the exact fp32 path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses.uses_bf16_matmuls(h32, w32) and losses.uses_bf16_matmuls(h16, w32)
+        assert not losses.uses_bf16_matmuls(h32.double(), w32.double())  # fp64 is never rounded
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not losses.uses_bf16_matmuls(h32, w32)
+
+
+@pytest.fixture(scope="module")
+def bf16_head(tmp_path_factory):
+    """Final hidden states of a tiny bf16 Qwen2 (ours, loaded from a transformers checkpoint), its output
+    projection, next-token targets, and transformers' own bf16 lm_head module over the same weights."""
+    import transformers
+    from helpers import make_hf_model
+    from model import Qwen2
+
+    transformers.logging.set_verbosity_error()
+    path = str(tmp_path_factory.mktemp("bf16_head"))
+    make_hf_model(seed=0, tie_word_embeddings=False).save_pretrained(path)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ours = Qwen2.from_pretrained(path, dtype=torch.bfloat16)
+    x = torch.randint(0, 400, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = ours(x, return_hidden=True)
+    targets = torch.roll(x, -1, dims=1)
+    targets[:, -1] = IGNORE
+    return hidden, ours.lm_head_weight.detach(), targets, hf.lm_head
+
+
+@pytest.mark.parametrize("mode", ["bf16 tensors", "bf16 autocast over fp32 weights"])
+def test_bf16_token_logps_and_grads_no_worse_than_transformers_bf16_logits(bf16_head, mode):
+    """Issue 17: with bf16 operands, log-probs and both gradients against fp64 arithmetic on the same operand
+    values are no further off than transformers' bf16 logits (its lm_head, then log_softmax in fp32 as its
+    loss does) on the same weights; the log-probs by an order of magnitude less (fp32 logits)."""
+    hidden, weight, targets, hf_lm_head = bf16_head
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    autocast = mode.startswith("bf16 autocast")
+    if autocast:
+        hidden, weight = hidden.float(), weight.float()  # fp32 master weights; autocast rounds operands
+
+    def picked(logits):
+        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return torch.where(targets != IGNORE, logps, 0.0)
+
+    def transformers_logps(h, w):
+        return picked(torch.func.functional_call(hf_lm_head, {"weight": w}, (h,)))
+
+    exact = grads_of(lambda h, w: picked(h @ w.T), hidden.bfloat16().double(), weight.bfloat16().double(),
+                     upstream=upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = grads_of(lambda h, w: losses.token_logps(h, w, targets, chunk_size=40), hidden, weight,
+                        upstream=upstream)
+        theirs = grads_of(transformers_logps, hidden, weight, upstream=upstream)
+
+    def errors(result):
+        (logps, (grad_hidden, grad_weight)) = result
+        return [(a.double() - b).abs().max().item() for a, b in
+                zip((logps, grad_hidden, grad_weight), (exact[0], *exact[1]))]
+
+    ours_err, theirs_err = errors(ours), errors(theirs)
+    print(f"{mode}: max |error| vs fp64 (logps, d hidden, d weight): ours {ours_err}, transformers {theirs_err}")
+    assert ours[0].dtype == torch.float32 and ours[1][1].dtype == weight.dtype
+    for name, mine, reference in zip(("logps", "grad hidden", "grad weight"), ours_err, theirs_err):
+        assert mine <= reference, (name, mine, reference)
+    assert ours_err[0] <= theirs_err[0] / 10  # fp32 logits: accumulation error only
+    assert ours_err[0] < 1e-5
 
 
 def test_token_logps_all_ignored_gives_zeros_and_zero_grads():
@@ -269,6 +375,55 @@ def test_simpo_loss_formula_and_gradient():
     torch.testing.assert_close(r.grad, beta * s / (P * rejected_len.double()))
     margins = beta * (chosen / chosen_len - rejected / rejected_len)
     assert metrics["rewards/margins"].item() == pytest.approx(margins.mean().item())
+
+
+def trl_batch_logps(logits, labels, average_log_prob):
+    """TRL's CPOTrainer.get_batch_logps, restated (trl/experimental/cpo/cpo_trainer.py:751-789 at f2cd577):
+    shift by one, mask label -100, per-token log-softmax, then the masked sum or (SimPO, IPO) the masked
+    mean per row."""
+    labels, logits = labels[:, 1:].clone(), logits[:, :-1, :]
+    mask = labels != IGNORE
+    labels[~mask] = 0
+    per_token = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+    summed = (per_token * mask).sum(-1)
+    return summed / mask.sum(-1) if average_log_prob else summed
+
+
+def test_simpo_metrics_equal_trl_definitions_on_the_same_batch():
+    """Issue 13: SimPO's logps/* are TRL's (length-averaged, cpo_trainer.py:849,902-903), rewards/* are β times
+    them (:745-746), and the loss is TRL's simpo loss (:714-720, label_smoothing 0), all on one padded batch
+    of 3 pairs run through our token_logps -> sequence_logps -> simpo_loss."""
+    gen = torch.Generator().manual_seed(3)
+    pairs, T, H, V, beta, gamma = 3, 12, 8, 40, 2.5, 0.7
+    hidden = torch.randn(2 * pairs, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * pairs, T), generator=gen)
+    for row, (prompt, length) in enumerate([(3, 12), (2, 9), (4, 11), (5, 7), (1, 12), (3, 6)]):
+        labels[row, :prompt] = IGNORE  # prompt tokens
+        labels[row, length:] = IGNORE  # right padding
+    trl_logps = trl_batch_logps(hidden @ weight.T, labels, average_log_prob=True)
+    trl_chosen, trl_rejected = trl_logps[:pairs], trl_logps[pairs:]
+    trl_loss = -torch.nn.functional.logsigmoid(beta * ((trl_chosen - trl_rejected) - gamma / beta)).mean()
+
+    targets = labels[:, 1:]
+    token = losses.token_logps(hidden[:, :-1], weight, targets)
+    rows = torch.arange(2 * pairs)[:, None].expand_as(targets)
+    sums, lengths = losses.sequence_logps(token, targets, rows, 2 * pairs)
+    loss, metrics = losses.simpo_loss(sums[:pairs], sums[pairs:], lengths[:pairs], lengths[pairs:],
+                                      beta=beta, gamma=gamma)
+    expected = {"logps/chosen": trl_chosen.mean(), "logps/rejected": trl_rejected.mean(),
+                "rewards/chosen": beta * trl_chosen.mean(), "rewards/rejected": beta * trl_rejected.mean(),
+                "rewards/margins": beta * (trl_chosen - trl_rejected).mean(),
+                "rewards/accuracies": (trl_chosen > trl_rejected).double().mean()}
+    assert set(expected) <= set(metrics)
+    for name, value in expected.items():
+        assert metrics[name].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-9), name
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-12)
+    # DPO's logps/* are TRL's summed log-probs (dpo_trainer.py:1350,1324): not the SimPO meaning.
+    trl_sums = trl_batch_logps(hidden @ weight.T, labels, average_log_prob=False)
+    _, dpo_metrics = losses.dpo_loss(sums[:pairs], sums[pairs:], sums[:pairs] - 1, sums[pairs:] + 1)
+    assert dpo_metrics["logps/chosen"].item() == pytest.approx(trl_sums[:pairs].mean().item(), rel=1e-6)
+    assert not math.isclose(dpo_metrics["logps/chosen"].item(), metrics["logps/chosen"].item(), rel_tol=1e-3)
 
 
 def test_weighted_nll_loss_formula_and_gradient():

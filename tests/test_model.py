@@ -8,9 +8,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import data
+from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
-from model import CheckpointError, Qwen2, Qwen2Config, document_causal_mask
+from model import CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, to_hf_name
 
 transformers.logging.set_verbosity_error()
 
@@ -265,3 +267,112 @@ def test_flex_attention_packed_forward_equals_dense(tmp_path):
         model.packed_attention = "flex"
         flex = model(input_ids, position_ids, document_ids)
     assert (flex - dense).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged files, vocabulary check, saving in another dtype with the end-of-turn EOS (issues 13, 14, 16)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_safetensors_is_a_checkpoint_error_naming_the_file(tmp_path, damage):
+    path = tiny.make_checkpoint(tmp_path / "ckpt")
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage]
+    with open(file, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(CheckpointError) as err:
+        Qwen2.from_pretrained(path)
+    assert isinstance(err.value, InputError)  # one line and exit 2 from every command line
+    assert file in str(err.value) and "earlier" in str(err.value)
+
+
+def test_missing_shard_and_damaged_index_are_checkpoint_errors(tmp_path):
+    hf = make_hf_model(tie_word_embeddings=False)
+    path = save_hf(hf, tmp_path, max_shard_size="60KB")
+    index = os.path.join(path, "model.safetensors.index.json")
+    shard = sorted(set(json.load(open(index))["weight_map"].values()))[-1]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(CheckpointError, match=shard):
+        Qwen2.from_pretrained(path)
+    with open(index, "w") as f:
+        f.write('{"weight_map": {"model.embed')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: damaged"):
+        Qwen2.from_pretrained(path)
+
+
+def test_check_vocab_refuses_a_tokenizer_larger_than_the_embedding(tmp_path):
+    path = tiny.make_checkpoint(tmp_path, vocab_size=400)
+    tokenizer = data.load_tokenizer(path)
+    size = tokenizer.get_vocab_size()
+    config = Qwen2Config.from_json(os.path.join(path, "config.json"))
+    check_vocab(config, tokenizer)  # 400 rows hold every id
+    check_vocab(Qwen2Config.from_dict(tiny.tiny_config_dict(vocab_size=size)), tokenizer)  # exactly enough
+    with pytest.raises(CheckpointError, match=f"token ids up to {size - 1}.*vocab_size\\) has {size - 1}"):
+        check_vocab(Qwen2Config.from_dict(tiny.tiny_config_dict(vocab_size=size - 1)), tokenizer, where=path)
+    with pytest.raises(CheckpointError, match="has 100 rows"):  # a transformers tokenizer works the same
+        check_vocab(Qwen2Config.from_dict(tiny.tiny_config_dict(vocab_size=100)),
+                    transformers.AutoTokenizer.from_pretrained(path))
+
+
+def test_bf16_save_with_end_of_turn_eos_reloads_in_transformers(tmp_path):
+    """Issue 13: save_pretrained(dtype=bf16, eos_token=...) writes bf16 tensors and config dtype, and the
+    end-of-turn token as the tokenizer's EOS and config.json's eos_token_id; other tokenizer keys kept."""
+    src = tiny.make_checkpoint(tmp_path / "src", seed=1)
+    with open(os.path.join(src, "tokenizer_config.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:  # a base model's EOS, as Qwen2.5's
+        json.dump({**settings, "eos_token": "<|endoftext|>"}, f)
+    assert transformers.AutoTokenizer.from_pretrained(src).eos_token_id == 0
+    ours = Qwen2.from_pretrained(src)  # fp32 in memory
+    dst = str(tmp_path / "dst")
+    ours.save_pretrained(dst, dtype=torch.bfloat16, eos_token="<|im_end|>")
+    end_of_turn = tiny.SPECIAL_TOKENS.index("<|im_end|>")
+
+    stored = load_file(os.path.join(dst, "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16" and config["eos_token_id"] == end_of_turn
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    expected = {to_hf_name(n): t.to(torch.bfloat16) for n, t in ours.state_dict().items()}
+    assert all(torch.equal(stored[name], t) for name, t in expected.items())  # a plain cast, nothing else
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dst)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == end_of_turn
+    with open(os.path.join(dst, "tokenizer_config.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(src, "tokenizer_config.json")) as f:
+        assert settings == {**json.load(f), "eos_token": "<|im_end|>"}
+    # Without dtype the model's own dtype is kept (fp32 here), as before.
+    ours.save_pretrained(tmp_path / "fp32")
+    assert load_file(os.path.join(tmp_path / "fp32", "model.safetensors"))["model.norm.weight"].dtype == torch.float32
+
+
+def test_unknown_eos_token_is_refused_before_anything_is_written(tmp_path):
+    ours = Qwen2.from_pretrained(tiny.make_checkpoint(tmp_path / "src"))
+    with pytest.raises(CheckpointError, match="not a token of"):
+        ours.save_pretrained(tmp_path / "dst", eos_token="<|no_such_token|>")
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_make_checkpoint_is_seeded_randomised_and_loads_everywhere(tmp_path):
+    a = tiny.make_checkpoint(tmp_path / "a", seed=3, dtype=torch.bfloat16, hidden_size=32,
+                             intermediate_size=48, num_hidden_layers=1)
+    b = tiny.make_checkpoint(tmp_path / "b", seed=3, dtype=torch.bfloat16, hidden_size=32,
+                             intermediate_size=48, num_hidden_layers=1)
+    c = tiny.make_checkpoint(tmp_path / "c", seed=4, dtype=torch.bfloat16, hidden_size=32,
+                             intermediate_size=48, num_hidden_layers=1)
+    ta, tb, tc = (load_file(os.path.join(p, "model.safetensors")) for p in (a, b, c))
+    assert all(torch.equal(ta[n], tb[n]) for n in ta) and not torch.equal(ta["model.norm.weight"],
+                                                                           tc["model.norm.weight"])
+    assert ta["model.embed_tokens.weight"].dtype == torch.bfloat16 and ta["model.norm.weight"].shape == (32,)
+    bias = ta["model.layers.0.self_attn.q_proj.bias"].float()
+    norm = ta["model.layers.0.input_layernorm.weight"].float()
+    assert bias.std() > 0.2 and (norm != 1).all() and norm.min() >= 0.5 and norm.max() <= 1.5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
+    x = ids()
+    with torch.no_grad():
+        assert (Qwen2.from_pretrained(a)(x) - hf(x).logits).abs().max().item() <= 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(a).eos_token == "<|im_end|>"

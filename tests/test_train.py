@@ -32,7 +32,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import data  # noqa: E402
+from common import InputError  # noqa: E402
 from scripts import tiny  # noqa: E402
 import train  # noqa: E402
 
@@ -154,8 +156,12 @@ def get_run(ws, name):
     return ws.outs[name]
 
 
+def weights_file(out):
+    return os.path.join(out, "model.safetensors")
+
+
 def weights(out):
-    return load_file(os.path.join(out, "model.safetensors"))
+    return load_file(weights_file(out))
 
 
 def rel_diff(a, b):
@@ -213,7 +219,7 @@ def test_fsdp2_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
     both ranks are kept."""
     full = get_run(ws, "sft-fsdp")
     state = torch.load(os.path.join(full, "step-3", train.TRAINER_STATE), weights_only=True)
-    assert len(state["rng"]) == 2 and state["step"] == 3
+    assert state["fingerprints"]["data"] == common.sha256_file(ws.sft) and state["step"] == 3
     exp_avg = state["optimizer"]["state"]["model.embed.weight"]["exp_avg"]
     assert exp_avg.shape == weights(ws.model)["model.embed_tokens.weight"].shape  # whole, not a shard
     out = tmp_path / "resumed"
@@ -235,9 +241,10 @@ def hf_logps(hf, example):
     return token_logps[mask].sum().item(), int(mask.sum())
 
 
-def expected_first_loss(ws, stage, batch_size, alpha=0.8, beta=None, gamma=1.0):
-    """The stage's loss on the first global batch, from the formulas in the papers, by hand."""
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
+def expected_first_loss(ws, stage, batch_size, alpha=0.8, beta=None, gamma=1.0, hf=None):
+    """The stage's loss on the first global batch, from the formulas in the papers, by hand (with transformers'
+    model of the starting checkpoint, or `hf`)."""
+    hf = hf or transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
     tokenizer = data.load_tokenizer(ws.model)
     if stage == "sft":
         items, _ = data.tokenize_sft(data.load_sft(ws.sft), tokenizer, "qwen", None)
@@ -283,7 +290,7 @@ def test_every_stage_runs_and_loads_in_transformers(ws, stage):
     log = metrics(out)
     assert log[0]["loss"] == pytest.approx(expected_first_loss(ws, stage, batch_size, **kwargs), rel=1e-4)
     for record in log:
-        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= record.keys()
+        assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= record.keys()
         assert record["mfu"] is None  # CPU
     if stage in ("redi", "dpo", "simpo"):
         assert {"logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"} <= log[0].keys()
@@ -320,7 +327,7 @@ def test_learning_rate_schedule(ws):
     assert lrs[3:] == pytest.approx([2.0 * (10 - s) / 7 for s in range(3, 10)])  # then falls to 0 after the last
     assert train.learning_rate(0, 5, 0, 1.0) == 1.0
     # The run logs exactly these values.
-    logged = [r["lr"] for r in metrics(get_run(ws, "sft-1"))]
+    logged = [r["learning_rate"] for r in metrics(get_run(ws, "sft-1"))]
     assert logged == pytest.approx([train.learning_rate(s, 6, 1, 1e-3) for s in range(6)])
 
 
@@ -337,13 +344,14 @@ def test_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
     assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(full)[3:]], rel=1e-6)
     state = torch.load(os.path.join(full, "step-3", train.TRAINER_STATE), weights_only=True)
     assert (state["step"], state["epoch"], state["total_steps"]) == (3, 0, 6)
-    assert state["optimizer"]["state"] and len(state["rng"]) == 1
+    assert state["optimizer"]["state"] and state["fingerprints"] == {
+        "data": common.sha256_file(ws.sft), "model": {"model.safetensors": common.sha256_file(weights_file(ws.model))}}
 
 
 def test_dpo_reference_cache_is_reused_on_resume_and_matches_transformers(ws, tmp_path, capsys):
     full = get_run(ws, "dpo-1")
     cache = ws.pairs + ".ref_logps.safetensors"
-    table = load_file(cache)["ref_logps"]
+    table = load_file(cache)["ref_logps"].clone()  # not a view of the file, which is damaged below
     # The cached reference log-probs are logπ_ref(chosen), logπ_ref(rejected) of each pair, in file order.
     hf = transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
     pairs, _ = data.tokenize_pairs(data.load_pairs(ws.pairs), data.load_tokenizer(ws.model), "qwen", None)
@@ -359,10 +367,10 @@ def test_dpo_reference_cache_is_reused_on_resume_and_matches_transformers(ws, tm
     assert os.stat(cache).st_mtime_ns == mtime
     assert rel_diff(weights(out), weights(full)) <= 1e-5
 
-    # A changed data file makes the cache stale. A resume refuses it (its weights are no longer the
-    # reference); a fresh run recomputes it.
-    os.utime(ws.pairs, ns=(mtime + 10**9, mtime + 10**9))
-    with pytest.raises(train.ConfigError, match="cannot be recomputed from a resumed model"):
+    # A damaged cache is never trusted. A resume refuses it (its weights are no longer the reference); a
+    # fresh run recomputes it.
+    Path(cache).write_bytes(Path(cache).read_bytes()[:100])
+    with pytest.raises(InputError, match="cannot be recomputed from a resumed model"):
         run_inprocess(RUNS["dpo-1"][0](ws) + ["--out", tmp_path / "r2", "--resume", os.path.join(full, "step-3")])
     run_inprocess(dpo_args(ws) + ["--out", tmp_path / "stale", "--max-steps", 1])
     assert "recomputing" in capsys.readouterr().out
@@ -413,7 +421,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(ws, tmp_path, monkeypat
     monkeypatch.undo()
 
     # A fresh start into this OUT is refused (it would overwrite step-2); resuming from step-2 is allowed.
-    with pytest.raises(train.ConfigError, match="already holds step-2"):
+    with pytest.raises(InputError, match="already holds step-2"):
         run_inprocess(args)
     run_inprocess(args + ["--resume", out / "step-2"])
     assert rel_diff(weights(out), weights(get_run(ws, "sft-1"))) <= 1e-5
@@ -421,12 +429,40 @@ def test_interrupted_save_leaves_the_previous_checkpoint(ws, tmp_path, monkeypat
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_what_an_interrupted_run_leaves_in_out_is_found_and_cleared(tmp_path, monkeypatch, capsys):
+    """The common.py plumbing prepare_out_dir uses: OUT/step-N found by number, .tmp-* leftovers removed, and
+    metrics.jsonl cut back to the resumed step, less the line a kill cut short (a damaged line elsewhere is an
+    error naming FILE:LINE, never skipped)."""
+    out = tmp_path / "out"
+    for name in ("step-2", "step-10", "step-x", "step-", ".tmp-step-4"):
+        (out / name).mkdir(parents=True)
+    (out / ".tmp-abc").write_text("half a file")
+    assert common.numbered_dirs(out, "step-") == {2: str(out / "step-2"), 10: str(out / "step-10")}
+    assert common.remove_leftovers(out) == [str(out / ".tmp-abc"), str(out / ".tmp-step-4")]
+    assert sorted(os.listdir(out)) == ["step-", "step-10", "step-2", "step-x"]
+    log = out / train.METRICS_FILE
+    log.write_text('{"step": 1}\n\n{"step": 2, "loss": 0.5}\n{"step": 3}\n{"step": 4, "lo')
+    assert common.trim_jsonl_log(log, lambda row: row["step"] <= 2) is True
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1}, {"step": 2, "loss": 0.5}]
+    assert common.trim_jsonl_log(log, lambda row: True) is False and len(log.read_text().splitlines()) == 2
+    assert common.trim_jsonl_log(tmp_path / "absent.jsonl", lambda row: True) is False
+    log.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(InputError, match=f"{log}:2: not valid JSON"):
+        common.trim_jsonl_log(log, lambda row: True)
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    common.print0("only rank 0 says this")
+    monkeypatch.setenv("RANK", "0")
+    common.print0("rank 0 says this")
+    assert capsys.readouterr().out == "rank 0 says this\n"
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ws, tmp_path):
     out = tmp_path / "out"
     # lr 1e30 makes step 1's update blow the weights up; step 2's loss is NaN.
     with pytest.raises(train.NonFiniteLossError, match=r"step 2: the loss is nan.*step-1"):
         run_inprocess(sft_args(ws) + ["--lr", 1e30, "--out", out, "--save-every", 1])
-    assert sorted(n for n in os.listdir(out) if not n.endswith(".jsonl")) == ["step-1"]
+    assert sorted(n for n in os.listdir(out) if n not in (train.METRICS_FILE, ".lock")) == ["step-1"]
     model = transformers.Qwen2ForCausalLM.from_pretrained(out / "step-1")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -454,7 +490,7 @@ def test_bad_input_fails_before_any_compute(ws, tmp_path, monkeypatch, change, e
     args = dict(zip(sft_args(ws)[::2], sft_args(ws)[1::2]))
     args.update({k: paths.get(v, v) for k, v in change.items()})
     out = tmp_path / "out"
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         run_inprocess([x for kv in args.items() for x in kv] + ["--out", out])
     assert not out.exists()  # failed before writing anything
 
@@ -471,16 +507,16 @@ def test_checkpoints_are_never_overwritten_and_resume_settings_must_match(ws, tm
     full = get_run(ws, "sft-1")
     args = RUNS["sft-1"][0](ws)
     before = sorted(os.listdir(full)), os.stat(os.path.join(full, "model.safetensors")).st_mtime_ns
-    with pytest.raises(train.ConfigError, match=r"--out .* already holds step-3, a final model; choose a new"):
+    with pytest.raises(InputError, match=r"--out .* already holds step-3, a final model; choose a new"):
         run_inprocess(args + ["--out", full])
-    with pytest.raises(train.ConfigError, match="is the final model of a finished run"):
+    with pytest.raises(InputError, match="is the final model of a finished run"):
         run_inprocess(args + ["--out", full, "--resume", full])
-    with pytest.raises(train.ConfigError, match="a final model, newer than --resume"):
+    with pytest.raises(InputError, match="a final model, newer than --resume"):
         run_inprocess(args + ["--out", full, "--resume", os.path.join(full, "step-3")])
     assert (sorted(os.listdir(full)), os.stat(os.path.join(full, "model.safetensors")).st_mtime_ns) == before
     changed = list(args)
     changed[changed.index("--batch-size") + 1] = 8
-    with pytest.raises(train.ConfigError, match="--batch-size 4 but this run has 8"):
+    with pytest.raises(InputError, match="--batch-size 4 but this run has 8"):
         run_inprocess(changed + ["--out", tmp_path / "o", "--resume", os.path.join(full, "step-3")])
 
 
@@ -509,17 +545,316 @@ def test_config_file_keys_defaults_and_overrides(ws, tmp_path):
     assert (args.warmup_ratio, args.weight_decay, args.dtype) == (0.1, 1e-4, "fp32")
     sft = train.parse_args(["--stage", "sft", "--model", "m", "--data", "d", "--out", "o"])
     assert (sft.lr, sft.batch_size, sft.epochs) == (5e-5, 128, 5)
-    assert train.parse_args(["--stage", "dpo", "--model", "m", "--data", "d", "--out", "o"]).beta == 0.1
+    assert train.parse_args(["--stage", "dpo", "--model", "m", "--data", "d", "--out", "o"]).beta == 0.001
     assert train.parse_args(["--stage", "redi", "--model", "m", "--data", "d", "--out", "o"]).lr == 1e-6
 
     config.write_text(json.dumps({"stage": "sft", "learning_rate": 1e-5}))
-    with pytest.raises(train.ConfigError, match="unknown key 'learning_rate'"):
+    with pytest.raises(InputError, match="unknown key 'learning_rate'"):
         train.parse_args(["--config", str(config)])
     config.write_text(json.dumps({"stage": "ppo"}))
-    with pytest.raises(train.ConfigError, match="'stage' = 'ppo'; choose one of"):
+    with pytest.raises(InputError, match=r"--config .*c.json: argument --stage: invalid choice: 'ppo'"):
         train.parse_args(["--config", str(config)])
     config.write_text(json.dumps({"epochs": 1.5}))
-    with pytest.raises(train.ConfigError, match="must be an integer"):
+    with pytest.raises(InputError, match="must be an integer"):
         train.parse_args(["--config", str(config)])
-    with pytest.raises(train.ConfigError, match="missing --stage, --model, --data, --out"):
+    with pytest.raises(InputError, match="missing --stage, --model, --data, --out"):
         train.parse_args([])
+
+
+# ------------------------------------------------------------------- recipes and the paper's hyperparameters
+
+RECIPES = ROOT / "recipes"
+STAGE1 = dict(stage="sft", lr=5e-5, batch_size=128, warmup_ratio=0.1, weight_decay=1e-4, max_length=32768,
+              rope_theta=300000.0, max_position_embeddings=32768)  # appendix C.3; the authors' README
+STAGE2 = dict(batch_size=32, epochs=1, warmup_ratio=0.1, weight_decay=1e-4, max_length=19800)  # appendix C.4
+# Each paper run: its hyperparameters (Table 2 / appendix C.4) and its starting checkpoint.
+PAPER_RUNS = {
+    "stage1-sft-3ep": (dict(STAGE1, epochs=3), "Qwen2.5-Math-1.5B"),
+    "stage1-sft-5ep": (dict(STAGE1, epochs=5), "Qwen2.5-Math-1.5B"),
+    "stage2-redi": (dict(STAGE2, stage="redi", alpha=0.8, lr=1e-6), "stage1-sft-5ep"),
+    "stage2-redi-ablation": (dict(STAGE2, stage="redi", alpha=0.8, lr=1e-6), "stage1-sft-3ep"),
+    "stage2-redi-symmetric": (dict(STAGE2, stage="redi", alpha=1.0, lr=2e-7), "stage1-sft-3ep"),
+    "stage2-dpo": (dict(STAGE2, stage="dpo", beta=0.001, lr=2e-7), "stage1-sft-3ep"),
+    "stage2-simpo": (dict(STAGE2, stage="simpo", beta=2.0, gamma=1.0, lr=5e-7), "stage1-sft-3ep"),
+    "stage2-weighted": (dict(STAGE2, stage="weighted", lr=1e-6), "stage1-sft-3ep"),
+}
+
+
+def test_every_recipe_is_a_paper_run():
+    assert sorted(p.stem for p in RECIPES.glob("*.json")) == sorted(PAPER_RUNS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_recipe_names_its_paper_row_and_runs_two_steps(ws, tmp_path, name):
+    path = RECIPES / f"{name}.json"
+    written = json.loads(path.read_text())
+    expected, start = PAPER_RUNS[name]
+    # Every hyperparameter of the row is written in the file itself, not left to a default.
+    assert {k: written.get(k) for k in expected} == expected
+    assert written["model"].endswith(start)
+    args = train.parse_args(["--config", str(path)])
+    assert {k: getattr(args, k) for k in expected} == expected
+
+    data_file = {"sft": ws.sft, "weighted": ws.groups}.get(expected["stage"], ws.pairs)
+    out = tmp_path / "out"
+    # Paths and the run's length from the command line, over the file's values.
+    run_inprocess(["--config", path, "--model", ws.model, "--data", data_file, "--out", out, "--batch-size", 4,
+                   "--max-steps", 2, "--ref-cache", tmp_path / "ref.safetensors"])
+    log = metrics(out)
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    assert log[0]["learning_rate"] == pytest.approx(expected["lr"])  # warmup: ceil(0.1 x 2 steps) = 1 step
+    config = json.loads((out / "config.json").read_text())
+    if expected["stage"] == "sft":
+        assert (config["rope_theta"], config["max_position_embeddings"]) == (300000.0, 32768)
+
+
+def test_rope_overrides_are_trained_with_saved_and_match_transformers(ws, tmp_path):
+    # Weights N(0, 0.1): large enough that attention, and so RoPE, moves the loss visibly.
+    source = tiny.make_checkpoint(tmp_path / "source")
+    assert data.load_tokenizer(source).to_str() == data.load_tokenizer(ws.model).to_str()  # ws's data fits it
+    out = tmp_path / "out"
+    run_inprocess(sft_args(ws) + ["--model", source, "--out", out, "--max-steps", 2, "--rope-theta", 300000,
+                                  "--max-position-embeddings", 32768])
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    assert hf_config.rope_parameters["rope_theta"] == 300000.0 and hf_config.max_position_embeddings == 32768
+    # The first loss is the one of the starting weights under the overridden RoPE, not the shipped one.
+    base = transformers.Qwen2ForCausalLM.from_pretrained(source).eval()
+    overridden = transformers.Qwen2ForCausalLM.from_pretrained(source, config=transformers.AutoConfig.from_pretrained(
+        source, rope_parameters={"rope_theta": 300000.0, "rope_type": "default"}, max_position_embeddings=32768))
+    first = metrics(out)[0]["loss"]
+    assert first == pytest.approx(expected_first_loss(ws, "sft", 4, hf=overridden.eval()), rel=1e-5)
+    assert first != pytest.approx(expected_first_loss(ws, "sft", 4, hf=base), rel=1e-3)
+    # The trained checkpoint gives transformers' logits under those values.
+    from model import Qwen2
+
+    ids = torch.tensor([list(range(3, 60))])
+    with torch.no_grad():
+        ours = Qwen2.from_pretrained(str(out))(ids)
+        theirs = transformers.Qwen2ForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+# ---------------------------------------------- saved checkpoints: dtype, no optimizer state in the final, EOS
+
+
+@pytest.fixture(scope="module")
+def bf16_run(ws, tmp_path_factory):
+    """A bf16 source checkpoint whose tokenizer and config end documents with <|endoftext|>, as a base model
+    does; trained 4 SFT steps with step-2 saved, and resumed from step-2 into another OUT."""
+    root = tmp_path_factory.mktemp("bf16")
+    source = tiny.make_checkpoint(root / "source", dtype=torch.bfloat16)
+    tokenizer_config = json.loads((root / "source" / "tokenizer_config.json").read_text())
+    (root / "source" / "tokenizer_config.json").write_text(json.dumps(dict(tokenizer_config,
+                                                                          eos_token="<|endoftext|>")))
+    config = json.loads((root / "source" / "config.json").read_text())
+    end_of_text = data.load_tokenizer(source).token_to_id("<|endoftext|>")
+    (root / "source" / "config.json").write_text(json.dumps(dict(config, eos_token_id=end_of_text)))
+    args = ["--stage", "sft", "--model", source, "--data", ws.sft, "--batch-size", 4, "--max-steps", 4,
+            "--lr", 1e-3]
+    run_inprocess(args + ["--out", root / "out", "--save-every", 2])
+    run_inprocess(args + ["--out", root / "resumed", "--resume", root / "out" / "step-2"])
+    return root
+
+
+def test_final_model_keeps_the_source_dtype_and_no_optimizer_state(bf16_run):
+    out, step = bf16_run / "out", bf16_run / "out" / "step-2"
+    assert {t.dtype for t in weights(out).values()} == {torch.bfloat16}
+    assert {t.dtype for t in weights(step).values()} == {torch.float32}  # fp32 master weights to resume from
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert json.loads((step / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    # The final directory holds what inference needs and the run's log, no AdamW state; step-N resumes.
+    assert not list(out.glob("*.pt")) and (step / train.TRAINER_STATE).exists()
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            train.METRICS_FILE} <= set(os.listdir(out))
+    resumed = bf16_run / "resumed"
+    assert rel_diff(weights(resumed), weights(out)) <= 1e-5
+    assert [r["step"] for r in metrics(resumed)] == [3, 4]
+
+
+def test_save_dtype_flag_overrides_the_source_dtype(ws, tmp_path, bf16_run):
+    out = tmp_path / "out"
+    run_inprocess(["--stage", "sft", "--model", bf16_run / "source", "--data", ws.sft, "--out", out,
+                   "--batch-size", 4, "--max-steps", 1, "--save-dtype", "fp32"])
+    assert {t.dtype for t in weights(out).values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+class ForceTokenAt(transformers.LogitsProcessor):
+    """Makes generation emit `token` as its n-th new token (whatever the random model prefers)."""
+
+    def __init__(self, prompt_length, n, token):
+        self.position, self.token = prompt_length + n - 1, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.position:
+            scores[:] = -math.inf
+            scores[:, self.token] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("checkpoint", ["out", "out/step-2"])
+def test_every_saved_checkpoint_ends_a_turn_at_the_templates_end_of_turn(bf16_run, checkpoint):
+    path = bf16_run / checkpoint
+    im_end = data.load_tokenizer(path).token_to_id("<|im_end|>")
+    assert transformers.AutoTokenizer.from_pretrained(path).eos_token_id == im_end
+    generation = transformers.GenerationConfig.from_pretrained(path)
+    assert generation.eos_token_id[0] == im_end
+    assert json.loads((path / "config.json").read_text())["eos_token_id"] == im_end
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = torch.tensor([data.encode_prompt(data.load_tokenizer(path), "qwen",
+                                              data.problem_messages("What is 2 + 3?", "qwen"))])
+    out = model.generate(prompt, max_new_tokens=20, do_sample=False,
+                         logits_processor=[ForceTokenAt(prompt.shape[1], 3, im_end)])
+    assert out.shape[1] == prompt.shape[1] + 3 and out[0, -1] == im_end  # stopped right at <|im_end|>
+
+
+# ------------------------------------------------------------------------ hostile input, shared outputs
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "argument --lr: must be a number > 0 that fp32 holds, got 'inf'"),
+    (["--lr", "nan"], "argument --lr: must be a number > 0 that fp32 holds, got 'nan'"),
+    (["--lr", "1e39"], "argument --lr: must be a number > 0 that fp32 holds, got '1e39'"),
+    (["--stage", "dpo", "--beta", "0"], "argument --beta: must be a finite number > 0, got '0'"),
+    (["--stage", "simpo", "--beta", "-1"], "argument --beta: must be a finite number > 0, got '-1'"),
+    (["--alpha", "nan"], "argument --alpha: must be a finite number >= 0, got 'nan'"),
+    (["--gamma", "inf"], "argument --gamma: must be a finite number, got 'inf'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--micro-batch-size", "-2"], "argument --micro-batch-size: must be an integer >= 1, got '-2'"),
+    (["--epochs", "1.5"], "argument --epochs: must be an integer >= 1, got '1.5'"),
+    (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got '1'"),
+    (["--rope-theta", "-5"], "argument --rope-theta: must be a finite number > 0, got '-5'"),
+])
+def test_flags_are_checked_at_parse_time(ws, tmp_path, capsys, flags, message):
+    args = dict(zip(sft_args(ws)[::2], sft_args(ws)[1::2]))
+    args.update(zip(flags[::2], flags[1::2]))
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([str(x) for kv in args.items() for x in kv] + ["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and f"train.py: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_each_default_once_and_explains_every_flag():
+    parser = train.build_parser()
+    assert all(action.help for action in parser._actions)
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default: 0.0001)") == 1 and "sft 5e-05, redi 1e-06, dpo 2e-07, simpo 5e-07" in text
+
+
+@pytest.mark.parametrize("case", ["data-is-a-directory", "out-is-a-file", "out-under-a-file", "lr-inf"])
+def test_bad_paths_and_values_exit_2_before_any_compute(ws, tmp_path, case):
+    args = dict(zip(sft_args(ws)[::2], sft_args(ws)[1::2]))
+    args["--out"] = tmp_path / "out"
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me\n")
+    culprit = {"data-is-a-directory": ("--data", tmp_path, "is a directory"),
+               "out-is-a-file": ("--out", blocker, "is a file"),
+               "out-under-a-file": ("--out", blocker / "out", "cannot write there"),
+               "lr-inf": ("--lr", "inf", "must be a number > 0")}[case]
+    args[culprit[0]] = culprit[1]
+    result = run_cli([x for kv in args.items() for x in kv])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # One line (argparse puts its usage above its own), naming the culprit.
+    assert result.stderr.splitlines()[-1].startswith("train.py: error: ") and culprit[2] in result.stderr
+    assert str(culprit[1]) in result.stderr or culprit[0] in result.stderr
+    assert blocker.read_text() == "keep me\n" and not (tmp_path / "out").exists()
+
+
+def test_non_finite_weights_after_the_last_update_are_never_saved(ws, tmp_path, monkeypatch):
+    """The last update leaves a NaN weight (its loss and gradient were finite): no final model is saved."""
+    build_optimizer = train.build_optimizer
+
+    def poisoned(module, args, d):
+        optimizer = build_optimizer(module, args, d)
+        update = optimizer.step
+
+        def update_then_poison():
+            update()
+            with torch.no_grad():
+                next(module.parameters())[0, 0] = math.nan
+        optimizer.step = update_then_poison
+        return optimizer
+
+    monkeypatch.setattr(train, "build_optimizer", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(train.NonFiniteLossError, match="step 1: the weights are no longer finite; final not saved"):
+        run_inprocess(sft_args(ws) + ["--max-steps", 1, "--out", out])
+    assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_resume_verifies_the_data_and_the_model_by_content(ws, tmp_path):
+    full = get_run(ws, "sft-1")
+    step = os.path.join(full, "step-3")
+    rows = Path(ws.sft).read_text().splitlines()
+    changed = write_jsonl(tmp_path / "changed.jsonl", [json.loads(r) for r in rows[1:] + rows[:1]])  # same rows
+    args = RUNS["sft-1"][0](ws)
+    with_data = args[:args.index("--data") + 1] + [changed] + args[args.index("--data") + 2:]
+    with pytest.raises(InputError, match=r"--data .*changed.jsonl is not what that run started from"):
+        run_inprocess(with_data + ["--out", tmp_path / "a", "--resume", step])
+    other_model = tiny.make_checkpoint(tmp_path / "other", seed=1)
+    with_model = args[:args.index("--model") + 1] + [other_model] + args[args.index("--model") + 2:]
+    with pytest.raises(InputError, match=r"--model .*other is not what that run started from"):
+        run_inprocess(with_model + ["--out", tmp_path / "b", "--resume", step])
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "b" / "config.json").exists()
+
+
+@pytest.mark.parametrize("damaged", [train.TRAINER_STATE, "model.safetensors"])
+def test_a_damaged_checkpoint_names_the_file_and_an_earlier_checkpoint(ws, tmp_path, damaged):
+    out = tmp_path / "out"
+    args = sft_args(ws) + ["--micro-batch-size", 2, "--save-every", 2]
+    run_inprocess(args + ["--out", out])
+    path = out / "step-4" / damaged
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # a copy cut short
+    before = sorted(os.listdir(out))
+    with pytest.raises(InputError) as error:
+        run_inprocess(args + ["--out", tmp_path / "resumed", "--resume", out / "step-4"])
+    assert damaged in str(error.value) and f"resume from an earlier checkpoint: {out / 'step-2'}" in str(error.value)
+    assert sorted(os.listdir(out)) == before and not (tmp_path / "resumed" / "config.json").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_completes(ws, tmp_path):
+    out = tmp_path / "out"
+    args = ["--stage", "sft", "--model", ws.model, "--data", ws.sft, "--batch-size", 4, "--epochs", 100,
+            "--lr", 1e-3, "--out", out]
+    first = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in first.stdout:  # the first run holds the lock once it trains
+            if line.startswith("step 1/"):
+                break
+        second = run_cli(args)
+        first_out, first_err = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"{out} is in use by train.py (pid {first.pid}" in second.stderr
+    assert first.returncode == 0, first_err[-3000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 401))  # one run's rows, each once
+    transformers.Qwen2ForCausalLM.from_pretrained(out)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_mfu_counts_attention_flops(ws, tmp_path):
+    """--peak-flops on CPU turns MFU on: FLOPs = 6·N·T + 12·L·H·d·Σ n², computed here from the checkpoint."""
+    out = tmp_path / "out"
+    run_inprocess(sft_args(ws) + ["--out", out, "--max-steps", 1, "--peak-flops", 1e12])
+    record = metrics(out)[0]
+    config = json.loads(Path(ws.model, "config.json").read_text())
+    n_params = sum(t.numel() for t in weights(ws.model).values())  # tied: the embedding is the output matmul
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    head_dim = config["hidden_size"] // heads
+    items, _ = data.tokenize_sft(data.load_sft(ws.sft), data.load_tokenizer(ws.model), "qwen", None)
+    docs = [len(items[i].input_ids) for i in data.global_batches(len(items), 4, seed=0, epoch=0)[0]]
+    assert record["tokens"] == sum(docs)
+    flops = 6 * n_params * sum(docs) + 12 * layers * heads * head_dim * sum(n * n for n in docs)
+    seconds = record["tokens"] / record["tokens_per_s"]
+    assert record["mfu"] == pytest.approx(flops / seconds / 1e12, rel=1e-9)

@@ -321,6 +321,210 @@ def test_grade_extracts_then_compares():
 
 
 # ---------------------------------------------------------------------------------------------
+# Families from other projects' test suites (issue 12). Each table is written here in our own
+# words and numbers; the comment names the suite whose family of cases it covers. Every family has
+# accepted and rejected rows, and each row is checked in both argument orders.
+# ---------------------------------------------------------------------------------------------
+LABELLED_TUPLES = [  # Math-Verify tests/test_numina_cases.py: a gold "(p,q)=(..)" names its tuple
+    ("(m,n)=(4,7)", "(4,7)", True), ("(a,b,c) = (1,-2,5)", "(1, -2, 5)", True),
+    ("(x,y) = (2,9) \\text{ and } (9,2)", "(9,2), (2,9)", True), ("(m, n) = \\left(\\frac12, 3\\right)", "(0.5, 3)", True),
+    ("(m,n)=(4,7)", "(7,4)", False), ("(a,b,c)=(1,-2,5)", "(1,2,5)", False), ("(m,n)=(4,7)", "(4,7,0)", False),
+]
+LINEAR_INEQUALITIES = [  # Math-Verify tests/test_all.py test_relations_math: sides that are not a lone variable
+    ("-y > -4", "y < 4", True), ("-y \\geq -4", "y \\leq 4", True), ("5 - 2t \\le 1", "t \\ge 2", True),
+    ("3 < 2z+1 \\le 9", "(1, 4]", True), ("-6 < -3w < 3", "-1 < w < 2", True), ("4 > -x", "x > -4", True),
+    ("3x < x + 8", "(-\\infty, 4)", True),
+    ("-y > -4", "y > 4", False), ("-y > -4", "y \\le 4", False), ("5 - 2t \\le 1", "t \\le 2", False),
+    ("3 < 2z+1 \\le 9", "(1, 4)", False), ("y^2 < 9", "y < 3", False),
+]
+BRACE_SETS = [  # Math-Verify tests/test_yujianll.py (± vs a braced list); MARIO_EVAL test_is_equiv.py (set order)
+    ("{-17, 17}", "\\pm 17", True), ("\\{17, -17\\}", "{-17,17}", True), ("{3, 1, 2}", "{1,2,3}", True),
+    ("{a, a+1}", "{a+1, a}", True), ("{1\\pm\\sqrt2}", "\\{1-\\sqrt2, 1+\\sqrt2\\}", True),
+    ("{-17, 17}", "17", False), ("{1,2}", "{1,2,3}", False), ("{1, 2}", "\\{1, 4\\}", False),
+]
+LIMITS = [  # latex2sympy / MARIO_EVAL notation family: \lim is compared structurally
+    ("\\lim_{x\\to 0} \\frac{e^x - 1}{x}", "\\lim_{x \\rightarrow 0} \\frac{e^{x}-1}{x}", True),
+    ("\\lim_{t \\to \\infty} \\left(1 + \\frac{2}{t}\\right)^t", "\\lim_{t\\to\\infty}(1+2/t)^{t}", True),
+    ("\\lim_{x\\to 0^+} x \\ln x = 0", "0", True), ("\\lim\\limits_{x\\to 2} (x^2+x)", "\\lim_{x\\to 2} (x + x^2)", True),
+    ("\\lim_{x\\to 0} \\frac{e^x - 1}{x}", "\\lim_{x\\to 1} \\frac{e^x - 1}{x}", False),
+    ("\\lim_{x\\to 0} \\frac{e^x - 1}{x}", "\\lim_{x\\to 0} \\frac{e^x + 1}{x}", False), ("\\lim_{x\\to 0^+} x \\ln x = 0", "1", False),
+]
+MODULAR = [  # latex2sympy tests/mod_test.py family: \bmod, \pmod, \equiv
+    ("23 \\bmod 6", "5", True), ("3^{40} \\bmod 11", "1", True), ("n \\equiv 4 \\pmod{9}", "4", True),
+    ("x \\equiv 2 \\pmod 7", "x \\equiv 9 \\pmod 7", True), ("k \\equiv 5 \\; (\\bmod 8)", "5", True),
+    ("23 \\bmod 6", "6", False), ("n \\equiv 4 \\pmod{9}", "5", False), ("23 \\bmod 6", "23", False),
+]
+DETERMINANTS = [  # MARIO_EVAL matrix family: a vmatrix is a value, not a matrix
+    ("\\begin{vmatrix} 2 & 5 \\\\ 1 & 3 \\end{vmatrix}", "1", True), ("\\begin{vmatrix} p & q \\\\ r & s \\end{vmatrix}", "ps - qr", True),
+    ("\\begin{vmatrix} 1 & 2 & 0 \\\\ 0 & 1 & 4 \\\\ 2 & 0 & 1 \\end{vmatrix}", "17", True),
+    ("\\begin{vmatrix} 2 & 5 \\\\ 1 & 3 \\end{vmatrix}", "11", False), ("\\begin{vmatrix} p & q \\\\ r & s \\end{vmatrix}", "pq - rs", False),
+    ("\\begin{vmatrix} 2 & 5 \\\\ 1 & 3 \\end{vmatrix}", "\\begin{pmatrix} 2 & 5 \\\\ 1 & 3 \\end{pmatrix}", False),
+]
+SUMS_AND_PRODUCTS = [  # Math-Verify tests/test_yujianll.py: reordered factors inside \sum
+    ("a_n = \\sum_{j=1}^{n} b_j c_{n-j}", "a_n = \\sum_{j=1}^{n} c_{n-j} b_j", True), ("\\sum_{i=0}^{m} (i^2 + 1)", "\\sum_{i=0}^{m} (1 + i^2)", True),
+    ("\\prod_{k=1}^{n} \\frac{k+1}{k}", "\\prod_{k=1}^{n} \\frac{1+k}{k}", True), ("3 + \\sum_{i=1}^{m} i", "\\sum_{i=1}^m i + 3", True),
+    ("a_n = \\sum_{j=1}^{n} b_j c_{n-j}", "a_n = \\sum_{j=1}^{n-1} b_j c_{n-j}", False), ("\\sum_{i=0}^{m} 2^i", "\\sum_{i=1}^{m} 2^i", False),
+    ("\\prod_{k=1}^{n} \\frac{k+1}{k}", "\\prod_{k=1}^{n} \\frac{k}{k+1}", False),
+]
+SEPARATOR_SPELLINGS = [  # Math-Verify tests/test_all.py test_latex_notation_math: "14 {, }916"
+    ("27 {, }413", "27413", True), ("27{ , }413", "27,413", True), ("1 {,} 000 {,} 000", "10^6", True),
+    ("27 {, }413", "27414", False), ("27 {, }413", "27.413", False),
+]
+UNICODE_FORMS = [  # issue 16: full-width digits and other compatibility forms (NFKC)
+    ("４２", "42", True), ("x²", "x^2", True), ("３½", "3.5", True), ("ｘ＋１", "x+1", True), ("a₁ + a₂", "a_1+a_2", True),
+    ("x⁻¹", "\\frac{1}{x}", True),
+    ("４２", "24", False), ("x²", "2x", False), ("３½", "1.5", False), ("a₁", "a_2", False),
+]
+BIG_POLYNOMIALS = [  # issue 16: no relative tolerance between expressions that differ by a small term
+    ("(x+1)^{1000}", "(x+1)^{1000}+x", False), ("(x+1)^{1000}", "(x+1)^{1000} - 10^{-20}", False),
+    ("e^{300x}", "e^{300x}+1", False), ("y = (x+1)^{800}", "y = (x+1)^{800} + 1", False),
+    ("(x+1)^{1000}", "(1+x)^{1000}", True), ("(y-2)^{500}(y+2)^{500}", "(y^2-4)^{500}", True),
+    ("x(x+1)^{999}", "(x+1)^{1000} - (x+1)^{999}", True), ("2y = 2(x+1)^{800}", "y = (x+1)^{800}", True),
+]
+LIST_SPELLINGS = [  # NeMo-Skills tests/test_math_equal.py, MARIO_EVAL test_is_equiv.py: lists, labels, percent words
+    ("4, 9, and 16", "16, 9, 4", True), ("4, 9, \\text{ and } 16", "4,9,16", True), ("35 percent", "35\\%", True),
+    ("35 pct", "0.35", True), ("g(t) = t^2 - 1", "y = t^2 - 1", True), ("212\\\\", "212", True), ("3, 3, 5", "5, 3", True),
+    ("4, 9, and 16", "4, 9", False), ("g(t) = t^2 - 1", "y = t^2 + 1", False), ("35 pct", "0.53", False),
+]
+PEER_FAMILIES = {
+    "labelled_tuples": LABELLED_TUPLES, "linear_inequalities": LINEAR_INEQUALITIES, "brace_sets": BRACE_SETS,
+    "limits": LIMITS, "modular": MODULAR, "determinants": DETERMINANTS, "sums_and_products": SUMS_AND_PRODUCTS,
+    "separator_spellings": SEPARATOR_SPELLINGS, "unicode_forms": UNICODE_FORMS, "big_polynomials": BIG_POLYNOMIALS,
+    "list_spellings": LIST_SPELLINGS,
+}
+
+# Completions: (completion, gold, expected) for grade(); extraction is the subject here.
+JOINED_BOXES = [  # Math-Verify tests/test_open_thoughts.py: several boxes form one answer
+    (r"so \( \boxed{4} \) and \( \boxed{-3} \).", "-3, 4", True),
+    (r"$$\boxed{(1, 5)} \quad \text{and} \quad \boxed{(5, 1)}$$", "(5,1), (1,5)", True),
+    (r"\[ \boxed{7} \quad \text{and} \quad \boxed{-1}. \]", "-1, 7", True),
+    (r"$\boxed{m = 6}$, $\boxed{n = 11}$", "m = 6, n = 11", True),
+    (r"\boxed{\boxed{9}}", "9", True), (r"\boxed{\boxed{1}} and \boxed{2}", "1, 2", True),
+    (r"$\boxed{4}$ or $\boxed{9}$", "4, 9", False),               # alternatives: the last one counts
+    (r"\( \boxed{4} \) and \( \boxed{-3} \)", "4", False),
+    (r"first \boxed{2}, which doubled four times over the next few steps gives \boxed{32}", "2, 32", False),
+    (r"\boxed{\boxed{9}}", "99", False),
+]
+ANSWER_PRECEDENCE = [  # Math-Verify tests/test_all.py: intermediate boxes, then "The final answer is X"
+    (r"Partial sum: $\boxed{40}$. With the rest, 1,240. Final Answer: The final answer is $1{,}240$. I hope it is correct.",
+     "1240", True),
+    (r"Partial sum: $\boxed{40}$. With the rest, 1,240. Final Answer: The final answer is $1{,}240$. I hope it is correct.",
+     "40", False),
+    (r"The final answer is $6$. Wait, recounting the cases gives \boxed{7}.", "7", True),
+    (r"The final answer is $6$. Wait, recounting the cases gives \boxed{7}.", "6", False),
+    ("**Final Answer**\n\\boxed{840}", "840", True),
+    (r"The final answer is \boxed{12}. Note that 13 would double-count.", "13", False),
+    (r"So \boxed{12}. Had we doubled it, the answer is 24.", "12", True),        # a plain "answer" ranks below a box
+    (r"So \boxed{12}. Had we doubled it, the answer is 24.", "24", False),
+]
+PROSE_ANSWERS = [  # rllm / lighteval (Math-Verify anchors): which unboxed phrases count
+    ("The answer is 17.", "17", True), ("Final Answer: 17", "17", True), (r"**Answer:** $\dfrac{2}{7}$", r"\frac27", True),
+    ("Final Answer: The smallest $k$ is 12.", "12", True), (r"Answer \( 45 \)", "45", True),
+    ("Final Answer: The final answer is $x \\in [2, 5)$. I hope it is correct.", "[2,5)", True),
+    ("We try 17 first, then 19 and 23.", "23", False),            # no anchor: nothing read from reasoning
+    ("That gives the correct answer of 63.", "63", False),        # "answer of": not a statement of it
+    ("The answer is 17, but that breaks step two, so we go on with 19.", "19", False),
+    ("The answer is 17.", "71", False),
+]
+BARE_COMPLETIONS = [  # Math-Verify tests/test_all.py test_matrix_extraction: a completion that is only a formula
+    (r"$\begin{pmatrix} 3 \\ -1 \end{pmatrix}$", r"\begin{pmatrix} 3 \\ -1 \end{pmatrix}", True),
+    (r"\begin{bmatrix} 0 & 1 \\ 1 & 0 \end{bmatrix}", r"\begin{pmatrix} 0 & 1 \\ 1 & 0 \end{pmatrix}", True),
+    ("$even$", r"\text{even}", True),
+    (r"$\begin{pmatrix} 3 \\ -1 \end{pmatrix}$", r"\begin{pmatrix} -1 \\ 3 \end{pmatrix}", False),
+    ("the matrix is symmetric", r"\text{symmetric}", False),
+]
+PEER_COMPLETIONS = {
+    "joined_boxes": JOINED_BOXES, "answer_precedence": ANSWER_PRECEDENCE, "prose_answers": PROSE_ANSWERS,
+    "bare_completions": BARE_COMPLETIONS,
+}
+
+
+@pytest.mark.parametrize("family", list(PEER_FAMILIES))
+def test_peer_family_both_orders(family):
+    table = PEER_FAMILIES[family]
+    assert any(want for _, _, want in table) and not all(want for _, _, want in table), "need both kinds"
+    check_table(table)
+    check_table([(g, p, want) for p, g, want in table])
+
+
+@pytest.mark.parametrize("family", list(PEER_COMPLETIONS))
+def test_peer_completions(family):
+    """grade() on whole completions; the extracted answer is also compared in the other order."""
+    table = PEER_COMPLETIONS[family]
+    assert any(want for _, _, want in table) and not all(want for _, _, want in table), "need both kinds"
+    failures = []
+    for completion, gold, want in table:
+        answer = extract_answer(completion)
+        reverse = answer is not None and is_equiv(gold, answer)
+        if grade(completion, gold) is not want or reverse is not want:
+            failures.append(f"grade({completion!r}, {gold!r}) should be {want}; extracted {answer!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_prose_policy_reads_only_the_last_anchor():
+    """An earlier "the answer is" is superseded by a later one, even if the later one states nothing."""
+    assert extract_answer("I guess the answer is 5. Checking shows the answer is not obvious yet") is None
+    assert extract_answer("I guess the answer is 5. Checking, the answer is 6.") == "6"
+    assert extract_answer("The answer is $\\boxed{5}$ since the answer is positive.") == "5"   # the box
+    assert extract_answer("The answer is 5.\n\n\\boxed{6}") == "6"                            # box later
+
+
+def test_strict_think_protocol():
+    """require_think_close=True (the paper's evaluation, rllm's grader): no </think>, no answer."""
+    assert not grade("\\boxed{5}", "5", require_think_close=True)
+    assert grade("\\boxed{5}", "5")                                  # default: as before
+    assert grade("<think>maybe \\boxed{4}</think> so \\boxed{5}", "5", require_think_close=True)
+    assert not grade("<think>maybe \\boxed{4}</think> so \\boxed{5}", "4", require_think_close=True)
+    assert grade("reasoning</think>\nThe answer is \\boxed{5}.", "5", require_think_close=True)   # prompt held <think>
+    assert not grade("<think>\\boxed{5} and then it was cut off", "5", require_think_close=True)
+    assert not grade("</think>", "5", require_think_close=True)
+    assert extract_answer("\\boxed{5}", require_think_close=True) is None
+    assert extract_answer("a</think>b</think>\\boxed{7}", require_think_close=True) == "7"   # after the last one
+    assert not grade("<think>a</think> The answer is 5.", "5", require_think_close=True)    # rllm: boxes only
+    assert grade("<think>a</think> The answer is 5.", "5")
+    assert not grade("<think>a</think> $5$", "5", require_think_close=True)
+
+
+NEW_HOSTILE = [
+    "\\sum_{k=1}^{n}" * 30 + "k", "\\lim_{x\\to 0}" * 30 + "x", "(x+1)^{2000} \\bmod 7", "2^{10^{20}} \\bmod 7",
+    "{" * 30 + "1,2" + "}" * 30, "(x+1)^{10000}-x", "e^{10^{4} x}", "\\sum_{k=1}^{10^{100}} k^{k^{k}}",
+    "\\begin{vmatrix}" + "\\\\".join("&".join(f"a_{i}{j}" for j in range(4)) for i in range(4)) + "\\end{vmatrix}",
+    "\\begin{vmatrix}" + "\\\\".join(["1&" * 7 + "1"] * 8) + "\\end{vmatrix}", "-x" + "+x" * 3000 + "> -1",
+    "1 < " + "x < " * 500 + "2", "(p,q)=" * 300 + "(1,2)", "x \\equiv 3 \\pmod{" * 40 + "5" + "}" * 40,
+    "５" * 5000, "²" * 5000, "½" * 3000,
+]
+
+
+@pytest.mark.parametrize("index", range(len(NEW_HOSTILE)))
+def test_new_notation_is_answered_within_bound(index):
+    hostile = NEW_HOSTILE[index]
+    for gold in ["5", "x", "(x+1)^{2000}", hostile]:
+        verify._clear_caches()
+        for completion in (f"\\boxed{{{hostile}}}", hostile):
+            verdict, seconds = timed(grade, completion, gold)
+            assert seconds < BOUND_S, (hostile[:40], gold[:40], seconds)
+            assert isinstance(verdict, bool)
+
+
+def test_new_notation_from_threads_is_bounded():
+    jobs = [(f"\\boxed{{{h}}}", g) for h in NEW_HOSTILE for g in ("5", "x")]
+    verify._clear_caches()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda job: timed(grade, *job), jobs))
+    assert all(isinstance(v, bool) for v, _ in results)
+    assert max(s for _, s in results) < BOUND_S
+
+
+@pytest.mark.parametrize("completion", [
+    "\\boxed{" * 20000, "\\boxed{1} and " * 20000, "the answer is " * 20000, "Answer: " * 20000 + "5",
+    "$" * 50000, "\\(" * 20000, "\\boxed{\\boxed{" * 5000 + "1" + "}}" * 5000,
+])
+def test_extraction_of_long_hostile_completions_is_bounded(completion):
+    verdict, seconds = timed(grade, completion, "1")
+    assert isinstance(verdict, bool) and seconds < BOUND_S
+
+
+# ---------------------------------------------------------------------------------------------
 # Safety and bounds
 # ---------------------------------------------------------------------------------------------
 def test_injection_is_inert_and_never_evaluated(tmp_path, monkeypatch):
@@ -453,8 +657,31 @@ def test_cli_prints_verdict_and_parsed_forms():
     assert "tuple(1, 3)" in bad.stdout and "set{1, 2}" in bad.stdout and "verdict: not equivalent" in bad.stdout
 
 
+def test_cli_accepts_answers_beginning_with_a_dash():
+    """Every argument is an answer (python verify.py -x -x), except a lone -h; usage errors exit 2
+    in common.cli's style. Two real subprocesses; the other cases call main() in-process."""
+    same = run_cli("-x", "-x")
+    assert same.returncode == 0 and "verdict: equivalent" in same.stdout, same.stderr
+    usage = run_cli("5")
+    assert usage.returncode == 2 and "verify.py: error:" in usage.stderr and "Traceback" not in usage.stderr
+    assert verify.main(["-x", "x"]) == 1
+    assert verify.main(["--", "-5", "-5"]) == 0
+    assert verify.main(["-2\\frac{1}{2}", "-2.5"]) == 0
+    for argv, code in ((["-5", "--", "-5"], 2), (["-h"], 0)):      # three answers: a usage error
+        with pytest.raises(SystemExit) as stop:
+            verify.main(argv)
+        assert stop.value.code == code
+
+
+def test_cli_strict_think_flag(capsys):
+    assert verify.main(["--require-think-close", "\\boxed{5}", "5"]) == 1
+    assert "no answer after </think>" in capsys.readouterr().out
+    assert verify.main(["--require-think-close", "<think>a</think>\\boxed{5}", "5"]) == 0
+    assert verify.main(["\\boxed{5}", "5"]) == 0
+
+
 def test_benchmark_runs_without_math_verify(tmp_path, monkeypatch):
-    import bench_verify
+    from scripts import bench_verify
     monkeypatch.setattr(bench_verify, "load_math_verify", lambda: None)
     out = tmp_path / "verify.json"
     assert bench_verify.main(["--out", str(out)]) == 0
@@ -465,4 +692,7 @@ def test_benchmark_runs_without_math_verify(tmp_path, monkeypatch):
     assert ours["math500_shifted"]["accepted"] <= 5
     assert ours["challenge"]["agree_with_expected"] == ours["challenge"]["pairs"]
     assert ours["math500_pairs_per_second"] > 0
+    peer = {k: v for k, v in ours.items() if k.startswith("peer:")}
+    assert len(peer) == 15 and all(v["agree_with_expected"] == v["pairs"] for v in peer.values())
+    assert 0 < ours["slowest_pair"]["seconds"] < BOUND_S
     assert not list(tmp_path.glob("*.tmp"))                       # written atomically
