@@ -9,16 +9,26 @@
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
     read_lines, parse_jsonl_line
                              the same in two steps, for readers that parse in worker processes
-    sha256_file              content fingerprints (resume checks, run settings)
+    sha256_file, sha256_files
+                             content fingerprints (resume checks, run settings)
+    move_files_into          publish a finished directory's files into another, one file last
     format_seconds           h:mm:ss for progress lines
     OutputLock               one run owns an output directory at a time
-    numbered_dirs, remove_leftovers, trim_jsonl_log
-                             what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
-                             interrupted write, an append-only log whose last line a kill cut short
+    numbered_dirs, remove_leftovers, trim_jsonl_log, checkpoints_up_to, last_good, damaged_checkpoint,
+    prepare_run_dir          what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
+                             interrupted write, an append-only log whose last line a kill cut short; which
+                             checkpoint to go on from; a fresh run or a resume never overwrites a checkpoint
+    check_run_settings       OUT/run.json: the settings a run continuing OUT must share with the one that began it
+    open_shard, shard_files, read_shards, merge_shards
+                             a results table every rank appends to in its own file; read back on resume, merged
     Dist, init_distributed, barrier, broadcast, all_reduce_sum, on_main_rank, close_distributed, print0
                              the process group from torchrun's environment, or one process without one;
                              rank 0 does a thing (a write) and every rank learns whether it worked;
                              progress lines printed once, by rank 0
+    read_tensor_cache, write_tensor_cache
+                             a computed tensor kept in a safetensors file under a fingerprint of its inputs
+    PEAK_BF16_FLOPS, peak_bf16_flops
+                             a GPU's peak bf16 FLOP/s, for MFU
 
 Nothing here knows about models, data formats or losses: those live in the method files.
 """
@@ -207,6 +217,19 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_files(paths) -> dict[str, str]:
+    """{file name: sha256} of several files (a checkpoint's weight shards): what a resume must find unchanged."""
+    return {os.path.basename(path): sha256_file(path) for path in paths}
+
+
+def move_files_into(src_dir, dst_dir, last: str) -> None:
+    """Rename every file of src_dir into dst_dir (same filesystem), the one named `last` last, then remove
+    src_dir: a reader that waits for `last` (a checkpoint's config.json) finds the others already whole."""
+    for name in sorted(os.listdir(src_dir), key=lambda n: n == last):
+        os.replace(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    os.rmdir(src_dir)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -296,6 +319,128 @@ def trim_jsonl_log(path, keep: Callable[[dict], bool]) -> bool:
     rows = [parse_jsonl_line(line, f"{path}:{i}") for i, line in enumerate(lines[:len(lines) - partial], start=1)]
     write_text(path, "".join(json.dumps(row) + "\n" for row in rows if row is not None and keep(row)))
     return partial
+
+
+def checkpoints_up_to(out_dir, step: float) -> list[str]:
+    """The checkpoints OUT/step-N with N <= step, newest first: where to go on from after a failure."""
+    return [p for n, p in sorted(numbered_dirs(out_dir, "step-").items(), reverse=True) if n <= step]
+
+
+def last_good(out_dir, step: int) -> str:
+    """For an error that stops a run at `step`: the checkpoint to go on from, in words."""
+    found = checkpoints_up_to(out_dir, step)
+    return f"the last good checkpoint is {found[0]}" if found else "no checkpoint was saved yet"
+
+
+def damaged_checkpoint(resume, what: str) -> InputError:
+    """A damaged --resume checkpoint: say what is damaged, and which earlier checkpoints beside it to use."""
+    parent, here = os.path.split(os.path.normpath(resume))
+    before = int(here[5:]) - 1 if here.startswith("step-") and here[5:].isdigit() else math.inf
+    earlier = checkpoints_up_to(parent, before)
+    return InputError(f"--resume {resume}: {what}; " + (f"resume from an earlier checkpoint: {', '.join(earlier)}"
+                                                        if earlier else "no earlier checkpoint: start the run again"))
+
+
+def prepare_run_dir(out, resume, resume_step: int, log_name: str) -> None:
+    """A run directory OUT holds checkpoints OUT/step-N, the final model in OUT itself (its config.json) and
+    OUT/log_name, an append-only JSONL log of rows with a "step". Never overwrite a checkpoint: a fresh run
+    (resume None) needs an OUT without checkpoints, a resume into OUT one with nothing newer than its
+    checkpoint. Leftovers of an interrupted save (OUT/.tmp-*) are deleted; the log keeps the steps up to
+    resume_step. Rank 0 only, holding OUT's OutputLock."""
+    abs_out = os.path.abspath(out)
+    in_out = resume is not None and os.path.dirname(os.path.abspath(resume)) == abs_out
+    steps = sorted(numbered_dirs(abs_out, "step-").items())
+    found = [os.path.basename(p) for n, p in steps if not in_out or n > resume_step]
+    found += ["a final model"] if os.path.exists(os.path.join(abs_out, "config.json")) else []
+    if found:
+        raise InputError(f"--out {out} already holds {', '.join(found)}" + (
+            f", newer than --resume {resume}; resuming would overwrite them: resume from the latest "
+            "checkpoint or choose a new --out" if in_out else f"; choose a new --out, or continue that run "
+            f"with --resume {os.path.join(out, 'step-N')}"))
+    for path in remove_leftovers(out):
+        print(f"removed {path}, left by an interrupted save", flush=True)
+    log = os.path.join(out, log_name)
+    if trim_jsonl_log(log, lambda row: row.get("step", math.inf) <= resume_step):
+        print(f"{log}: dropped its last line, cut short by an interrupted run", flush=True)
+
+
+def check_run_settings(out_dir, settings: dict, has_results: bool, fix: str) -> bool:
+    """OUT/run.json holds the settings a run that continues OUT must share with the run that started it
+    (evaluate.py: everything that changes a sample or its grade). True if it holds `settings`; False if it is
+    absent and OUT holds no results yet (the caller then writes it). Otherwise OUT's results came from other or
+    unknown settings and must not be mixed with new ones: an InputError naming each differing key
+    (`KEY: STORED there, CURRENT now`) and ending with `fix`."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.exists(path):
+        if has_results:
+            raise InputError(f"{out_dir} holds results but no run.json, so their settings are unknown; {fix}")
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+    except ValueError as e:  # bad JSON or UTF-8 (both ValueErrors), or not an object
+        raise InputError(f"{path}: damaged ({e}); the settings of its results are unknown: {fix}") from None
+    current = json.loads(json.dumps(settings))  # the same JSON round trip as the stored copy (tuples -> lists)
+    differ = [f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
+              for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if differ:
+        raise InputError(f"{path}: this output directory holds results of a run with other settings "
+                         f"({'; '.join(differ)}); {fix}")
+    return True
+
+
+# A table of results that every rank of a data-parallel run appends to, row by row, as the rows are made:
+# OUT/NAME.jsonl in one process, OUT/NAME.rankR.jsonl per rank under torchrun, merged into OUT/NAME.jsonl at
+# the end. A run killed mid-way leaves whole rows (and at most one unfinished last line per file): the run that
+# continues it reads them all back and makes only the missing rows.
+
+
+def open_shard(out_dir, name: str, d: Dist):
+    """This rank's file of table NAME, opened for appending, first cut after its last newline: an unfinished
+    last line left by a killed run would otherwise be glued onto the next row."""
+    path = os.path.join(out_dir, f"{name}.jsonl" if d.world_size == 1 else f"{name}.rank{d.rank}.jsonl")
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def shard_files(out_dir, name: str) -> list[str]:
+    """OUT/NAME.jsonl, then the per-rank files, in a fixed order."""
+    ranks = sorted(f for f in os.listdir(out_dir) if f.startswith(f"{name}.rank") and f.endswith(".jsonl"))
+    return [os.path.join(out_dir, f) for f in [f"{name}.jsonl"] + ranks]
+
+
+def read_shards(out_dir, name: str, key: tuple[str, ...], fix: str) -> tuple[list[dict], int]:
+    """Every row of table NAME written so far, once per value of its `key` fields (a merge killed before it
+    removed the per-rank files leaves copies: the first is kept), and how many files end in an unfinished line
+    (only a last line can lack its newline; its row is made again). A bad line elsewhere is an InputError
+    naming FILE:LINE and ending with `fix`."""
+    rows, partial = {}, 0
+    for path in filter(os.path.exists, shard_files(out_dir, name)):
+        for line_no, raw in read_lines(path):
+            if not raw.endswith(b"\n"):
+                partial += 1
+                break
+            try:
+                row = parse_jsonl_line(raw, f"{path}:{line_no}")
+            except InputError as e:
+                raise InputError(f"{e}; {fix}") from None
+            if row is None:  # a blank line
+                continue
+            if not all(k in row for k in key):
+                raise InputError(f"{path}:{line_no}: not a row of {name} (needs {', '.join(map(repr, key))}); {fix}")
+            rows.setdefault(tuple(row[k] for k in key), row)
+    return list(rows.values()), partial
+
+
+def merge_shards(out_dir, name: str, rows: list[dict]) -> None:
+    """Rewrite OUT/NAME.jsonl with `rows` (atomically), then remove the per-rank files it absorbed."""
+    write_text(os.path.join(out_dir, f"{name}.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    for path in shard_files(out_dir, name)[1:]:
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,3 +546,50 @@ def close_distributed() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def read_tensor_cache(path, name: str, fingerprint: str, shape, d: Dist):
+    """Tensor `name` of the safetensors file `path` on every rank (rank 0 reads, then broadcasts), if the
+    file's metadata holds this fingerprint of the inputs it was computed from; else None on every rank: the
+    file is missing, damaged (truncated, garbage: safetensors raises its own error types) or stale."""
+    import torch
+    from safetensors import safe_open
+
+    cached = None
+    if d.is_main:
+        try:
+            with safe_open(path, framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                    cached = f.get_tensor(name)
+        except Exception:  # any failure to read means: compute it again, never trust it
+            cached = None
+    if not broadcast(torch.tensor([float(cached is not None)], device=d.device), d).item():
+        return None
+    return broadcast(cached.to(d.device) if d.is_main else torch.empty(shape, device=d.device), d)
+
+
+def write_tensor_cache(path, name: str, tensor, fingerprint: str, d: Dist) -> None:
+    """Rank 0 writes `tensor` as `name` to the safetensors file `path`, atomically, with the fingerprint that
+    read_tensor_cache checks; every rank learns whether the write worked."""
+    from safetensors.torch import save_file
+
+    on_main_rank(d, f"writing {path}", lambda: atomic_write(path, lambda tmp: save_file(
+        {name: tensor.cpu().contiguous()}, tmp, metadata={"fingerprint": fingerprint})))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hardware
+
+# Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (sparsity figures halved). First match wins.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("A100", 312e12)]
+
+
+def peak_bf16_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, looked up by GPU name (for MFU); None on CPU or an unknown GPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)

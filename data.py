@@ -12,7 +12,8 @@ The path of a token, top to bottom of this file:
    by their byte count alone are dropped before they are encoded, so memory follows what is kept.
 3. Reading and validation. JSONL rows in the TRL conventions: SFT `messages` or `prompt` / `completion`,
    preference `prompt` / `chosen` / `rejected` (or only `chosen` / `rejected`, whose shared turns are the
-   prompt), group `prompt` / `completions` / `rewards`; every bad line stops with `FILE:LINE: what is wrong`.
+   prompt), group `prompt` / `completions` / `rewards`, evaluation problems `problem` / `answer`; every bad line
+   stops with `FILE:LINE: what is wrong`.
 4. Building from raw traces (the REDI recipe, as the authors' scripts select it). OpenR1-Math-Raw rows become
    `sft.jsonl` (first correct trace per problem), `pairs.jsonl` (first correct + first incorrect trace, then
    length-filtered) and `groups.jsonl` (all traces with 1.0 / 0.0 rewards), with every filter counted.
@@ -568,6 +569,41 @@ def load_rows(path, expected_format: str) -> list[dict]:
         raise InputError(f"{path} looks like {found} rows but {expected_format} rows are needed: "
                          f"{FORMATS[expected_format]}")
     return LOADERS[expected_format](path)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An evaluation problem (evaluate.py), one row of MATH-500 / AIME style JSONL."""
+    index: int  # row number in the data file (0-based): the problem's key in the random stream
+    id: str
+    problem: str
+    answer: str
+    subject: str | None
+    level: int | str | None
+
+
+def read_problems(path) -> list[Problem]:
+    """Rows with `problem` and `answer` (optionally id / unique_id, subject, level). The id is the row's `id`,
+    else `unique_id`, else its row index. A number as answer is taken as its text (AIME answers elsewhere are
+    numbers); anything else wrong stops with file:line."""
+    problems, seen = [], {}
+    for line_no, row in common.read_jsonl(path):
+        where, problem, answer = f"{path}:{line_no}", row.get("problem"), row.get("answer")
+        if not isinstance(problem, str) or not problem.strip():
+            raise InputError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            raise InputError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
+        problem_id = str(row.get("id", row.get("unique_id", len(problems))))
+        if problem_id in seen:
+            raise InputError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; ids must "
+                             "be unique")
+        seen[problem_id] = line_no
+        answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer
+        problems.append(Problem(len(problems), problem_id, problem, str(answer), row.get("subject"),
+                                row.get("level")))
+    if not problems:
+        raise InputError(f"{path}: no rows; pass a JSONL file with one problem per line")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ Read top to bottom:
   2. The sampler     continuous batching over the model's static KV cache: a Slot per row, admit() and step();
                      optionally a compiled decode step (torch.compile; CUDA graphs on CUDA).
   3. Scores          pass@1 and its standard error, unbiased pass@k, maj@n, the summary and its table.
-  4. Data and files  problems, OUT/samples.jsonl appended as samples finish, OUT/run.json (the settings a resume
-                     must match), merging the per-rank files.
+  4. Files           OUT/samples.jsonl appended as samples finish (a file per rank under torchrun, merged at the
+                     end), OUT/run.json (the settings a resume must match). Problems: data.read_problems.
   5. CLI             protocols, every input checked before anything is written, data parallel under torchrun.
 """
 
@@ -35,7 +35,7 @@ import common
 import data
 import verify
 from common import InputError
-from model import Qwen2, Qwen2Config, to_hf_name
+from model import Qwen2, Qwen2Config, checkpoint_files
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Sampling
@@ -289,11 +289,10 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
     total = sum(len(r.samples) for r in requests)
     if total == 0:
         return
-    if any(len(r.prompt_ids) == 0 for r in requests):
-        raise InputError(f"prompt {[len(r.prompt_ids) for r in requests].index(0)} is empty; a prompt needs "
-                         "at least one token")
     cache_len = max_seq_len or max(len(r.prompt_ids) for r in requests if r.samples) + max_new_tokens
     for i, r in enumerate(requests):
+        if not r.prompt_ids:
+            raise InputError(f"prompt {i} is empty; a prompt needs at least one token")
         if r.samples and len(r.prompt_ids) >= cache_len:
             raise InputError(f"prompt {i} has {len(r.prompt_ids)} tokens but the KV cache holds max_seq_len="
                              f"{cache_len} positions, leaving no room for a new token; raise max_seq_len")
@@ -361,7 +360,7 @@ def pass_at_k_sizes(n: int) -> list[int]:
     return [1 << i for i in range(max(n - 1, 0).bit_length())] + [n]
 
 
-def summarize(problems: list["Problem"], rows: list[dict], n: int, same=answers_equal, ddof: int = 1) -> dict:
+def summarize(problems: list[data.Problem], rows: list[dict], n: int, same=answers_equal, ddof: int = 1) -> dict:
     """Scores over problems x n samples (every sample must be present). Rates are fractions in [0, 1].
       pass@1         mean of `correct`; its standard error is over the n sample sets (set j = sample j of
                      every problem): s.d.(acc_0..acc_{n-1}) / sqrt(n), the s.d. with `ddof` (1: the sample
@@ -422,82 +421,23 @@ def format_table(summary: dict, title: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Data and files
-
-
-@dataclass(frozen=True)
-class Problem:
-    index: int  # row number in the data file (0-based): the problem's key in the random stream
-    id: str
-    problem: str
-    answer: str
-    subject: str | None
-    level: int | str | None
-
-
-def read_problems(path) -> list[Problem]:
-    """Rows with `problem` and `answer` (optionally id / unique_id, subject, level). The id is the row's `id`,
-    else `unique_id`, else its row index. A number as answer is taken as its text (AIME answers elsewhere are
-    numbers); anything else wrong stops with file:line."""
-    problems, seen = [], {}
-    for line_no, row in common.read_jsonl(path):
-        where, problem, answer = f"{path}:{line_no}", row.get("problem"), row.get("answer")
-        if not isinstance(problem, str) or not problem.strip():
-            raise InputError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise InputError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
-        problem_id = str(row.get("id", row.get("unique_id", len(problems))))
-        if problem_id in seen:
-            raise InputError(f"{where}: id {problem_id!r} already used at {path}:{seen[problem_id]}; ids must "
-                             "be unique")
-        seen[problem_id] = line_no
-        answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer
-        problems.append(Problem(len(problems), problem_id, problem, str(answer), row.get("subject"),
-                                row.get("level")))
-    if not problems:
-        raise InputError(f"{path}: no rows; pass a JSONL file with one problem per line")
-    return problems
-
-
-def sample_files(out_dir) -> list[str]:
-    """OUT/samples.jsonl and the per-rank files of a data-parallel run, in a fixed order."""
-    names = sorted(f for f in os.listdir(out_dir) if f.startswith("samples.rank") and f.endswith(".jsonl"))
-    return [os.path.join(out_dir, f) for f in ["samples.jsonl"] + names]
+# 4. Files
 
 
 def load_done(out_dir) -> tuple[list[dict], int]:
-    """Every sample row written so far, once per (id, sample) (a merge killed before it removed the per-rank
-    files leaves copies: the first is kept), and how many files end in an unfinished line (a run killed while
-    writing leaves one, without its newline: its sample is redone). A bad line elsewhere names FILE:LINE."""
-    rows, partial = {}, 0
-    fix = "a damaged samples file: delete that line (its sample is then redone) or pick another --out"
-    for path in filter(os.path.exists, sample_files(out_dir)):
-        for line_no, raw in common.read_lines(path):
-            if not raw.endswith(b"\n"):  # only the last line can lack its newline
-                partial += 1
-                break
-            try:
-                row = common.parse_jsonl_line(raw, f"{path}:{line_no}")
-            except InputError as e:
-                raise InputError(f"{e}; {fix}") from None
-            if row is None:
-                continue
-            if "id" not in row or "sample" not in row:
-                raise InputError(f"{path}:{line_no}: not a sample row (needs 'id' and 'sample'); {fix}")
-            rows.setdefault((row["id"], row["sample"]), row)
-    return list(rows.values()), partial
+    """The sample rows in OUT so far, one per (id, sample), and how many files end in an unfinished line (a run
+    killed while writing leaves one: its sample is redone). See common.read_shards."""
+    return common.read_shards(out_dir, "samples", ("id", "sample"), "a damaged samples file: delete that line "
+                              "(its sample is then redone) or pick another --out")
 
 
-def merge_samples(out_dir, problems: list[Problem]) -> list[dict]:
+def merge_samples(out_dir, problems: list[data.Problem]) -> list[dict]:
     """Rewrite OUT/samples.jsonl with every row, ordered by (data row, sample), then remove the per-rank files
     it absorbed. Returns the rows."""
     rows, _ = load_done(out_dir)
     order = {p.id: p.index for p in problems}
     rows.sort(key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), r["sample"]))
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
-    common.write_text(os.path.join(out_dir, "samples.jsonl"), "".join(lines))
-    for path in sample_files(out_dir)[1:]:
-        os.remove(path)
+    common.merge_shards(out_dir, "samples", rows)
     return rows
 
 
@@ -505,8 +445,7 @@ def run_fingerprint(args, dtype: torch.dtype) -> dict:
     """Every setting that changes the samples or their grades. Not batch size, device, world size or
     --compile: they change results only through floating-point rounding. Not --limit: a longer run may
     extend a shorter one. The checkpoint is identified by its path and its files' sizes and times."""
-    files = [os.path.join(args.checkpoint, f) for f in sorted(os.listdir(args.checkpoint))
-             if f.endswith(".safetensors") or f == "config.json"]
+    files = checkpoint_files(args.checkpoint) + [os.path.join(args.checkpoint, "config.json")]
     keys = ("protocol", "template", "strict_think", "num_samples", "temperature", "top_p", "top_k",
             "max_new_tokens", "max_seq_len", "seed")
     return {"checkpoint": os.path.abspath(args.checkpoint),
@@ -515,29 +454,7 @@ def run_fingerprint(args, dtype: torch.dtype) -> dict:
             **{k: getattr(args, k) for k in keys}, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def check_run_file(out_dir, fingerprint: dict, has_samples: bool) -> bool:
-    """Compare with OUT/run.json; True if it exists and matches, False if absent (and no samples are there).
-    Otherwise the samples there were drawn with other or unknown settings and must not be mixed with these."""
-    path, fix = os.path.join(out_dir, "run.json"), f"pick another --out, or delete {out_dir} to start over"
-    if not os.path.exists(path):
-        if has_samples:
-            raise InputError(f"{out_dir} holds samples but no run.json, so their settings are unknown; {fix}")
-        return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: damaged ({e}); the settings of its samples are unknown: {fix}") from None
-    current = json.loads(json.dumps(fingerprint))  # the same JSON round trip as the stored copy
-    differ = [f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
-              for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
-    if differ:
-        raise InputError(f"{path}: this output directory holds samples of a run with other settings "
-                         f"({'; '.join(differ)}); {fix}")
-    return True
-
-
-def sample_row(problem: Problem, sample: int, prompt_text: str, tokens: list[int], finish_reason: str, tokenizer,
+def sample_row(problem: data.Problem, sample: int, prompt_text: str, tokens: list[int], finish_reason: str, tokenizer,
                strict_think: bool) -> dict:
     """One line of samples.jsonl. The completion is the decoded new tokens without the final stop token
     (special tokens such as </think> kept): the generated text only, so under a template that ends the prompt
@@ -553,12 +470,10 @@ def sample_row(problem: Problem, sample: int, prompt_text: str, tokens: list[int
 # ----------------------------------------------------------------------------------------------------------
 # 5. CLI
 
-# Settings bundles; a flag given on the command line overrides its protocol's value.
+# Settings bundles (see the module docstring); a flag given on the command line overrides its protocol's value.
 #   default  Qwen2.5-Math's chat template, lenient grading, the standard error with the sample s.d. (ddof 1).
-#   redi     the paper's evaluation (appendix C.5; the authors' README forces `<think>` through the chat
-#            template, and they grade and score with rllm): data.py's `redi` template (their system prompt,
-#            Open-R1's math query before the problem, `<|im_start|>assistant<think>\n`), a response without
-#            `</think>` scored 0, std(ddof 0) / sqrt(n) (rllm/verl/verl/trainer/main_generation.py:207-208).
+#   redi     data.py's `redi` template (the authors' system prompt, Open-R1's math query, `<think>` forced by the
+#            generation prompt), strict grading, rllm's std(ddof 0) (rllm/verl/verl/trainer/main_generation.py:207-208).
 SAMPLING = {"num_samples": 16, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768}  # the paper's
 PROTOCOLS = {"default": {"template": "qwen", "strict_think": False, "stderr_ddof": 1, **SAMPLING},
              "redi": {"template": "redi", "strict_think": True, "stderr_ddof": 0, **SAMPLING}}
@@ -617,17 +532,7 @@ def load_tokenizer(checkpoint):
     return tokenizer
 
 
-def load_model(checkpoint, dtype, device) -> Qwen2:
-    """The model, refused if a weight is NaN or inf (a diverged run's output must not be scored)."""
-    model = Qwen2.from_pretrained(checkpoint, dtype=dtype, device=device)
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise InputError(f"{checkpoint}: tensor {to_hf_name(name)} holds NaN or inf values; the checkpoint "
-                             "is broken (a diverged run?): evaluate an earlier one")
-    return model
-
-
-def make_requests(args, mine: list[Problem], done: set, tokenizer, template) -> tuple[list[Request], list]:
+def make_requests(args, mine: list[data.Problem], done: set, tokenizer, template) -> tuple[list[Request], list]:
     """The sampler's requests for the samples of `mine` not `done` yet, and per request its (problem, prompt
     text). The prompts are checked (template tokens, forged turn markers, room in --max-seq-len) before any
     weight is loaded."""
@@ -656,16 +561,12 @@ def log(d: common.Dist, message: str) -> None:
 def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None:
     """Sample this rank's requests, appending each finished sample to its own samples file at once; every 10 s
     a line with the samples done, new tokens per second and the estimated time left."""
-    own_file = os.path.join(args.out, "samples.jsonl" if d.world_size == 1 else f"samples.rank{d.rank}.jsonl")
-    if os.path.exists(own_file):  # cut an unfinished last line (else the next row would be glued onto it)
-        with open(own_file, "rb+") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
     if not requests:
         return
     compile_decode = model.embed.weight.is_cuda if args.compile is None else args.compile
     total, count, tokens, start = sum(len(r.samples) for r in requests), 0, 0, time.time()
     last = start
-    with open(own_file, "a", encoding="utf-8") as f:
+    with common.open_shard(args.out, "samples", d) as f:  # samples.jsonl, or samples.rankR.jsonl under torchrun
         for done in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids, seed=args.seed,
                                    batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode):
@@ -684,7 +585,7 @@ def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None
 def main(argv=None) -> dict | None:
     """Evaluate; returns the summary on rank 0 (None on other ranks)."""
     args = parse_args(argv)
-    all_problems = read_problems(args.data)
+    all_problems = data.read_problems(args.data)
     problems = all_problems[:args.limit]
     tokenizer = load_tokenizer(args.checkpoint)
     template = data.TEMPLATES[args.template]
@@ -699,7 +600,8 @@ def main(argv=None) -> dict | None:
         common.barrier(d)
         # Every rank checks run.json and reads what is done, before any rank writes.
         fingerprint, (done_rows, partial) = run_fingerprint(args, dtype), load_done(args.out)
-        had_run_file = check_run_file(args.out, fingerprint, bool(done_rows))
+        had_run_file = common.check_run_settings(args.out, fingerprint, bool(done_rows),
+                                                 f"pick another --out, or delete {args.out} to start over")
         mine = problems[d.rank::d.world_size]  # problem i goes to rank i mod world size
         requests, sources = make_requests(args, mine, {(r["id"], r["sample"]) for r in done_rows}, tokenizer,
                                           template)
@@ -707,7 +609,7 @@ def main(argv=None) -> dict | None:
         log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo} "
             f"already in {args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) of an "
             "interrupted run (those samples are redone)" if partial else ""))
-        model = load_model(args.checkpoint, dtype, device) if requests else None
+        model = Qwen2.from_pretrained(args.checkpoint, dtype, device) if requests else None  # NaN/inf refused
         common.barrier(d)  # every rank has read OUT and checked its inputs before anything is written
         if d.is_main and not had_run_file:
             common.write_json(os.path.join(args.out, "run.json"), fingerprint)

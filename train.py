@@ -14,7 +14,7 @@ examples go into which forward pass and how the sum over the global batch is nor
   4. The step       micro-batches, one gradient-synchronising backward, clip, the lr of the step.
   5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
-                    what a resume must match, and what OUT may already hold.
+                    what a resume must match; common.prepare_run_dir: what OUT may already hold.
   7. Main           setup, then the loop: logging, checkpoints, the final model.
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
@@ -34,14 +34,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import common
 import data
 import losses
-from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, broadcast, checked,
-                    on_main_rank, print0)
+from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, checked, on_main_rank,
+                    print0)
 from model import CheckpointError, Qwen2, Qwen2Config, checkpoint_files
 
 STAGE_FORMATS = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "weighted": "groups"}
@@ -54,9 +52,6 @@ STAGE2 = dict(batch_size=32, epochs=1)
 STAGE_DEFAULTS = {"sft": dict(lr=5e-5, batch_size=128, epochs=5), "redi": dict(STAGE2, lr=1e-6),
                   "dpo": dict(STAGE2, lr=2e-7, beta=0.001), "simpo": dict(STAGE2, lr=5e-7, beta=2.0),
                   "weighted": dict(STAGE2, lr=1e-6)}
-# Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (sparsity figures halved). First match wins.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("A100", 312e12)]
 # --save-dtype values, and the dtype names a config.json declares.
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32}
 TRAINER_STATE = "trainer_state.pt"
@@ -92,8 +87,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--max-steps", type=COUNT, help="stop after this many optimizer steps (shortens the schedule)")
     add("--batch-size", type=COUNT, help="global batch per optimizer step: sequences (sft), pairs, prompts "
                                          f"(weighted) ({per_stage('batch_size')})")
-    add("--micro-batch-size", type=COUNT, default=1, help="examples per forward pass on each rank, packed "
-                                                          "into one padding-free row")
+    add("--micro-batch-size", type=COUNT, default=1, help="examples per forward pass per rank, in one padding-free row")
     add("--max-length", type=checked(int, lambda n: n >= 2, "an integer >= 2"),
         help="drop (never truncate) examples longer than this many tokens (default: keep all)")
     add("--template", choices=sorted(data.TEMPLATES), default="qwen", help="chat template of the data")
@@ -270,7 +264,7 @@ def load_model(args, d: common.Dist) -> Qwen2:
     except CheckpointError as e:
         if not args.resume:
             raise
-        raise damaged(args.resume, str(e)) from None
+        raise common.damaged_checkpoint(args.resume, str(e)) from None
     for key in ("rope_theta", "max_position_embeddings"):
         if getattr(args, key) is not None:
             setattr(model.config, key, getattr(args, key))
@@ -404,23 +398,16 @@ def compute_ref_logps(run) -> torch.Tensor:
 
 def reference_logps(run) -> torch.Tensor:
     """Reuse the cache when its fingerprint (sha256 of model and data files, and the settings) matches; else
-    compute the table and write it atomically. Rank 0 reads the file and broadcasts the table. A resume never
-    recomputes (its weights are no longer the reference's): a missing or stale cache is an error there. A
-    damaged cache (truncated, garbage) counts as missing: recomputed, never trusted."""
+    compute the table and write it. A resume never recomputes (its weights are no longer the reference's): a
+    missing, damaged or stale cache is an error there."""
     args, d = run.args, run.d
     path = args.ref_cache or args.data + ".ref_logps.safetensors"
     fingerprint = json.dumps(dict(run.fingerprints, template=args.template, max_length=args.max_length,
                                   dtype=args.dtype, num_pairs=len(run.dataset)), sort_keys=True)
-    cached = None
-    with contextlib.suppress(Exception):  # a missing or damaged file: safetensors raises its own error types
-        if d.is_main:  # rank 0 reads; the others receive the table by broadcast
-            with safe_open(path, framework="pt") as f:
-                if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                    cached = f.get_tensor("ref_logps")
-    if broadcast(torch.tensor([float(cached is not None)], device=d.device), d).item():
-        table = cached.to(d.device) if d.is_main else torch.empty(len(run.dataset), 2, device=d.device)
+    cached = common.read_tensor_cache(path, "ref_logps", fingerprint, (len(run.dataset), 2), d)
+    if cached is not None:
         print0(f"dpo: reusing reference log-probs from {path}")
-        return broadcast(table, d)
+        return cached
     if args.resume:
         raise InputError(f"--resume: the DPO reference log-probs {path} are missing, damaged or were computed "
                          "for another model, data or settings, and cannot be recomputed from a resumed model; "
@@ -429,8 +416,7 @@ def reference_logps(run) -> torch.Tensor:
         print0(f"dpo: {path} is damaged or was computed for another model, data or settings; recomputing it")
     print0(f"dpo: computing reference log-probs of {len(run.dataset)} pairs with {args.model}")
     table = compute_ref_logps(run)
-    on_main_rank(d, f"writing {path}", lambda: common.atomic_write(path, lambda tmp: save_file(
-        {"ref_logps": table.cpu().contiguous()}, tmp, metadata={"fingerprint": fingerprint})))
+    common.write_tensor_cache(path, "ref_logps", table, fingerprint, d)
     return table
 
 
@@ -488,7 +474,7 @@ def save_checkpoint(run, step: int, final: bool) -> None:
     local = [p.to_local() if hasattr(p, "to_local") else p for p in run.logps_model.parameters()]  # FSDP shards
     if all_reduce_sum(torch.stack([(~p.detach().isfinite()).any() for p in local]).sum().float(), d).item():
         raise NonFiniteLossError(f"step {step}: the weights are no longer finite; {name} not saved, "
-                                 f"{last_good(args.out, step)}; try a lower --lr")
+                                 f"{common.last_good(args.out, step)}; try a lower --lr")
     full = full_model_for_saving(run)  # a collective under FSDP, as is get_optimizer_state_dict
     optimizer = None if final else get_optimizer_state_dict(run.logps_model, run.optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True))
@@ -502,31 +488,10 @@ def save_checkpoint(run, step: int, final: bool) -> None:
                             args=vars(args), fingerprints=run.fingerprints, optimizer=optimizer),
                        os.path.join(tmp, TRAINER_STATE))
             return os.rename(tmp, os.path.join(args.out, name))
-        for file_name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-            os.replace(os.path.join(tmp, file_name), os.path.join(args.out, file_name))
-        os.rmdir(tmp)
+        common.move_files_into(tmp, args.out, last="config.json")
 
     on_main_rank(d, f"saving {name}", write)
     print0(f"saved {args.out if final else os.path.join(args.out, name)}")
-
-
-def checkpoints_up_to(out: str, step: float) -> list[str]:
-    """The checkpoints OUT/step-N with N <= step, newest first: where to go on from after a failure."""
-    return [p for n, p in sorted(common.numbered_dirs(out, "step-").items(), reverse=True) if n <= step]
-
-
-def last_good(out: str, step: int) -> str:
-    found = checkpoints_up_to(out, step)
-    return f"the last good checkpoint is {found[0]}" if found else "no checkpoint was saved yet"
-
-
-def damaged(resume: str, what: str) -> InputError:
-    """A damaged checkpoint: say what is damaged, and which earlier checkpoints beside it to use instead."""
-    parent, here = os.path.split(os.path.normpath(resume))
-    before = int(here[5:]) - 1 if here.startswith("step-") and here[5:].isdigit() else math.inf
-    earlier = checkpoints_up_to(parent, before)
-    return InputError(f"--resume {resume}: {what}; " + (f"resume from an earlier checkpoint: {', '.join(earlier)}"
-                                                        if earlier else "no earlier checkpoint: start the run again"))
 
 
 # Flags that must not change on resume: they fix the data order, the schedule, the objective or the model.
@@ -543,7 +508,8 @@ def read_resume_state(args, fingerprints: dict) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a garbage file, a foreign pickle: each its own exception type
-        raise damaged(args.resume, f"{path} is damaged ({type(e).__name__}: {str(e)[:200]})") from None
+        what = f"{path} is damaged ({type(e).__name__}: {str(e)[:200]})"
+        raise common.damaged_checkpoint(args.resume, what) from None
     for key in RESUME_MUST_MATCH:
         if saved["args"].get(key) != getattr(args, key):
             raise InputError(f"--resume {args.resume}: it was trained with --{key.replace('_', '-')} "
@@ -556,40 +522,8 @@ def read_resume_state(args, fingerprints: dict) -> dict:
     return saved
 
 
-def prepare_out_dir(args, resume_step: int) -> None:
-    """Never overwrite a checkpoint: a fresh run needs an OUT without checkpoints, a resume into OUT one with
-    nothing newer than its checkpoint. Leftovers of an interrupted save (OUT/.tmp-*) are deleted;
-    metrics.jsonl keeps the steps up to where this run starts. Rank 0, holding OUT's lock."""
-    out = os.path.abspath(args.out)
-    in_out = args.resume is not None and os.path.dirname(os.path.abspath(args.resume)) == out
-    steps = sorted(common.numbered_dirs(out, "step-").items())
-    found = [os.path.basename(p) for n, p in steps if not in_out or n > resume_step]
-    found += ["a final model"] if os.path.exists(os.path.join(out, "config.json")) else []
-    if found:
-        raise InputError(f"--out {args.out} already holds {', '.join(found)}" + (
-            f", newer than --resume {args.resume}; resuming would overwrite them: resume from the latest "
-            "checkpoint or choose a new --out" if in_out else f"; choose a new --out, or continue that run "
-            f"with --resume {os.path.join(args.out, 'step-N')}"))
-    for path in common.remove_leftovers(args.out):
-        print(f"removed {path}, left by an interrupted save", flush=True)
-    metrics = os.path.join(args.out, METRICS_FILE)
-    if common.trim_jsonl_log(metrics, lambda row: row.get("step", math.inf) <= resume_step):
-        print(f"{metrics}: dropped its last line, cut short by an interrupted run", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 7. Main: setup, then the loop
-
-
-def peak_flops(args, d: common.Dist) -> float | None:
-    """Peak bf16 FLOP/s of one device for MFU: --peak-flops, else looked up by GPU name; None on CPU."""
-    if args.peak_flops or d.device.type != "cuda":
-        return args.peak_flops
-    name = torch.cuda.get_device_name(d.device)
-    flops = next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
-    if flops is None:
-        print0(f"MFU not reported: unknown peak FLOP/s of {name!r}; pass --peak-flops")
-    return flops
 
 
 @dataclass
@@ -624,21 +558,24 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
         torch.set_float32_matmul_precision("high")
     dataset = load_dataset(args, tokenizer)
     fingerprints = {"data": common.sha256_file(args.data),
-                    "model": {os.path.basename(f): common.sha256_file(f) for f in checkpoint_files(args.model)}}
+                    "model": common.sha256_files(checkpoint_files(args.model))}
     saved = read_resume_state(args, fingerprints) if args.resume else None
     start_step = saved["step"] if saved else 0
-    on_main_rank(d, f"preparing {args.out}", lambda: prepare_out_dir(args, start_step))
+    on_main_rank(d, f"preparing {args.out}",
+                 lambda: common.prepare_run_dir(args.out, args.resume, start_step, METRICS_FILE))
     model = load_model(args, d)
     logps_model = wrap_model(model, args, d)
     steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     run = Run(args, d, dataset, model, logps_model, build_optimizer(logps_model, args, d), fingerprints,
               generation_config(args, tokenizer), save_dtype(args), start_step, steps_per_epoch, total_steps,
-              warmup_steps_for(total_steps, args.warmup_ratio), peak_flops(args, d))
+              warmup_steps_for(total_steps, args.warmup_ratio), args.peak_flops or common.peak_bf16_flops(d.device))
     print0(f"train: stage {args.stage}, {d.world_size} process(es) on {d.device.type}"
            f"{' with FSDP2' if args.fsdp else ''}, {args.dtype}, {model.num_params():,} parameters, "
            f"{len(dataset)} items, {total_steps} steps ({steps_per_epoch}/epoch), warmup {run.warmup_steps}, "
            f"lr {args.lr}, global batch {args.batch_size}, micro-batch {args.micro_batch_size}")
+    if run.peak_flops is None and d.device.type == "cuda":
+        print0(f"MFU not reported: unknown peak FLOP/s of {torch.cuda.get_device_name(d.device)!r}; pass --peak-flops")
     if args.stage == "dpo":  # before the optimizer state is restored; a resume finds the first run's cache
         dataset.ref_logps = reference_logps(run)
     if saved:
@@ -686,7 +623,7 @@ def train(run) -> None:
         values = torch.cat([stats, norm.detach().float().view(1).to(stats.device)]).tolist()
         if not (math.isfinite(values[0]) and math.isfinite(values[-1])):
             raise NonFiniteLossError(f"step {step + 1}: the loss is {values[0]} and the gradient norm "
-                                     f"{values[-1]}; stopping before the update; {last_good(args.out, step)}; "
+                                     f"{values[-1]}; stopping before the update; {common.last_good(args.out, step)}; "
                                      "try a lower --lr")
         for group in run.optimizer.param_groups:
             group["lr"] = lr

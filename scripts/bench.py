@@ -28,7 +28,7 @@ import torch
 import common
 import losses
 from model import Qwen2, Qwen2Config
-from train import PEAK_BF16_FLOPS
+from common import peak_bf16_flops
 
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -37,13 +37,6 @@ QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
 CPU_QUICK = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                  rope_theta=10000.0, tie_word_embeddings=True)
-
-
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
 def synchronize(device):
@@ -108,7 +101,7 @@ def bench_train(args, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2(config).init_weights().train()
-    peak = peak_flops(device)
+    peak = peak_bf16_flops(device)
     rows = []
     variants = [VARIANTS[name] for name in args.variants.split(",")]
     blocks = list(model.layers)

@@ -374,13 +374,18 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def aggregate(seed_results: list[dict], settings: dict) -> dict:
-    """results.json: per model {"pass@1": mean over seeds, "std", "seeds": per-seed test pass@1, "lr": per-seed
-    choice}, the premise (errors pooled over seeds), the teacher's profile and the α story (first seed)."""
+    """results.json: per model {"pass@1": mean over seeds, "std", "seeds": per-seed test pass@1, "vs_sft_start":
+    the same for pass@1 minus the seed's SFT start, "lr": per-seed choice}, the premise (errors pooled over seeds), the teacher's profile and the α story (first seed)."""
     results = {"settings": settings}
+    start = [r["models"]["sft_start"]["pass@1"] for r in seed_results]
     for name in MODELS:
         per_seed = [r["models"][name] for r in seed_results]
         mean, std = mean_std([m["pass@1"] for m in per_seed])
+        # Paired with the seed's own SFT start: the seeds' SFT models differ far more than Stage 2 moves them.
+        gains = [m["pass@1"] - s for m, s in zip(per_seed, start)]
+        gain_mean, gain_std = mean_std(gains)
         results[name] = {"pass@1": mean, "std": std, "seeds": [m["pass@1"] for m in per_seed],
+                         "vs_sft_start": {"mean": gain_mean, "std": gain_std, "seeds": gains},
                          "lr": [m["lr"] for m in per_seed],
                          "validation": [m["validation"] for m in per_seed],
                          "errors": pooled([m["errors"] for m in per_seed])}
@@ -406,17 +411,20 @@ LABELS = {"sft_start": "SFT start", "sft_continued": "SFT continued", "redi_alph
           "weighted": "weighted NLL"}
 
 
+def percent(mean: float, std: float | None) -> str:
+    """"56.6 ± 1.2" in percent; no ± from one seed."""
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
 def print_table(results):
-    seeds = len(results["settings"]["seeds"])
-    print(f"\ntest pass@1 over {seeds} seed(s): mean ± std (per-seed values); Stage 2 lr chosen on validation")
+    print(f"\ntest pass@1 (%) over seeds {results['settings']['seeds']}: mean ± std; minus the same seed's SFT "
+          "start; per seed; Stage 2 lr chosen on validation; wrong answers that are a dropped carry")
     for name in MODELS:
-        r = results[name]
-        std = "" if r["std"] is None else f" ± {100 * r['std']:.1f}"
-        lrs = "" if r["lr"][0] is None else "  lr " + ", ".join(f"{lr:g}" for lr in r["lr"])
-        e = r["errors"]
-        print(f"  {LABELS[name]:<14} {100 * r['pass@1']:5.1f}%{std:<7} ("
-              + ", ".join(f"{100 * v:.1f}" for v in r["seeds"]) + f"){lrs}   wrong answers in teacher's family: "
-              f"{e['wrong_in_teacher_family']}/{e['wrong']}")
+        r, gain = results[name], results[name]["vs_sft_start"]
+        lrs = "-" if r["lr"][0] is None else ", ".join(f"{lr:g}" for lr in r["lr"])
+        print(f"  {LABELS[name]:<14} {percent(r['pass@1'], r['std']):>12}  {percent(gain['mean'], gain['std']):>12}  "
+              f"({', '.join(f'{100 * v:.1f}' for v in r['seeds'])})  lr {lrs}  "
+              f"{r['errors']['wrong_in_teacher_family']}/{r['errors']['wrong']}")
     p = results["premise"]
     print(f"\npremise: of the SFT start's {p['wrong']} wrong test answers, {100 * p['share_in_teacher_family']:.0f}% "
           f"are a dropped carry (the teacher's error family) and {100 * p['share_on_hard']:.0f}% fall on hard "
@@ -439,21 +447,31 @@ def plot_figures(results, seed_results, out):
         print("matplotlib is not installed: no figures (pip install -r requirements-demo.txt)")
         return []
     paths = [os.path.join(out, name) for name in ("accuracy.png", "logps.png", "alpha_story.png")]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for x, name in enumerate(MODELS):
-        r = results[name]
-        ax.bar(x, 100 * r["pass@1"], yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
-               color="tab:gray" if name in ("sft_start", "sft_continued", "redi_alpha0") else "tab:blue")
-        ax.scatter([x] * len(r["seeds"]), [100 * v for v in r["seeds"]], color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(MODELS)), [LABELS[n] for n in MODELS], rotation=25, ha="right")
-    ax.set_ylabel("test pass@1 (%)")
-    ax.set_title(f"Test accuracy, mean ± std over {len(seed_results)} seed(s) (dots: seeds; gray: controls)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    bars(axes[0], [(results[n]["pass@1"], results[n]["std"], results[n]["seeds"]) for n in MODELS])
+    bars(axes[1], [(results[n]["vs_sft_start"]["mean"], results[n]["vs_sft_start"]["std"],
+                    results[n]["vs_sft_start"]["seeds"]) for n in MODELS])
+    axes[0].set_ylabel("test pass@1 (%)")
+    axes[0].set_title(f"test pass@1, mean ± std over {len(seed_results)} seed(s); dots: seeds; gray: controls",
+                      fontsize=9)
+    axes[1].set_ylabel("points")
+    axes[1].set_title("test pass@1 minus the same seed's SFT start", fontsize=9)
+    axes[1].axhline(0, color="black", linewidth=0.8)
     save(fig, paths[0])
     plot_logps(plt, results["settings"]["plan"]["lrs"], seed_results[0]["out"], paths[1])
     story = results["alpha_story"]
     if story:
         plot_alpha_story(plt, story, paths[2])
     return paths
+
+
+def bars(ax, stats: list[tuple]):
+    """One bar per model: (mean, std or None, per-seed values) -> bar, error bar, dots; controls in gray."""
+    for x, (name, (mean, std, seeds)) in enumerate(zip(MODELS, stats)):
+        ax.bar(x, 100 * mean, yerr=None if std is None else 100 * std, capsize=4,
+               color="tab:gray" if name in ("sft_start", "sft_continued", "redi_alpha0") else "tab:blue")
+        ax.scatter([x] * len(seeds), [100 * v for v in seeds], color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(MODELS)), [LABELS[n] for n in MODELS], rotation=25, ha="right")
 
 
 def plot_logps(plt, lrs, seed_dir, path):

@@ -148,6 +148,7 @@ def check_quick_demo(out):
         r = results[name]
         assert set(r) >= {"pass@1", "std", "seeds", "lr"}, name
         assert r["std"] is None and len(r["seeds"]) == 1 and r["pass@1"] == r["seeds"][0]
+        assert r["vs_sft_start"]["seeds"] == [r["pass@1"] - results["sft_start"]["pass@1"]]
         samples = [json.loads(line) for line in open(seed_dir / "eval" / "test" / name / "samples.jsonl")]
         n = int(plan["test_eval"][plan["test_eval"].index("--num-samples") + 1])
         assert len(samples) == plan["test_problems"] * n

@@ -343,8 +343,8 @@ def row(problem_id, sample, correct, answer, num_tokens=5, finish_reason="stop")
 
 
 def hand_table():
-    problems = [evaluate.Problem(0, "p0", "?", "4x", "Algebra", 2),
-                evaluate.Problem(1, "p1", "?", "1/2", "Geometry", 2)]
+    problems = [data.Problem(0, "p0", "?", "4x", "Algebra", 2),
+                data.Problem(1, "p1", "?", "1/2", "Geometry", 2)]
     rows = [row("p0", 0, True, "3", 10), row("p0", 1, False, "4", 20), row("p0", 2, False, "4", 30, "length"),
             row("p0", 3, False, None, 40),
             row("p1", 0, True, "0.5"), row("p1", 1, True, "1/2"), row("p1", 2, False, "2"),
@@ -409,14 +409,14 @@ def read_rows(path):
 def test_problems_are_validated_with_file_and_line(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl",
                        [{"problem": "a", "answer": 27}, {"problem": "b", "answer": "x", "id": 7}])
-    problems = evaluate.read_problems(good)
+    problems = data.read_problems(good)
     assert [(p.id, p.answer) for p in problems] == [("0", "27"), ("7", "x")]
-    assert evaluate.read_problems(write_jsonl(tmp_path / "u.jsonl", ROWS))[2].id == "t/3.json"
+    assert data.read_problems(write_jsonl(tmp_path / "u.jsonl", ROWS))[2].id == "t/3.json"
     for bad, message in [([{"problem": "a", "answer": "1"}, {"problem": "b"}], ":2: needs an 'answer'"),
                          ([{"answer": "1"}], ":1: needs a non-empty string 'problem'"),
                          ([{"problem": "a", "answer": "1", "id": "x"}] * 2, ":2: id 'x' already used at .*:1")]:
         with pytest.raises(ValueError, match=message):
-            evaluate.read_problems(write_jsonl(tmp_path / "bad.jsonl", bad))
+            data.read_problems(write_jsonl(tmp_path / "bad.jsonl", bad))
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,20 @@ def test_pickle_checkpoints_are_not_loaded(tmp_path):
         Qwen2.from_pretrained(path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    """A diverged run's save must not be trained on or scored: one bad entry anywhere is enough."""
+    path = save_hf(make_hf_model(), tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"][2, 3] = bad
+    save_file(tensors, file, metadata={"format": "pt"})
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight "
+                                                  "holds NaN or inf"):
+            Qwen2.from_pretrained(path, dtype=dtype)
+
+
 def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
     """assign=True: parameters are the tensors read from safetensors, and nothing remains on meta."""
     path = save_hf(make_hf_model(), tmp_path)
