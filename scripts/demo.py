@@ -477,10 +477,12 @@ def bars(ax, stats: list[tuple]):
 def plot_logps(plt, lrs, seed_dir, path):
     """Chosen and rejected log-probs over Stage 2 steps (metrics.jsonl) of every pair method, one row per
     learning rate. Every run sees the same batches in the same order, so the batch-to-batch wiggle is common
-    to all lines and the gaps between them are the methods' doing."""
+    to all lines and the gaps between them are the methods' doing. SimPO is left out: it logs length-averaged
+    log-probs under these names (TRL's definition for SimPO), the others summed ones."""
     fig, axes = plt.subplots(len(lrs), 2, figsize=(10, 3 * len(lrs)), squeeze=False)
+    summed = [n for n, (_, data_file, _) in STAGE2.items() if data_file == "pairs.jsonl" and n != "simpo"]
     for row_axes, lr in zip(axes, sorted(lrs)):
-        for name in [n for n, (_, data_file, _) in STAGE2.items() if data_file == "pairs.jsonl"]:
+        for name in summed:
             rows = metrics_rows(os.path.join(seed_dir, "stage2", f"{name}-lr{lr:g}"))
             for ax, key in zip(row_axes, ("logps/chosen", "logps/rejected")):
                 ax.plot([row["step"] for row in rows], [row[key] for row in rows], label=LABELS[name])
