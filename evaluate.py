@@ -35,7 +35,7 @@ import common
 import data
 import verify
 from common import InputError
-from model import Qwen2, Qwen2Config, checkpoint_files
+from model import Qwen2, Qwen2Config, check_vocab, checkpoint_files
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Sampling
@@ -523,12 +523,9 @@ def load_tokenizer(checkpoint):
     if not os.path.isdir(checkpoint):
         raise InputError(f"{checkpoint}: no such checkpoint directory; pass one holding config.json, "
                          "*.safetensors and tokenizer.json")
-    vocab_size = Qwen2Config.from_json(os.path.join(checkpoint, "config.json")).vocab_size  # an InputError if bad
+    config = Qwen2Config.from_json(os.path.join(checkpoint, "config.json"))  # an InputError if bad
     tokenizer = data.load_tokenizer(checkpoint)
-    if (size := tokenizer.get_vocab_size(with_added_tokens=True)) > vocab_size:
-        raise InputError(f"{checkpoint}/tokenizer.json has {size} tokens but config.json's vocab_size is "
-                         f"{vocab_size}: ids from {vocab_size} on have no embedding; use the checkpoint's own "
-                         "tokenizer")
+    check_vocab(config, tokenizer, where=os.path.join(checkpoint, "tokenizer.json"))
     return tokenizer
 
 

@@ -583,9 +583,9 @@ def check_vocab(config: Qwen2Config, tokenizer, where: str = "the tokenizer") ->
     transformers tokenizer (both have get_vocab(), added tokens included)."""
     size = max(tokenizer.get_vocab().values(), default=-1) + 1
     if size > config.vocab_size:
-        raise CheckpointError(f"{where}: has token ids up to {size - 1} but the model's vocabulary "
-                              f"(config.json vocab_size) has {config.vocab_size} rows; use the tokenizer that "
-                              "belongs to this checkpoint")
+        raise CheckpointError(f"{where} has {size} tokens but config.json's vocab_size is {config.vocab_size}: "
+                              f"token ids up to {size - 1}, while the embedding (config.json vocab_size) has "
+                              f"{config.vocab_size} rows; use the tokenizer that belongs to this checkpoint")
 
 
 def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:

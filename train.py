@@ -40,7 +40,7 @@ import data
 import losses
 from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, checked, on_main_rank,
                     print0)
-from model import CheckpointError, Qwen2, Qwen2Config, checkpoint_files
+from model import CheckpointError, Qwen2, Qwen2Config, check_vocab, checkpoint_files
 
 STAGE_FORMATS = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "weighted": "groups"}
 FORMAT_NAMES = {"sft": "SFT (messages or prompt/completion)", "pairs": "preference (prompt/chosen/rejected)",
@@ -163,6 +163,8 @@ def check_inputs(args):
                          f"{FORMAT_NAMES[needed]} rows: {data.FORMATS[needed]} (this file suits --stage "
                          + " / ".join(s for s, f in STAGE_FORMATS.items() if f == found) + ")")
     tokenizer = data.load_tokenizer(args.model)
+    check_vocab(Qwen2Config.from_json(os.path.join(args.model, "config.json")), tokenizer,
+                where=f"--model {args.model}: tokenizer.json")  # an id past the embedding: IndexError otherwise
     data.check_template_tokens(tokenizer, args.template)  # its error names --template
     return tokenizer
 

@@ -858,3 +858,19 @@ def test_mfu_counts_attention_flops(ws, tmp_path):
     flops = 6 * n_params * sum(docs) + 12 * layers * heads * head_dim * sum(n * n for n in docs)
     seconds = record["tokens"] / record["tokens_per_s"]
     assert record["mfu"] == pytest.approx(flops / seconds / 1e12, rel=1e-9)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_any_compute(ws, tmp_path):
+    """model.check_vocab, the check evaluate.py makes too: an id past the embedding would be an IndexError
+    (or garbage on CUDA) deep inside the first forward."""
+    small = tmp_path / "small"
+    shutil.copytree(ws.model, small)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 300
+    (small / "config.json").write_text(json.dumps(config))
+    args = dict(zip(sft_args(ws)[::2], sft_args(ws)[1::2]))
+    args.update({"--model": small, "--out": tmp_path / "out"})
+    result = run_cli([str(x) for kv in args.items() for x in kv])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tokenizer.json has" in result.stderr and "vocab_size is 300" in result.stderr
+    assert not (tmp_path / "out").exists()
