@@ -12,7 +12,7 @@
     sha256_file, sha256_files
                              content fingerprints (resume checks, run settings)
     move_files_into          publish a finished directory's files into another, one file last
-    format_seconds           h:mm:ss for progress lines
+    format_seconds, Progress h:mm:ss; when a progress line is due and the time left
     OutputLock               one run owns an output directory at a time
     numbered_dirs, remove_leftovers, trim_jsonl_log, checkpoints_up_to, last_good, damaged_checkpoint,
     prepare_run_dir          what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
@@ -21,11 +21,11 @@
     check_run_settings       OUT/run.json: the settings a run continuing OUT must share with the one that began it
     open_shard, shard_files, read_shards, merge_shards
                              a results table every rank appends to in its own file; read back on resume, merged
-    Dist, init_distributed, barrier, broadcast, all_reduce_sum, on_main_rank, close_distributed, print0
+    Dist, init_distributed, barrier, broadcast, all_reduce_sum, on_main_rank, close_distributed, print0, log
                              the process group from torchrun's environment, or one process without one;
                              rank 0 does a thing (a write) and every rank learns whether it worked;
-                             progress lines printed once, by rank 0
-    read_tensor_cache, write_tensor_cache
+                             progress lines printed once, by rank 0 (print0), or by every rank (log)
+    read_tensor_cache, write_tensor_cache, cached_tensor
                              a computed tensor kept in a safetensors file under a fingerprint of its inputs
     PEAK_BF16_FLOPS, peak_bf16_flops
                              a GPU's peak bf16 FLOP/s, for MFU
@@ -233,6 +233,29 @@ def move_files_into(src_dir, dst_dir, last: str) -> None:
 def format_seconds(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The clock of a job of `total` units (bytes, samples, steps), `done` of them before it started: due()
+    says when a progress line is worth printing (every `every` seconds, and once at the end: when done reaches
+    total, or final); eta(done) is the time left at the rate so far, as h:mm:ss."""
+
+    def __init__(self, total: float, done: float = 0, every: float = 10.0):
+        self.total, self.first, self.every, self.ended = total, done, every, False
+        self.start = self.last = time.monotonic()
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.start, 1e-9)
+
+    def due(self, done: float, final: bool = False) -> bool:
+        now, end = time.monotonic(), final or done >= self.total
+        if self.ended or (now - self.last < self.every and not end):
+            return False
+        self.last, self.ended = now, end
+        return True
+
+    def eta(self, done: float) -> str:
+        return format_seconds(self.elapsed() * (self.total - done) / max(done - self.first, 1e-9))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -492,6 +515,11 @@ def print0(*parts) -> None:
         print(*parts, flush=True)
 
 
+def log(d: Dist, message: str) -> None:
+    """A progress line on stderr from every rank, each prefixed with its rank under torchrun."""
+    print(f"[rank {d.rank}] {message}" if d.world_size > 1 else message, file=sys.stderr, flush=True)
+
+
 def barrier(d: Dist) -> None:
     import torch.distributed as dist
 
@@ -575,6 +603,25 @@ def write_tensor_cache(path, name: str, tensor, fingerprint: str, d: Dist) -> No
 
     on_main_rank(d, f"writing {path}", lambda: atomic_write(path, lambda tmp: save_file(
         {name: tensor.cpu().contiguous()}, tmp, metadata={"fingerprint": fingerprint})))
+
+
+def cached_tensor(path, name: str, fingerprint: str, shape, d: Dist, compute: Callable, what: str,
+                  refuse: str | None = None):
+    """The tensor cached at `path` if it was computed from the same inputs (read_tensor_cache), else
+    compute() (on every rank), written there for the next run. refuse: the inputs can no longer be computed
+    from (a resumed run), so a missing, damaged or stale cache is an InputError ending with `refuse`."""
+    cached = read_tensor_cache(path, name, fingerprint, shape, d)
+    if cached is not None:
+        print0(f"reusing {what} from {path}")
+        return cached
+    if refuse:
+        raise InputError(f"{path}: the cached {what} are missing, damaged or were computed from other inputs; "
+                         + refuse)
+    if os.path.exists(path):
+        print0(f"{path} is damaged or was computed from other inputs; recomputing it")
+    tensor = compute()
+    write_tensor_cache(path, name, tensor, fingerprint, d)
+    return tensor
 
 
 # ----------------------------------------------------------------------------------------------------------

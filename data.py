@@ -34,7 +34,6 @@ import multiprocessing
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -185,6 +184,22 @@ def generation_eos(tokenizer, template) -> dict:
     return {"eos_token_id": stop_ids, "config_eos_token_id": stop_ids[0], "eos_token": template.end_of_turn}
 
 
+def generation_config(model_dir, tokenizer, template) -> dict:
+    """What a trained checkpoint's generation_config.json says: `model_dir`'s own, with eos_token_id = every
+    stop id of the template, end of turn first, so that transformers and vLLM stop where the model was
+    trained to end its answer."""
+    path, config = os.path.join(model_dir, "generation_config.json"), {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    # "_from_model_config" would let transformers rebuild these settings from config.json's single EOS.
+    config = {k: v for k, v in config.items() if k not in ("_from_model_config", "transformers_version")}
+    config["eos_token_id"] = generation_eos(tokenizer, template)["eos_token_id"]
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    config.setdefault("pad_token_id", config["eos_token_id"][0] if pad is None else pad)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. Tokenisation
 # ---------------------------------------------------------------------------------------------------
@@ -198,14 +213,21 @@ class Example(NamedTuple):
 
 
 def load_tokenizer(model_dir):
-    """Read `model_dir/tokenizer.json` (the `tokenizers` library; no transformers needed)."""
+    """Read `model_dir/tokenizer.json` (the `tokenizers` library; no transformers needed), checked against
+    model_dir/config.json where there is one: a token id past its vocab_size would have no embedding row (an
+    IndexError deep in a forward otherwise; model.check_vocab)."""
     from tokenizers import Tokenizer
+
+    from model import Qwen2Config, check_vocab  # here: model.py is only needed for a checkpoint's tokenizer
 
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --tokenizer / the model directory must hold the "
                                 "checkpoint's tokenizer.json")
-    return Tokenizer.from_file(path)
+    tokenizer = Tokenizer.from_file(path)
+    if os.path.isfile(config := os.path.join(model_dir, "config.json")):
+        check_vocab(Qwen2Config.from_json(config), tokenizer, where=path)
+    return tokenizer
 
 
 def special_token_id(tokenizer, token: str) -> int:
@@ -913,25 +935,6 @@ def _write_together(paths: list, fill) -> None:
     nest(list(paths), [])
 
 
-class Progress:
-    """A line on stderr every `every` seconds: rows, generations/s and the ETA from the bytes read."""
-
-    def __init__(self, path, log, every: float = 10.0):
-        self.path, self.log, self.every = path, log, every
-        self.total = max(os.path.getsize(path), 1)
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, done: int, counts, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.log is None or (now - self.last < self.every and not final):
-            return
-        self.last, elapsed = now, max(now - self.start, 1e-9)
-        eta = elapsed * (self.total - done) / max(done, 1)
-        self.log(f"{counts['rows']:,} rows ({100 * done / self.total:.1f}% of {self.path}), "
-                 f"{counts['generations_read']:,} generations, {counts['generations_read'] / elapsed:,.0f} "
-                 f"generations/s, elapsed {common.format_seconds(elapsed)}, ETA {common.format_seconds(eta)}")
-
-
 # The report's counts, in the authors' order, with what their scripts print for each (clean_base_shuffled.py,
 # clean_base_shuffled_dpo.py, study_length_distribution.py); the rest are this build's own.
 REPORT_COUNTS = {
@@ -974,8 +977,14 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
                       max_response_tokens, tokenizer, LengthBound(tokenizer) if tokenizer is not None else None,
                       Decontaminator(decontaminate, ngram) if decontaminate else None, remove_contaminated)
     os.makedirs(out_dir, exist_ok=True)
-    counts, contaminated, progress = collections.Counter(), [], Progress(raw_path, log)
+    counts, contaminated, progress = collections.Counter(), [], common.Progress(max(os.path.getsize(raw_path), 1))
     names = ("sft", "pairs", "groups")
+
+    def report_progress(done: int, final: bool = False) -> None:  # done: bytes of raw_path read
+        if log is not None and progress.due(done, final):
+            log(f"{counts['rows']:,} rows ({100 * done / progress.total:.1f}% of {raw_path}), "
+                f"{counts['generations_read']:,} generations, {counts['generations_read'] / progress.elapsed():,.0f}"
+                f" generations/s, elapsed {common.format_seconds(progress.elapsed())}, ETA {progress.eta(done)}")
 
     def fill(files):
         done = 0
@@ -984,10 +993,10 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
             contaminated.extend(chunk_contaminated)
             for f, text in zip(files, texts):
                 f.write(text)
-            progress(done, counts)
+            report_progress(done)
         if counts["rows"] == 0:
             raise InputError(f"{raw_path}: no rows")
-        progress(done, counts, final=True)
+        report_progress(done, final=True)
 
     _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in names], fill)
     report = {key: counts[key] for key in REPORT_COUNTS}
@@ -1081,13 +1090,23 @@ def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
     return [indices[i:i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
 
 
+def rank_micro_batches(batch_indices: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+    """This rank's share of a global batch (shard) in micro-batches, padded with empty ones so that every
+    rank runs as many forward/backward passes (FSDP all-gathers in each forward; DDP's one synchronising
+    backward must be the same micro-step everywhere)."""
+    num_micro = math.ceil(math.ceil(len(batch_indices) / world_size) / micro_batch_size)
+    mine = micro_batches(shard(batch_indices, rank, world_size), micro_batch_size)
+    return mine + [[]] * (num_micro - len(mine))
+
+
 def iterate_batches(num_examples: int, global_batch_size: int, seed: int, num_epochs: int,
-                    start_step: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-    """Yield (step, epoch, batch_indices) for steps start_step, start_step+1, ... over num_epochs epochs.
-    Steps count across epochs; resuming from step k recomputes the same batches and skips the first k."""
+                    start_step: int = 0, stop_step: float = math.inf) -> Iterator[tuple[int, int, list[int]]]:
+    """Yield (step, epoch, batch_indices) for steps start_step, start_step+1, ... over num_epochs epochs, and
+    before stop_step. Steps count across epochs; resuming from step k recomputes the same batches and skips
+    the first k."""
     steps_per_epoch = math.ceil(num_examples / global_batch_size)
     batches, batches_epoch = None, None
-    for step in range(start_step, steps_per_epoch * num_epochs):
+    for step in range(start_step, min(steps_per_epoch * num_epochs, stop_step)):
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches, batches_epoch = global_batches(num_examples, global_batch_size, seed, epoch), epoch

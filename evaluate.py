@@ -23,8 +23,6 @@ import contextlib
 import json
 import math
 import os
-import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -35,7 +33,7 @@ import common
 import data
 import verify
 from common import InputError
-from model import Qwen2, Qwen2Config, check_vocab, checkpoint_files
+from model import DTYPES, Qwen2, checkpoint_files
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Sampling
@@ -173,18 +171,6 @@ class Finished:
     finish_reason: str
 
 
-def compiled_decode_step(model):
-    """model.decode_step through torch.compile, made once per model. dynamic=False: one graph per (slots,
-    kv_len), both kept to powers of two by the sampler, so a 32k-token run compiles a few dozen graphs at
-    most (hence the raised recompile limit; past it dynamo would silently run eager). On CUDA,
-    mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of hundreds."""
-    if getattr(model, "_compiled_decode_step", None) is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        mode = "reduce-overhead" if model.embed.weight.is_cuda else None
-        model._compiled_decode_step = torch.compile(model.decode_step, mode=mode, dynamic=False, fullgraph=True)
-    return model._compiled_decode_step
-
-
 @dataclass
 class Slot:
     """One row of the KV cache and the sample it is drawing."""
@@ -214,7 +200,7 @@ class ContinuousBatch:
         self.device, self.compiled = model.embed.weight.device, compile
         self.waiting = deque((i, list(r.samples)) for i, r in enumerate(requests) if r.samples)
         self.slots, self.head_logits = [Slot() for _ in range(num_slots)], None
-        self.decode = compiled_decode_step(model) if compile else model.decode_step
+        self.decode = model.compiled_decode_step() if compile else model.decode_step
 
     def record(self, logits, slots: list[Slot]) -> Iterator[Finished]:
         """Sample each busy slot's next token from its logits row; yield the samples that end there (their
@@ -454,26 +440,25 @@ def run_fingerprint(args, dtype: torch.dtype) -> dict:
             **{k: getattr(args, k) for k in keys}, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def sample_row(problem: data.Problem, sample: int, prompt_text: str, tokens: list[int], finish_reason: str, tokenizer,
-               strict_think: bool) -> dict:
+def sample_row(problem: data.Problem, prompt_text: str, done: Finished, tokenizer, strict_think: bool) -> dict:
     """One line of samples.jsonl. The completion is the decoded new tokens without the final stop token
     (special tokens such as </think> kept): the generated text only, so under a template that ends the prompt
     with `<think>\\n` it starts after it. strict_think: no `</think>`, no answer (rllm's rule). num_tokens
     counts every new token, the stop token included."""
-    completion = tokenizer.decode(tokens[:-1] if finish_reason == "stop" else tokens, skip_special_tokens=False)
-    return {"id": problem.id, "sample": sample, "prompt": prompt_text, "completion": completion,
+    tokens = done.tokens[:-1] if done.finish_reason == "stop" else done.tokens
+    completion = tokenizer.decode(tokens, skip_special_tokens=False)
+    return {"id": problem.id, "sample": done.sample, "prompt": prompt_text, "completion": completion,
             "answer": verify.extract_answer(completion, require_think_close=strict_think), "gold": problem.answer,
             "correct": verify.grade(completion, problem.answer, require_think_close=strict_think),
-            "num_tokens": len(tokens), "finish_reason": finish_reason}
+            "num_tokens": len(done.tokens), "finish_reason": done.finish_reason}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. CLI
 
 # Settings bundles (see the module docstring); a flag given on the command line overrides its protocol's value.
-#   default  Qwen2.5-Math's chat template, lenient grading, the standard error with the sample s.d. (ddof 1).
-#   redi     data.py's `redi` template (the authors' system prompt, Open-R1's math query, `<think>` forced by the
-#            generation prompt), strict grading, rllm's std(ddof 0) (rllm/verl/verl/trainer/main_generation.py:207-208).
+# default: Qwen2.5-Math's chat template, lenient grading, the sample s.d. (ddof 1) in the standard error; redi:
+# as the paper (module docstring), rllm's std(ddof 0) (rllm/verl/verl/trainer/main_generation.py:207-208).
 SAMPLING = {"num_samples": 16, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768}  # the paper's
 PROTOCOLS = {"default": {"template": "qwen", "strict_think": False, "stderr_ddof": 1, **SAMPLING},
              "redi": {"template": "redi", "strict_think": True, "stderr_ddof": 0, **SAMPLING}}
@@ -518,15 +503,11 @@ def parse_args(argv=None):
 
 
 def load_tokenizer(checkpoint):
-    """The checkpoint's tokenizer, checked against its config: a token id past vocab_size would have no
-    embedding row (an IndexError deep in the model otherwise)."""
+    """The checkpoint's tokenizer, checked against its config (data.load_tokenizer)."""
     if not os.path.isdir(checkpoint):
         raise InputError(f"{checkpoint}: no such checkpoint directory; pass one holding config.json, "
                          "*.safetensors and tokenizer.json")
-    config = Qwen2Config.from_json(os.path.join(checkpoint, "config.json"))  # an InputError if bad
-    tokenizer = data.load_tokenizer(checkpoint)
-    check_vocab(config, tokenizer, where=os.path.join(checkpoint, "tokenizer.json"))
-    return tokenizer
+    return data.load_tokenizer(checkpoint)
 
 
 def make_requests(args, mine: list[data.Problem], done: set, tokenizer, template) -> tuple[list[Request], list]:
@@ -551,32 +532,25 @@ def make_requests(args, mine: list[data.Problem], done: set, tokenizer, template
     return requests, sources
 
 
-def log(d: common.Dist, message: str) -> None:
-    print(f"[rank {d.rank}] {message}" if d.world_size > 1 else message, file=sys.stderr, flush=True)
-
-
 def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None:
     """Sample this rank's requests, appending each finished sample to its own samples file at once; every 10 s
     a line with the samples done, new tokens per second and the estimated time left."""
     if not requests:
         return
     compile_decode = model.embed.weight.is_cuda if args.compile is None else args.compile
-    total, count, tokens, start = sum(len(r.samples) for r in requests), 0, 0, time.time()
-    last = start
+    total, count, tokens = sum(len(r.samples) for r in requests), 0, 0
+    progress = common.Progress(total)
     with common.open_shard(args.out, "samples", d) as f:  # samples.jsonl, or samples.rankR.jsonl under torchrun
         for done in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids, seed=args.seed,
                                    batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode):
-            problem, prompt_text = sources[done.request]
-            row = sample_row(problem, done.sample, prompt_text, done.tokens, done.finish_reason, tokenizer,
-                             args.strict_think)
+            row = sample_row(*sources[done.request], done, tokenizer, args.strict_think)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-            count, tokens, now = count + 1, tokens + len(done.tokens), time.time()
-            if now - last >= 10 or count == total:
-                last, elapsed = now, max(now - start, 1e-9)
-                log(d, f"samples {count}/{total} | {tokens / elapsed:.1f} tok/s | ETA "
-                    f"{common.format_seconds((total - count) * elapsed / count)}")
+            count, tokens = count + 1, tokens + len(done.tokens)
+            if progress.due(count):
+                common.log(d, f"samples {count}/{total} | {tokens / progress.elapsed():.1f} tok/s | ETA "
+                           f"{progress.eta(count)}")
 
 
 def main(argv=None) -> dict | None:
@@ -589,8 +563,7 @@ def main(argv=None) -> dict | None:
     stop_ids = template.stop_ids(tokenizer)
     d = common.init_distributed(backend="gloo", timeout_s=7 * 24 * 3600)  # shards finish at different times
     device = f"cuda:{d.local_rank}" if args.device == "cuda" else args.device or str(d.device)  # a GPU per rank
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     summary = None
     # One run owns --out: rank 0 holds the lock for the whole run; the other ranks start once it has it.
     with common.OutputLock(args.out, "evaluate.py") if d.is_main else contextlib.nullcontext():
@@ -603,7 +576,7 @@ def main(argv=None) -> dict | None:
         requests, sources = make_requests(args, mine, {(r["id"], r["sample"]) for r in done_rows}, tokenizer,
                                           template)
         num_todo = sum(len(r.samples) for r in requests)
-        log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo} "
+        common.log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo} "
             f"already in {args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) of an "
             "interrupted run (those samples are redone)" if partial else ""))
         model = Qwen2.from_pretrained(args.checkpoint, dtype, device) if requests else None  # NaN/inf refused

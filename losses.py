@@ -25,7 +25,8 @@ means instead weights a token in a short micro-batch more than one in a long mic
 gradient-accumulation normalisation bug.)
 
 The log-probs come from `token_logps`, which never holds the [tokens, vocabulary] logits tensor whole: at
-16k tokens × 151,936 vocabulary that tensor is 10 GB in fp32, and its gradient another 10 GB.
+16k tokens × 151,936 vocabulary that tensor is 10 GB in fp32, and its gradient another 10 GB. SequenceLogps
+turns a model's packed row into the per-sequence sums and counts the objectives take.
 """
 
 import torch
@@ -225,6 +226,22 @@ def sequence_logps(token_logps, targets, document_ids, num_sequences, ignore_ind
     lengths = torch.zeros(num_sequences, dtype=torch.long, device=documents.device).index_add(
         0, documents, valid.long())
     return sum_logps, lengths
+
+
+class SequenceLogps(torch.nn.Module):
+    """A model, seen as: packed row (data.pack) -> (sum_logps [S], lengths [S]) of its S sequences, what
+    every objective below takes. The output projection runs here, inside the module a trainer wraps in DDP or
+    FSDP, so that their gradient hooks and all-gathers cover it; token_logps computes it chunk by chunk."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # a model.Qwen2: forward(..., return_hidden=True) and lm_head_weight
+
+    def forward(self, batch: dict):
+        hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"],
+                            document_ids=batch["document_ids"], return_hidden=True)
+        logps = token_logps(hidden, self.model.lm_head_weight, batch["targets"])
+        return sequence_logps(logps, batch["targets"], batch["document_ids"], batch["num_sequences"])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ from common import InputError, atomic_write, write_json
 # ----------------------------------------------------------------------------------------------------------
 # 1. Config
 
+# The dtype names config.json and the command lines use.
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32,
+          "float32": torch.float32}
+
 
 class CheckpointError(InputError):
     """A checkpoint or config this implementation cannot load faithfully, or a damaged file: the message names
@@ -129,6 +133,11 @@ class Qwen2Config:
         if dtype is not None:
             out["torch_dtype"] = out["dtype"] = str(dtype).removeprefix("torch.")
         return out
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype config.json says the weights are stored in (bf16 for Qwen2.5-Math); fp32 if unsaid."""
+        return DTYPES.get(self.extra.get("dtype") or self.extra.get("torch_dtype"), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,11 +443,23 @@ class Qwen2(nn.Module):
             x = block(x, cos, sin, mask, cache_slots=slots, cache_positions=positions[:, None], kv_len=kv_len)
         return F.linear(self.norm(x[:, 0]), self.lm_head_weight)
 
+    def compiled_decode_step(self):
+        """decode_step through torch.compile, made once per model. dynamic=False: one graph per (slots,
+        kv_len), both kept to powers of two by the sampler, so a 32k-token run compiles a few dozen graphs at
+        most (hence the raised recompile limit; past it dynamo would silently run eager). On CUDA,
+        mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of hundreds."""
+        if getattr(self, "_compiled_decode_step", None) is None:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            mode = "reduce-overhead" if self.embed.weight.is_cuda else None
+            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, dynamic=False, fullgraph=True)
+        return self._compiled_decode_step
+
     # --- checkpoints (section 4) ---
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Qwen2":
-        return load_pretrained(cls, path, dtype, device)
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **config_overrides) -> "Qwen2":
+        """config_overrides: config.json fields to replace for this model (and in every config.json it saves)."""
+        return load_pretrained(cls, path, dtype, device, config_overrides)
 
     def save_pretrained(self, path, generation_config: dict | None = None, dtype: torch.dtype | None = None,
                         eos_token: str | None = None, max_shard_bytes: int = 5 * 2**30):
@@ -541,13 +562,15 @@ def read_safetensors(file, state: dict, dtype, device) -> list[str]:
     return unexpected
 
 
-def load_pretrained(cls, path, dtype, device) -> Qwen2:
+def load_pretrained(cls, path, dtype, device, config_overrides=None) -> Qwen2:
     """Build the model on the meta device (no memory), read every tensor straight from safetensors onto
     `device` in `dtype`, check names and shapes strictly, then load with assign=True so the read tensors
     become the parameters: the weights exist once, never twice."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")
     config = Qwen2Config.from_json(os.path.join(path, "config.json"))
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     files = checkpoint_files(path)
 
     state, unexpected = {}, []

@@ -11,11 +11,11 @@ examples go into which forward pass and how the sum over the global batch is nor
   1. Arguments      flags, or a --config JSON of the same keys (recipes/); per-stage defaults from the paper.
   2. Data           tokenised examples; which examples each rank and micro-step sees.
   3. Model          the model wrapped so the output projection runs inside DDP/FSDP's forward; AdamW.
-  4. The step       micro-batches, one gradient-synchronising backward, clip, the lr of the step.
+  4. The step       micro-batches, one gradient-synchronising backward, the lr of the step.
   5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     what a resume must match; common.prepare_run_dir: what OUT may already hold.
-  7. Main           setup, then the loop: logging, checkpoints, the final model.
+  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model.
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
 ranks, all micro-steps): loss tokens for sft, pairs for redi/dpo/simpo, completions for weighted. Each
@@ -40,7 +40,7 @@ import data
 import losses
 from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, checked, on_main_rank,
                     print0)
-from model import CheckpointError, Qwen2, Qwen2Config, check_vocab, checkpoint_files
+from model import DTYPES, CheckpointError, Qwen2, Qwen2Config, checkpoint_files
 
 STAGE_FORMATS = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "weighted": "groups"}
 FORMAT_NAMES = {"sft": "SFT (messages or prompt/completion)", "pairs": "preference (prompt/chosen/rejected)",
@@ -52,8 +52,6 @@ STAGE2 = dict(batch_size=32, epochs=1)
 STAGE_DEFAULTS = {"sft": dict(lr=5e-5, batch_size=128, epochs=5), "redi": dict(STAGE2, lr=1e-6),
                   "dpo": dict(STAGE2, lr=2e-7, beta=0.001), "simpo": dict(STAGE2, lr=5e-7, beta=2.0),
                   "weighted": dict(STAGE2, lr=1e-6)}
-# --save-dtype values, and the dtype names a config.json declares.
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp32": torch.float32}
 TRAINER_STATE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
@@ -162,9 +160,7 @@ def check_inputs(args):
         raise InputError(f"--data {args.data} holds {FORMAT_NAMES[found]} rows, but --stage {args.stage} needs "
                          f"{FORMAT_NAMES[needed]} rows: {data.FORMATS[needed]} (this file suits --stage "
                          + " / ".join(s for s, f in STAGE_FORMATS.items() if f == found) + ")")
-    tokenizer = data.load_tokenizer(args.model)
-    check_vocab(Qwen2Config.from_json(os.path.join(args.model, "config.json")), tokenizer,
-                where=f"--model {args.model}: tokenizer.json")  # an id past the embedding: IndexError otherwise
+    tokenizer = data.load_tokenizer(args.model)  # checked to fit the model's embedding
     data.check_template_tokens(tokenizer, args.template)  # its error names --template
     return tokenizer
 
@@ -215,15 +211,6 @@ def load_dataset(args, tokenizer) -> Dataset:
     return Dataset(args.stage, items, loss_tokens, [[len(e.input_ids) for e in ex] for ex in examples], weights)
 
 
-def rank_micro_batches(batch: list[int], d: common.Dist, micro_batch_size: int) -> list[list[int]]:
-    """This rank's share of a global batch (data.shard: batch[rank::world]) in micro-batches, padded with
-    empty ones so that every rank runs as many forward/backward passes (FSDP all-gathers in each forward;
-    DDP's one synchronising backward must be the same micro-step everywhere)."""
-    num_micro = math.ceil(math.ceil(len(batch) / d.world_size) / micro_batch_size)
-    mine = data.micro_batches(data.shard(batch, d.rank, d.world_size), micro_batch_size)
-    return mine + [[]] * (num_micro - len(mine))
-
-
 def pack_items(dataset: Dataset, indices: list[int], device) -> dict:
     """One padding-free row holding every sequence of these items (chosen and rejected, or a group's
     completions, side by side) and what the loss needs, on the device: pinned memory and non_blocking
@@ -242,35 +229,23 @@ def pack_items(dataset: Dataset, indices: list[int], device) -> dict:
 # 3. Model and optimizer
 
 
-class SequenceLogps(nn.Module):
-    """packed row -> (logπ(y_s|x_s) summed over each sequence's loss tokens [S], loss tokens per sequence [S]).
-    The output projection runs here, inside the module DDP or FSDP wraps, so that their gradient hooks and
-    all-gathers cover it; losses.token_logps computes it in chunks, never holding [tokens, vocab] logits."""
-
-    def __init__(self, model: Qwen2):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict):
-        hidden = self.model(batch["input_ids"], position_ids=batch["position_ids"],
-                            document_ids=batch["document_ids"], return_hidden=True)
-        token_logps = losses.token_logps(hidden, self.model.lm_head_weight, batch["targets"])
-        return losses.sequence_logps(token_logps, batch["targets"], batch["document_ids"], batch["num_sequences"])
-
-
 def load_model(args, d: common.Dist) -> Qwen2:
     """fp32 master weights, with --rope-theta / --max-position-embeddings set in the config (the forward reads
     them; every saved config.json carries them). FSDP loads on the CPU; fully_shard moves each shard."""
+    overrides = {k: getattr(args, k) for k in ("rope_theta", "max_position_embeddings") if getattr(args, k)}
     try:
-        model = Qwen2.from_pretrained(args.resume or args.model, torch.float32, "cpu" if args.fsdp else d.device)
+        return Qwen2.from_pretrained(args.resume or args.model, torch.float32, "cpu" if args.fsdp else d.device,
+                                     **overrides)
     except CheckpointError as e:
         if not args.resume:
             raise
         raise common.damaged_checkpoint(args.resume, str(e)) from None
-    for key in ("rope_theta", "max_position_embeddings"):
-        if getattr(args, key) is not None:
-            setattr(model.config, key, getattr(args, key))
-    return model
+
+
+def save_dtype(args) -> torch.dtype:
+    """--save-dtype; auto: the dtype --model's config.json declares (bf16 for Qwen2.5-Math and the paper's
+    outputs; a resumed step-N stores fp32), so that a bf16 model stays bf16 for vLLM and dtype="auto"."""
+    return DTYPES.get(args.save_dtype) or Qwen2Config.from_json(os.path.join(args.model, "config.json")).stored_dtype
 
 
 def wrap_model(model: Qwen2, args, d: common.Dist) -> nn.Module:
@@ -281,7 +256,7 @@ def wrap_model(model: Qwen2, args, d: common.Dist) -> nn.Module:
     if args.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names, and so checkpoints, are unchanged
-    module = SequenceLogps(model)
+    module = losses.SequenceLogps(model)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard  # imported here: ~1 s that --help and CLI errors skip
 
@@ -351,7 +326,7 @@ def train_step(run, batch_indices: list[int]):
     nothing here waits for the GPU (no .item()), and there is one all-reduce per step."""
     args, dataset, d = run.args, run.dataset, run.d
     normalizer = dataset.normalizer(batch_indices)
-    micro = rank_micro_batches(batch_indices, d, args.micro_batch_size)
+    micro = data.rank_micro_batches(batch_indices, d.rank, d.world_size, args.micro_batch_size)
     ddp = isinstance(run.logps_model, nn.parallel.DistributedDataParallel)
     stats = 0.0
     for m, indices in enumerate(micro):
@@ -371,13 +346,6 @@ def train_step(run, batch_indices: list[int]):
     return stats, list(metrics)
 
 
-def clip_gradients(logps_model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradient (after its all-reduce), clipped to max_norm when > 0. With FSDP the
-    norm of the sharded gradients is reduced over ranks by clip_grad_norm_ itself (a DTensor)."""
-    norm = torch.nn.utils.clip_grad_norm_(logps_model.parameters(), max_norm if max_norm > 0 else math.inf)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 5. DPO reference log-probs
 
@@ -387,8 +355,10 @@ def compute_ref_logps(run) -> torch.Tensor:
     """logπ_ref(chosen), logπ_ref(rejected) of every pair under the starting weights, with the training
     forward itself (packed rows, same dtype), so that at step 0 policy and reference agree to rounding.
     Pairs are spread over ranks; each fills its rows and a sum all-reduce assembles the table."""
+    print0(f"dpo: computing reference log-probs of {len(run.dataset)} pairs with {run.args.model}")
     table = torch.zeros(len(run.dataset), 2, device=run.d.device)
-    for indices in rank_micro_batches(list(range(len(run.dataset))), run.d, run.args.micro_batch_size):
+    for indices in data.rank_micro_batches(list(range(len(run.dataset))), run.d.rank, run.d.world_size,
+                                               run.args.micro_batch_size):
         batch = pack_items(run.dataset, indices or [0], run.d.device)
         with run.autocast():
             sum_logps, _ = run.logps_model(batch)
@@ -399,53 +369,21 @@ def compute_ref_logps(run) -> torch.Tensor:
 
 
 def reference_logps(run) -> torch.Tensor:
-    """Reuse the cache when its fingerprint (sha256 of model and data files, and the settings) matches; else
-    compute the table and write it. A resume never recomputes (its weights are no longer the reference's): a
-    missing, damaged or stale cache is an error there."""
-    args, d = run.args, run.d
-    path = args.ref_cache or args.data + ".ref_logps.safetensors"
+    """The table from its cache when the cache's fingerprint (sha256 of model and data files, and the
+    settings) matches; else computed and cached. A resume never recomputes (its weights are no longer the
+    reference's): a missing, damaged or stale cache is an error there."""
+    args = run.args
     fingerprint = json.dumps(dict(run.fingerprints, template=args.template, max_length=args.max_length,
                                   dtype=args.dtype, num_pairs=len(run.dataset)), sort_keys=True)
-    cached = common.read_tensor_cache(path, "ref_logps", fingerprint, (len(run.dataset), 2), d)
-    if cached is not None:
-        print0(f"dpo: reusing reference log-probs from {path}")
-        return cached
-    if args.resume:
-        raise InputError(f"--resume: the DPO reference log-probs {path} are missing, damaged or were computed "
-                         "for another model, data or settings, and cannot be recomputed from a resumed model; "
-                         "restore that file (or pass it with --ref-cache), or start the run again")
-    if os.path.exists(path):
-        print0(f"dpo: {path} is damaged or was computed for another model, data or settings; recomputing it")
-    print0(f"dpo: computing reference log-probs of {len(run.dataset)} pairs with {args.model}")
-    table = compute_ref_logps(run)
-    common.write_tensor_cache(path, "ref_logps", table, fingerprint, d)
-    return table
+    refuse = ("they cannot be recomputed from a resumed model (--resume); restore that file (or pass it with "
+              "--ref-cache), or start the run again") if args.resume else None
+    return common.cached_tensor(args.ref_cache or args.data + ".ref_logps.safetensors", "ref_logps", fingerprint,
+                                (len(run.dataset), 2), run.d, lambda: compute_ref_logps(run),
+                                "reference log-probs", refuse)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 6. Checkpoints
-
-
-def generation_config(args, tokenizer) -> dict:
-    """The source checkpoint's generation_config.json with eos_token_id = every stop token of the template,
-    end of turn first, so transformers and vLLM stop where the trained model ends its answer."""
-    source, config = os.path.join(args.model, "generation_config.json"), {}
-    if os.path.exists(source):
-        with open(source, encoding="utf-8") as f:
-            config = json.load(f)
-    # "_from_model_config" would let transformers rebuild these settings from config.json's single EOS.
-    config = {k: v for k, v in config.items() if k not in ("_from_model_config", "transformers_version")}
-    config["eos_token_id"] = data.generation_eos(tokenizer, args.template)["eos_token_id"]
-    pad = tokenizer.token_to_id("<|endoftext|>")
-    config.setdefault("pad_token_id", config["eos_token_id"][0] if pad is None else pad)
-    return config
-
-
-def save_dtype(args) -> torch.dtype:
-    """--save-dtype; auto: the dtype --model's config.json declares (bf16 for Qwen2.5-Math and the paper's
-    outputs), so a bf16 model stays bf16 for vLLM and transformers' dtype="auto"."""
-    source = Qwen2Config.from_json(os.path.join(args.model, "config.json")).extra
-    return DTYPES.get(args.save_dtype) or DTYPES.get(source.get("dtype") or source.get("torch_dtype"), torch.float32)
 
 
 def full_model_for_saving(run) -> Qwen2 | None:
@@ -570,8 +508,9 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
     run = Run(args, d, dataset, model, logps_model, build_optimizer(logps_model, args, d), fingerprints,
-              generation_config(args, tokenizer), save_dtype(args), start_step, steps_per_epoch, total_steps,
-              warmup_steps_for(total_steps, args.warmup_ratio), args.peak_flops or common.peak_bf16_flops(d.device))
+              data.generation_config(args.model, tokenizer, args.template), save_dtype(args), start_step,
+              steps_per_epoch, total_steps, warmup_steps_for(total_steps, args.warmup_ratio),
+              args.peak_flops or common.peak_bf16_flops(d.device))
     print0(f"train: stage {args.stage}, {d.world_size} process(es) on {d.device.type}"
            f"{' with FSDP2' if args.fsdp else ''}, {args.dtype}, {model.num_params():,} parameters, "
            f"{len(dataset)} items, {total_steps} steps ({steps_per_epoch}/epoch), warmup {run.warmup_steps}, "
@@ -588,40 +527,38 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
 
 
 def log_step(run, step: int, batch_indices: list[int], values: list[float], names: list[str], lr: float,
-             seconds: float, eta: float) -> None:
+             seconds: float, eta: str) -> None:
     """One metrics.jsonl row (TRL's names) and one printed line. MFU counts the step's training FLOPs as
         6·N·T + 12·L·H·d·Σ_i n_i²      (T tokens in documents of n_i tokens; L layers, H heads of size d)
     6N per token for the matmuls forward and backward, plus attention scores and values over each document's
     context: PaLM's estimate (appendix B), as nanoGPT's estimate_mfu, not halved for causality."""
     docs = [n for i in batch_indices for n in run.dataset.doc_lengths[i]]
     tokens, loss, norm = sum(docs), values[0], values[-1]
-    per_token = run.model.flops_per_token(0)  # 6N; flops_per_token(n) adds 12·L·H·d·n for an n-token context
-    flops = per_token * tokens + (run.model.flops_per_token(1) - per_token) * sum(n * n for n in docs)
+    flops = sum(n * run.model.flops_per_token(n) for n in docs)  # flops_per_token(n) = 6N + 12·L·H·d·n
     mfu = flops / seconds / (run.peak_flops * run.d.world_size) if run.peak_flops else None
-    loss_tokens = sum(run.dataset.loss_tokens[i] for i in batch_indices)
     record = {"step": step, "epoch": step / run.steps_per_epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
-              "tokens": tokens, "loss_tokens": loss_tokens, "tokens_per_s": tokens / seconds, "mfu": mfu,
-              **dict(zip(names, values[1:-1]))}
+              "tokens": tokens, "loss_tokens": sum(run.dataset.loss_tokens[i] for i in batch_indices),
+              "tokens_per_s": tokens / seconds, "mfu": mfu, **dict(zip(names, values[1:-1]))}
     if run.d.is_main:
         with open(os.path.join(run.args.out, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         print(f"step {step}/{run.total_steps} | epoch {record['epoch']:.2f} | loss {loss:.4f} | lr {lr:.2e} | "
               f"grad {norm:.3f} | {tokens / seconds:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-              + f" | eta {common.format_seconds(eta)}", flush=True)
+              + f" | eta {eta}", flush=True)
 
 
 def train(run) -> None:
     """One global batch per step. The step's one host synchronisation reads the loss and the gradient norm,
     which must be finite before the optimizer applies them; the weights are checked before every save."""
     args = run.args
-    start = last = time.perf_counter()
+    progress, last = common.Progress(run.total_steps, done=run.start_step), time.perf_counter()
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,
-                                                       args.epochs, run.start_step):
-        if step >= run.total_steps:
-            break
+                                                       args.epochs, run.start_step, stop_step=run.total_steps):
         lr = learning_rate(step, run.total_steps, run.warmup_steps, args.lr)
         stats, names = train_step(run, batch_indices)
-        norm = clip_gradients(run.logps_model, args.grad_clip)
+        # Clip once, the global L2 norm of the summed gradient (under FSDP a DTensor, reduced over ranks).
+        norm = torch.nn.utils.clip_grad_norm_(run.logps_model.parameters(), args.grad_clip or math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         values = torch.cat([stats, norm.detach().float().view(1).to(stats.device)]).tolist()
         if not (math.isfinite(values[0]) and math.isfinite(values[-1])):
             raise NonFiniteLossError(f"step {step + 1}: the loss is {values[0]} and the gradient norm "
@@ -632,8 +569,7 @@ def train(run) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
-        eta = (now - start) / (step + 1 - run.start_step) * (run.total_steps - step - 1)
-        log_step(run, step + 1, batch_indices, values, names, lr, now - last, eta)
+        log_step(run, step + 1, batch_indices, values, names, lr, now - last, progress.eta(step + 1))
         last = now
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps:
             save_checkpoint(run, step + 1, final=False)

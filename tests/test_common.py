@@ -80,3 +80,15 @@ def test_importing_common_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import common; "
                            "print('torch' in sys.modules)", str(ROOT)], capture_output=True, text=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_progress_is_due_every_interval_and_once_at_the_end(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    progress = common.Progress(total=10, done=2, every=5)  # a resumed job: 2 of 10 units done before it
+    assert not progress.due(3)  # no time has passed
+    clock[0] = 106.0
+    assert progress.due(4) and not progress.due(5)  # 6 s passed: due, then not again before 5 s more
+    assert progress.eta(4) == "0:00:18"  # 2 units in 6 s, 6 units left
+    clock[0] = 107.0
+    assert progress.due(10) and not progress.due(10, final=True)  # the end, once

@@ -669,6 +669,7 @@ def test_final_model_keeps_the_source_dtype_and_no_optimizer_state(bf16_run):
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
             train.METRICS_FILE} <= set(os.listdir(out))
     resumed = bf16_run / "resumed"
+    assert {t.dtype for t in weights(resumed).values()} == {torch.bfloat16}  # --model's dtype, not step-2's fp32
     assert rel_diff(weights(resumed), weights(out)) <= 1e-5
     assert [r["step"] for r in metrics(resumed)] == [3, 4]
 
