@@ -73,6 +73,11 @@ Comparison policy
       (`a < x <= b`, `x > a`, `-x > -1`, `1 < 2x - 1 < 5`).
     * `x=5` matches `5` (an equation whose one side is a lone variable, or `2+3=5`, stands for its other
       side); two equations match up to swapping sides and a nonzero constant factor.
+    * Functions of numbers are their values: `\lfloor 7.6 \rfloor` is 7, `\gcd(42, 56)` 14, `\max(3, 11)`
+      11 (gcd and lcm of integers, max and min of real numbers; of variables these four stay text). A
+      trig function's argument in degrees is converted: `\sin 30^\circ` is 1/2, never sin(30 radians).
+    * Ordinal suffixes and scale words after a number are read: `12^{\text{th}}` and `12th` are 12,
+      `3.2 million` is 3200000 (thousand, million, billion, trillion).
     * Units and annotations (`\text{ cm}`, inches, degrees, `^\circ`, `\$`) are dropped. `50\%` equals
       `50` and also `0.5`. A base subscript `52_8` equals `52_8`, `52_{8}` or `52`, not 42.
     * Text answers compare case-insensitively with whitespace collapsed; multiple-choice letters
@@ -105,9 +110,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import mpmath
-from sympy import (Abs, Add, E, I, Integer, Limit, Mod, Mul, Pow, Product, Rational, Sum, Symbol, acos,
-                   acosh, acot, asin, asinh, atan, atanh, binomial, cos, cosh, cot, csc, exp, expand,
-                   factorial, gamma, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
+from sympy import (Abs, Add, E, I, Integer, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
+                   acos, acosh, acot, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
+                   expand, factorial, floor, gamma, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
@@ -363,18 +368,28 @@ def _bare_answer(text: str) -> str | None:
 _UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
             "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
             "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
-            "\u00a0": " ", "\u2044": "/"}
+            "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⌈": r"\lceil ", "⌉": r"\rceil ", "\u00a0": " ", "\u2044": "/"}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _SCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻₀₁₂₃₄₅₆₇₈₉₊₋", "0123456789+-0123456789+-")
 _SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+")
 _SUBSCRIPT_RE = re.compile("[₀₁₂₃₄₅₆₇₈₉₊₋]+")
 _VULGAR_FRACTION_RE = re.compile("[\u00bc-\u00be\u2150-\u215e]")           # ¼ ½ ¾ ⅓ ... ⅞
+# An ordinal suffix after a digit, in any spelling: 12th, 12^{th}, 12^\text{th}, 12^{\mathrm{th}}.
+_ORDINAL_RE = re.compile(r"(?<=\d)(?:\s*\^\s*(?:\{\s*)?(?:\\(?:text|textrm|mathrm|rm)\s*\{?\s*)?(?:st|nd|rd|th)"
+                         r"(?:\s*\})*|(?:st|nd|rd|th)(?![A-Za-z]))")
+_SCALE_WORDS = {"thousand": 3, "million": 6, "billion": 9, "trillion": 12}
+_SCALE_WORD_RE = re.compile(r"(?<=\d)\s*(?:\\text\s*\{\s*)?(thousand|million|billion|trillion)(?![A-Za-z])(?:\s*\})?",
+                            re.IGNORECASE)
 _REWRITES = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:left|right|[bB]igg?[lr]?|middle)(?![A-Za-z])\s*\.?|\\(?:no)?limits(?![A-Za-z])"), ""),
     (re.compile(r"(?<=\d)\s*\{\s*,\s*\}\s*(?=\d)"), ""),             # 10{,}080, 14 {, }916
     (re.compile(r"(?<=\d),\\!\s*(?=\d)"), ""),                     # 10,\!080
     (re.compile(r"(?<!\\)\\[,:;! ]|\\q?quad|~|\\(?:display|text|script)style(?![A-Za-z])"), " "),
     (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])|\\circ(?![A-Za-z])"), r" \\degree "),
+    (_ORDINAL_RE, ""),                                             # 12^{\text{th}}, 12^\mathrm{th}, 2nd: 12, 2
+    (_SCALE_WORD_RE, lambda m: r" \times 10^{%d} " % _SCALE_WORDS[m.group(1).lower()]),   # 3.2 million
+    (re.compile(r"\\l(floor|ceil)(?![A-Za-z])"), r" \\\1("),        # \lfloor x \rfloor: the function \floor(x)
+    (re.compile(r"\\r(?:floor|ceil)(?![A-Za-z])"), ") "),
     (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
     (re.compile(r"\\[dt]binom(?![A-Za-z])"), r"\\binom"),
     (re.compile(r"\\(?:textbf|textit|textrm|textnormal|textup|textsf|mbox|hbox)(?![A-Za-z])"), r"\\text"),
@@ -546,7 +561,9 @@ _GREEK = frozenset("""alpha beta gamma delta epsilon varepsilon zeta eta theta v
     Sigma Upsilon Phi Psi Omega ell""".split())
 _FUNCS = {"sin": sin, "cos": cos, "tan": tan, "cot": cot, "sec": sec, "csc": csc, "arcsin": asin,
           "arccos": acos, "arctan": atan, "arccot": acot, "sinh": sinh, "cosh": cosh, "tanh": tanh,
-          "exp": exp, "ln": log, "log": log, "lg": log, "sqrt": sqrt}
+          "exp": exp, "ln": log, "log": log, "lg": log, "sqrt": sqrt, "floor": floor, "ceil": ceiling}
+_TRIG = frozenset({"sin", "cos", "tan", "cot", "sec", "csc"})    # an argument in degrees is converted
+_MULTI_FUNCS = frozenset({"gcd", "lcm", "max", "min"})         # f(a, b, ...), computed for numbers only
 _INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "cot": "arccot"}
 _COMMANDS = {  # LaTeX command -> token
     "cdot": ("op", "*"), "times": ("op", "*"), "ast": ("op", "*"), "div": ("op", "/"),
@@ -577,7 +594,7 @@ _CLOSERS = {")", "]", "}"}
 
 def _letter_tokens(run: str, space: bool) -> list[_Tok]:
     """A run of plain letters: a function name, pi, a unit, "and"/"or", or single-letter variables."""
-    if run in _FUNCS:
+    if run in _FUNCS or run in ("gcd", "lcm", "max"):               # not "min": also minutes
         return [_Tok("func", run, space)]
     if run == "pi":
         return [_Tok("const", "pi", space)]
@@ -651,13 +668,15 @@ def _command_token(s: str, name: str, pos: int, space: bool, toks: list[_Tok]) -
             toks.append(_Tok("sep", content.lower(), space))
         elif content and not re.search(r"[A-Za-z\\]", content):   # \text{(113)}: math after all
             toks.extend(_tokenize(content))
+        elif content in _MULTI_FUNCS or content in _FUNCS:           # \text{lcm}(8, 12)
+            toks.append(_Tok("func", content, space))
         elif content:
             toks.append(_Tok("text", content, space))
         return close + 1
     if name in _COMMANDS:
         kind, text = _COMMANDS[name]
         toks.append(_Tok(kind, text, space))
-    elif name in _FUNCS:
+    elif name in _FUNCS or name in _MULTI_FUNCS:
         toks.append(_Tok("func", name, space))
     elif name in _GREEK:
         toks.append(_Tok("id", name, space))
@@ -1467,8 +1486,20 @@ class _Parser:
             raise _ParseError("ragged or oversized matrix")
         return _determinant(rows) if env == "vmatrix" else MatrixV(tuple(rows))
 
+    def multi_function(self, name: str) -> Num:
+        """\\gcd(a, b), \\max(a, b, c), ...: a parenthesised argument list."""
+        if not self.at("op", "("):
+            raise _ParseError(f"{name} without an argument list")
+        self.take()
+        close = _find_close(self.toks, self.i - 1)
+        args = self.sub_items(self.i, close)
+        self.i = close + 1
+        return _multi_function(name, args)
+
     def function(self, name: str) -> Num:
-        """\\sin x, \\sin(x), \\sin^2 x, \\sin^{-1} x, \\log_2 8, \\ln x."""
+        """\\sin x, \\sin(x), \\sin^2 x, \\sin^{-1} x, \\log_2 8, \\ln x; \\sin 30^\\circ in degrees."""
+        if name in _MULTI_FUNCS:
+            return self.multi_function(name)
         power = base = None
         if self.at("op", "^"):
             self.take()
@@ -1478,6 +1509,7 @@ class _Parser:
             base = self.script()
         elif name == "lg":
             base = Num(Integer(10))
+        start = self.i
         if self.at("op", "("):
             self.take()
             arg = self.bracket()
@@ -1485,10 +1517,28 @@ class _Parser:
             arg = self.power()
             while (t := self.peek()) is not None and t.kind in ("num", "id", "const"):
                 arg = _mul(arg, self.power())
+        if name in _TRIG and any(t.kind == "deg" for t in self.toks[start:self.i]):   # sin 30° = sin(π/6)
+            arg = _mul(arg, _div(Num(pi), Num(Integer(180))))
         if power is not None and power.expr == -1 and name in _INVERSE:
             return _apply(_INVERSE[name], arg)
         value = _apply(name, arg, base)
         return _pow(value, power) if power is not None else value
+
+
+def _multi_function(name: str, args: list) -> Num:
+    """gcd / lcm of integers, max / min of real numbers; anything else (a variable, a frozen giant) is
+    left to the string comparison: sympy's symbolic forms of these are slow and rarely the answer."""
+    _need_num(*args)
+    if any(a.frozen or a.digits > MAX_NUMERIC_DIGITS or a.expr.free_symbols for a in args):
+        raise _ParseError(f"{name} of non-numbers")
+    if name in ("gcd", "lcm"):
+        if not all(a.expr.is_Integer for a in args):
+            raise _ParseError(f"{name} of non-integers")
+        value = (math.gcd if name == "gcd" else math.lcm)(*(int(a.expr) for a in args))
+        return _num(Integer(value), *args)
+    if not all(a.expr.is_extended_real for a in args):
+        raise _ParseError(f"{name} of non-real numbers")
+    return _num((Max if name == "max" else Min)(*(a.expr for a in args)), *args)
 
 
 def _lone_symbol(v) -> bool:

@@ -386,8 +386,27 @@ LIST_SPELLINGS = [  # NeMo-Skills tests/test_math_equal.py, MARIO_EVAL test_is_e
     ("35 pct", "0.35", True), ("g(t) = t^2 - 1", "y = t^2 - 1", True), ("212\\\\", "212", True), ("3, 3, 5", "5, 3", True),
     ("4, 9, and 16", "4, 9", False), ("g(t) = t^2 - 1", "y = t^2 + 1", False), ("35 pct", "0.53", False),
 ]
+DEGREES_IN_TRIG = [  # MARIO_EVAL tests/test_is_equiv.py (trigonometric), Qwen2.5-Math grader: degrees inside trig
+    (r"\cos 60^\circ", r"\frac{1}{2}", True), (r"\tan 45^{\circ}", "1", True), (r"\sin(90^\circ)", "1", True),
+    ("2\\sin 30°", "1", True), (r"\sin 45^\circ", r"\frac{\sqrt{2}}{2}", True),
+    (r"\sin 30^\circ", r"\sin 30", False), (r"\cos 60^\circ", "60", False), (r"\tan 45^\circ", r"\tan 45", False),
+]
+EVALUATED_FUNCTIONS = [  # latex2sympy tests in MARIO_EVAL (floor, ceil, gcd, lcm, max, min): values of numbers
+    (r"\lfloor 9.3 \rfloor", "9", True), (r"\left\lceil \frac{22}{5} \right\rceil", "5", True),
+    (r"\lfloor \sqrt{20} \rfloor", "4", True), ("⌈2.1⌉", "3", True), (r"\gcd(36, 84)", "12", True),
+    (r"\operatorname{lcm}(6, 10)", "30", True), (r"\text{lcm}(4, 6)", "12", True), (r"\max(2, 9, 4)", "9", True),
+    (r"\min(-3, 5)", "-3", True),
+    (r"\lfloor 9.3 \rfloor", "10", False), (r"\lceil x \rceil", "x", False), (r"\gcd(36, 84)", "36", False),
+    (r"\max(2, 9, 4)", "2", False), (r"\min(5, 6)", "6", False),
+]
+ORDINALS_AND_SCALES = [  # lm-evaluation-harness minerva_math normalize_final_answer; PRM800K grader _normalize
+    (r"7^{\text{th}}", "7", True), (r"21^\mathrm{st}", "21", True), ("3rd", "3", True), ("2.5 million", "2500000", True),
+    (r"6 \text{ billion}", r"6 \times 10^9", True), ("40 thousand", "40000", True),
+    (r"7^{\text{th}}", "8", False), ("2.5 million", "250000", False), ("6 billion", "6000000", False),
+]
 PEER_FAMILIES = {
-    "labelled_tuples": LABELLED_TUPLES, "linear_inequalities": LINEAR_INEQUALITIES, "brace_sets": BRACE_SETS,
+    "degrees_in_trig": DEGREES_IN_TRIG, "evaluated_functions": EVALUATED_FUNCTIONS,
+    "ordinals_and_scales": ORDINALS_AND_SCALES, "labelled_tuples": LABELLED_TUPLES, "linear_inequalities": LINEAR_INEQUALITIES, "brace_sets": BRACE_SETS,
     "limits": LIMITS, "modular": MODULAR, "determinants": DETERMINANTS, "sums_and_products": SUMS_AND_PRODUCTS,
     "separator_spellings": SEPARATOR_SPELLINGS, "unicode_forms": UNICODE_FORMS, "big_polynomials": BIG_POLYNOMIALS,
     "list_spellings": LIST_SPELLINGS,
@@ -693,6 +712,7 @@ def test_benchmark_runs_without_math_verify(tmp_path, monkeypatch):
     assert ours["challenge"]["agree_with_expected"] == ours["challenge"]["pairs"]
     assert ours["math500_pairs_per_second"] > 0
     peer = {k: v for k, v in ours.items() if k.startswith("peer:")}
-    assert len(peer) == 15 and all(v["agree_with_expected"] == v["pairs"] for v in peer.values())
+    assert len(peer) == len(PEER_FAMILIES) + len(PEER_COMPLETIONS)
+    assert all(v["agree_with_expected"] == v["pairs"] for v in peer.values())
     assert 0 < ours["slowest_pair"]["seconds"] < BOUND_S
     assert not list(tmp_path.glob("*.tmp"))                       # written atomically
