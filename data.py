@@ -212,10 +212,11 @@ class Example(NamedTuple):
     loss_mask: list[int]
 
 
-def load_tokenizer(model_dir):
-    """Read `model_dir/tokenizer.json` (the `tokenizers` library; no transformers needed), checked against
-    model_dir/config.json where there is one: a token id past its vocab_size would have no embedding row (an
-    IndexError deep in a forward otherwise; model.check_vocab)."""
+def load_tokenizer(model_dir, check_config: bool = True):
+    """Read `model_dir/tokenizer.json` (the `tokenizers` library; no transformers needed). check_config: the
+    directory is a checkpoint to run, so its config.json, where there is one, must be a Qwen2 config whose
+    embedding holds every token id (model.check_vocab; an IndexError deep in a forward otherwise). `data.py
+    build --tokenizer` only counts tokens, so it takes the tokenizer of any model."""
     from tokenizers import Tokenizer
 
     from model import Qwen2Config, check_vocab  # here: model.py is only needed for a checkpoint's tokenizer
@@ -225,7 +226,7 @@ def load_tokenizer(model_dir):
         raise FileNotFoundError(f"{path} not found: --tokenizer / the model directory must hold the "
                                 "checkpoint's tokenizer.json")
     tokenizer = Tokenizer.from_file(path)
-    if os.path.isfile(config := os.path.join(model_dir, "config.json")):
+    if check_config and os.path.isfile(config := os.path.join(model_dir, "config.json")):
         check_vocab(Qwen2Config.from_json(config), tokenizer, where=path)
     return tokenizer
 
@@ -1167,7 +1168,7 @@ def main(argv=None) -> int:
         if os.path.exists(os.path.join(args.out, "report.json")) and not args.overwrite:
             raise InputError(f"--out {args.out} holds a finished build (report.json); choose another --out or "
                              "pass --overwrite to replace it")
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        tokenizer = load_tokenizer(args.tokenizer, check_config=False) if args.tokenizer else None
         report = build_from_raw(args.raw, args.out, tokenizer=tokenizer, template=args.template,
                                 max_prompt_tokens=args.max_prompt_tokens,
                                 max_response_tokens=args.max_response_tokens,

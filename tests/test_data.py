@@ -391,6 +391,21 @@ def test_cli_build(tok, tmp_path, capsys):
     assert f"data.py: error: {bad}:1: not valid JSON" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_checkpoints_tokenizer_is_checked_against_its_config_but_builds_take_any(tmp_path):
+    """Training and evaluation load a checkpoint's tokenizer with its config.json checked (model.check_vocab);
+    `build --tokenizer` only counts tokens, so another family's model directory is fine there."""
+    from model import CheckpointError
+
+    model_dir = tmp_path / "llama"
+    tiny.make_tokenizer(str(model_dir))
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="model_type"):
+        data.load_tokenizer(model_dir)
+    assert data.load_tokenizer(model_dir, check_config=False).get_vocab_size() > 10
+    raw = write_jsonl(tmp_path / "raw.jsonl", raw_rows("Unrelated problem about primes and squares here."))
+    assert data.main(["build", "--raw", str(raw), "--out", str(tmp_path / "out"), "--tokenizer", str(model_dir)]) == 0
+
+
 # --------------------------------------------------------------------------- packing
 
 
