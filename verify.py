@@ -27,10 +27,11 @@ Extraction (the policy; tests/test_verify.py tables JOINED_BOXES, ANSWER_PRECEDE
     3. Phrase candidate: the LAST whole word "answer" (any case), read like rllm's and lighteval's
        final-answer anchors: "answer is $X$", "Answer: X", "**Answer:** \(X\)", "answer $X$",
        Minerva's "final answer is $X$. I hope it is correct", and "Final Answer: The largest $n$ is
-       X" (the formula after the sentence's last "is"/"are"/":"). X must be a math span or a short
-       formula with no prose word; otherwise the anchor states nothing and there is no phrase
-       candidate (an earlier anchor is never consulted, so a number from the middle of reasoning is
-       never picked up).
+       X" (the formula after the sentence's last "is"/"are"/":"), and Qwen's "答案是 X". X must be a
+       math span or a short formula with no prose word; otherwise the anchor states nothing and there
+       is no phrase candidate (an earlier anchor is never consulted, so a number from the middle of
+       reasoning is never picked up). Spans that only "," or "and" separate are one list, as boxes
+       are ("the answer is $4$ and $9$" is 4, 9); after "or" the last alternative counts.
     4. A box beats a plain "answer" phrase; a "final answer" phrase after the last box beats the box
        ("boxes intermediate values, then says The final answer is X" gives X). This is the order of
        Math-Verify's anchors, which lighteval uses: "final answer is" ties with or outranks a box
@@ -72,7 +73,11 @@ Comparison policy
       inequalities in one variable become intervals whatever linear form the variable takes
       (`a < x <= b`, `x > a`, `-x > -1`, `1 < 2x - 1 < 5`).
     * `x=5` matches `5` (an equation whose one side is a lone variable, or `2+3=5`, stands for its other
-      side); two equations match up to swapping sides and a nonzero constant factor.
+      side); two equations match up to swapping sides and a nonzero constant factor. A system in a
+      cases environment is the list of its equations; `p=3, q=2; p=5, q=2` (semicolons between groups
+      of labelled values) is the solutions (3, 2), (5, 2); a ratio labelled by names, `V_1:V_2=3:10`,
+      is its value 3:10 (ratios compare as written). `2e-1` is 2e - 1 (Euler's e): only a decimal
+      mantissa (`2.0e-1`) or an unsigned exponent (`2e10`) is scientific notation.
     * Functions of numbers are their values: `\lfloor 7.6 \rfloor` is 7, `\gcd(42, 56)` 14, `\max(3, 11)`
       11 (gcd and lcm of integers, max and min of real numbers; of variables these four stay text). A
       trig function's argument in degrees is converted: `\sin 30^\circ` is 1/2, never sin(30 radians).
@@ -180,10 +185,11 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![A-Za-z])")
 _BOX_GAP_RE = re.compile(
     r"(?:[\s$,;]|\\[()\[\],;:! ]|\\q?quad(?![A-Za-z])|and\b|\\text\s*\{\s*,?\s*and\s*\})*", re.I)
 MAX_BOX_GAP = 200             # longer text between two boxes is prose: they are not one answer
-_ANSWER_LEAD_RE = re.compile(r"[\s*]*(is\b|are\b|:|=)?[\s*:]*", re.I)     # "Answer:** ", " is "
+_ANSWER_LEAD_RE = re.compile(r"[\s*]*(is\b|are\b|:|=|是|为|：)?[\s*:：]*", re.I)  # "Answer:** ", " is ", "答案是"
+_OR_GAP_RE = re.compile(r"[\s$,]*(?:or\b|\\text\s*\{\s*or\s*\})[\s$]*", re.I)   # "$4$ or $9$": alternatives
 _FINAL_BEFORE_RE = re.compile(r"final[\s*]*$", re.I)                      # "Final **Answer"
 _LAST_VERB_RE = re.compile(r".*\s(?:is|are)\s+|.*:\s*", re.I | re.S)      # "The largest $n$ is "
-_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|。")
 _MATH_SPAN_RE = re.compile(                                               # $X$ $$X$$ \(X\) \[X\]
     r"\$\$([^$]+)\$\$|\$([^$]+)\$|\\\(((?:(?!\\\)).)+)\\\)|\\\[((?:(?!\\\]).)+)\\\]", re.S)
 _ENV_NAME_RE = re.compile(r"\\(?:begin|end)\s*\{[A-Za-z*]*\}")
@@ -305,14 +311,14 @@ def _answer_phrase(text: str) -> tuple[int, str | None]:
     """(start, X) for the LAST word "answer" when its sentence states a formula X ("the final answer
     is $X$", "Answer: X", "Final Answer: The largest $n$ is X"); (-1, None) otherwise. Only the last
     anchor is read, so a number stated earlier in the reasoning is never picked up."""
-    start = _last_word(text, "answer")
+    start, anchor = max((_last_word(text, "answer"), "answer"), (text.rfind("答案"), "答案"))
     if start < 0:
         return -1, None
-    rest = text[start + len("answer"):]
+    rest = text[start + len(anchor):]
     lead = _ANSWER_LEAD_RE.match(rest)
     span = _MATH_SPAN_RE.match(rest, lead.end())
-    if span is not None:                              # "answer is $X$.", "Answer \(X\)": the span
-        return start, _span_content(span) or None
+    if span is not None:                              # "answer is $X$.", "Answer \(X\)": the span,
+        return start, _joined_spans(rest, span) or None   # with those "," or "and" join to it
     connective = lead.group(1) is not None            # "answer is X", "Answer: X"
     sentence = _SENTENCE_END_RE.split(rest[lead.end() if connective else 0:].split("\n", 1)[0], 1)[0]
     formula = _formula(sentence) if connective else None
@@ -320,6 +326,25 @@ def _answer_phrase(text: str) -> tuple[int, str | None]:
         verb = _LAST_VERB_RE.match(sentence)
         formula = _formula(sentence[verb.end():]) if verb else None
     return (start, formula) if formula else (-1, None)
+
+
+def _joined_spans(text: str, first: re.Match) -> str:
+    """The span `first` and the spans after it that only punctuation, spacing or "and" separate, as one
+    list ("the answer is $4$ and $9$" is 4, 9); "or" separates alternatives, of which the last counts,
+    as with boxes."""
+    parts, end = [_span_content(first)], first.end()
+    while len(parts) < MAX_ITEMS and (span := _MATH_SPAN_RE.search(text, end)) is not None:
+        gap = text[end:span.start()]
+        if len(gap) > MAX_BOX_GAP:
+            break
+        if _BOX_GAP_RE.fullmatch(gap):
+            parts.append(_span_content(span))
+        elif _OR_GAP_RE.fullmatch(gap):
+            parts = [_span_content(span)]
+        else:
+            break
+        end = span.end()
+    return ", ".join(p for p in parts if p)
 
 
 def _last_word(text: str, word: str) -> int:
@@ -404,6 +429,10 @@ _REWRITES = [  # (pattern, replacement), applied in order
     (re.compile(r"\s+"), " "),
 ]
 _OUTER_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# A system of equations in a cases environment (no `&` but an aligned `&=`: a piecewise function stays as it is).
+_CASES_RE = re.compile(r"\\begin\s*\{cases\}(.*)\\end\s*\{cases\}", re.DOTALL)
+# A ratio labelled by names on the left: S_{ABC}:S_{DEF} = 5:18 states 5:18.
+_RATIO_LABEL_RE = re.compile(r"(?=[^=<>]*[A-Za-z])([^=<>]*)=\s*(\d+(?:\.\d+)?(?:\s*:\s*\d+(?:\.\d+)?)+)")  # linear
 
 
 CACHE_KEY_CHARS = 512         # only answers this short are cached (bounds the caches' memory)
@@ -439,6 +468,10 @@ def _clean(answer: str) -> str:
             break
     for pattern, replacement in _REWRITES:
         s = pattern.sub(replacement, s)
+    if (m := _CASES_RE.fullmatch(s)) and "&" not in re.sub(r"&\s*=|=\s*&", "=", m.group(1)):
+        s = ", ".join(row.strip() for row in re.sub(r"&\s*=|=\s*&", "=", m.group(1)).split("\\\\") if row.strip())
+    if ":" in s and (m := _RATIO_LABEL_RE.fullmatch(s)) and m.group(1).count(":") == m.group(2).count(":"):
+        s = m.group(2)
     return s.strip().rstrip(".,;:\\").strip()                   # "185\\": a stray line break
 
 
@@ -1655,12 +1688,28 @@ def _parse(s: str):
         special = _special_form(s)
         if special is not None:
             return special
-        values = _parse_items(_tokenize(s), 0, expand_pm=True)
+        toks = _tokenize(s)
+        values = _solution_groups(toks) or _parse_items(toks, 0, expand_pm=True)
         for v in values:
             _check_defined(v)
         return values[0] if len(values) == 1 else ListV(tuple(values))
     except Exception:                            # _ParseError, or sympy refusing an odd construct
         return None
+
+
+def _solution_groups(toks: list[_Tok]) -> list | None:
+    """p=3, q=2; p=5, q=2: semicolons between groups of labelled values (every item `name = value`) separate
+    solutions, each a tuple. None for any other answer (a semicolon is then a comma)."""
+    ranges = _split(toks, lambda t: t.kind == "op" and t.text == ";")
+    if len(ranges) < 2:
+        return None
+    try:
+        groups = [_parse_items(toks[lo:hi], 0) for lo, hi in ranges]
+    except _ParseError:
+        return None
+    if all(len(g) >= 2 and all(isinstance(v, EquationV) and _lone_symbol(v.lhs) for v in g) for g in groups):
+        return [TupleV(tuple(g)) for g in groups]
+    return None
 
 
 def _check_defined(value) -> None:

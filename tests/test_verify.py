@@ -404,8 +404,17 @@ ORDINALS_AND_SCALES = [  # lm-evaluation-harness minerva_math normalize_final_an
     (r"6 \text{ billion}", r"6 \times 10^9", True), ("40 thousand", "40000", True),
     (r"7^{\text{th}}", "8", False), ("2.5 million", "250000", False), ("6 billion", "6000000", False),
 ]
+LABELLED_SYSTEMS = [  # Math-Verify tests/test_numina_cases.py (ratio labels, ";" between solutions); MARIO_EVAL cases
+    ("2:7", "A_{1}:A_{2}=2:7", True), ("x:y:z = 1:2:4", "1:2:4", True), ("(1,4),(6,2)", "a=1,b=4;a=6,b=2", True),
+    ("m=6, n=2; m=1, n=4", "(1,4),(6,2)", True),
+    (r"\begin{cases} x+y=\frac{1}{2} \\ x-y=3 \end{cases}", r"\begin{cases} x-y=3 \\ x+y=0.5 \end{cases}", True),
+    (r"\begin{cases} u &= 2 \\ v &= 9 \end{cases}", "u=2, v=9", True),
+    ("2:7", "A_{1}:A_{2}=7:2", False), ("(1,4),(6,3)", "a=1,b=4;a=6,b=2", False),
+    (r"\begin{cases} x+y=\frac{1}{2} \\ x-y=3 \end{cases}", r"\begin{cases} x+y=0.5 \\ x-y=4 \end{cases}", False),
+    (r"\begin{cases} x^2 & x > 0 \\ 0 & x \le 0 \end{cases}", r"\begin{cases} x^3 & x > 0 \\ 0 & x \le 0 \end{cases}", False),
+]
 PEER_FAMILIES = {
-    "degrees_in_trig": DEGREES_IN_TRIG, "evaluated_functions": EVALUATED_FUNCTIONS,
+    "labelled_systems": LABELLED_SYSTEMS, "degrees_in_trig": DEGREES_IN_TRIG, "evaluated_functions": EVALUATED_FUNCTIONS,
     "ordinals_and_scales": ORDINALS_AND_SCALES, "labelled_tuples": LABELLED_TUPLES, "linear_inequalities": LINEAR_INEQUALITIES, "brace_sets": BRACE_SETS,
     "limits": LIMITS, "modular": MODULAR, "determinants": DETERMINANTS, "sums_and_products": SUMS_AND_PRODUCTS,
     "separator_spellings": SEPARATOR_SPELLINGS, "unicode_forms": UNICODE_FORMS, "big_polynomials": BIG_POLYNOMIALS,
@@ -452,7 +461,16 @@ BARE_COMPLETIONS = [  # Math-Verify tests/test_all.py test_matrix_extraction: a 
     (r"$\begin{pmatrix} 3 \\ -1 \end{pmatrix}$", r"\begin{pmatrix} -1 \\ 3 \end{pmatrix}", False),
     ("the matrix is symmetric", r"\text{symmetric}", False),
 ]
+JOINED_SPANS = [  # Math-Verify parser.py (spans joined by "," / "and" / "or"); Qwen2.5-Math parser.py ("答案是")
+    ("The final answer is $3$ and $8$. I hope it is correct.", "3, 8", True),
+    ("So the answer is $7$, $-1$.", "-1, 7", True), (r"**Answer:** $a=2$ and $b=5$", "a=2, b=5", True),
+    ("The answer is $12$ or, simplified, $12$.", "12", True), ("所以答案是 $\\frac{3}{7}$。", "\\frac{3}{7}", True),
+    ("答案是 42", "42", True),
+    ("The final answer is $3$ and $8$. I hope it is correct.", "3", False), ("So the answer is $7$, $-1$.", "7", False),
+    ("The answer is $5$ or $6$.", "5", False), ("所以答案是 $\\frac{3}{7}$。", "\\frac{7}{3}", False),
+]
 PEER_COMPLETIONS = {
+    "joined_spans": JOINED_SPANS,
     "joined_boxes": JOINED_BOXES, "answer_precedence": ANSWER_PRECEDENCE, "prose_answers": PROSE_ANSWERS,
     "bare_completions": BARE_COMPLETIONS,
 }
