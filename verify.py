@@ -51,13 +51,17 @@ Comparison policy
       10^20+1 != 10^20); irrational constants numerically at a precision that grows with the size of
       the integers involved (30 digits + their digit count), to an absolute 10^-(precision-5).
     * A relative tolerance of 1e-6 applies only when a decimal literal is involved (0.333333 = 1/3,
-      3.14159 = pi), but never between two bare decimal literals (326.5 != 326.53: both are roundings).
+      3.14159 = pi), but never between two bare decimal literals (326.5 != 326.53: both are roundings),
+      and a bare decimal must also be the exact value rounded or truncated to its places (2024.001 is
+      not 2024, nor 0.1428572 1/7: 1/7 = 0.1428571...).
       It is relative to the value, so with a decimal literal in it an expression can still hide a
       term below 1e-6 of its value ((x+1)^{1000} + 0.5 vs (x+1)^{1000}): a known limit.
     * Expressions with variables: equal if structurally equal after sympy's automatic evaluation; small
       polynomials with rational coefficients are decided exactly by `expand(a - b) == 0`; anything else
-      by numeric evaluation at three fixed pseudo-random points with every variable in (0.3, 1.9)
-      (answers usually assume positive variables, so sqrt(x^2) = x passes). No unbounded `simplify`.
+      by numeric evaluation at three fixed pseudo-random points with every variable positive: one in
+      (0.3, 0.95), one in (1.05, 2.95), one in (3.05, 6.95), pairs in no fixed order (answers usually
+      assume positive variables, so sqrt(x^2) = x passes; |x-3| = 3-x and |a-b| = b-a do not). No
+      unbounded `simplify`.
       Numeric checks are absolute, not relative: each value is computed with as many extra digits as
       its largest intermediate has, so (x+1)^1000 + x never equals (x+1)^1000 (see _evaluate).
     * \sum, \prod and \lim stay unevaluated (sympy's inert Sum/Product/Limit) and compare
@@ -83,7 +87,8 @@ Comparison policy
       trig function's argument in degrees is converted: `\sin 30^\circ` is 1/2, never sin(30 radians).
     * Ordinal suffixes and scale words after a number are read: `12^{\text{th}}` and `12th` are 12,
       `3.2 million` is 3200000 (thousand, million, billion, trillion).
-    * Units and annotations (`\text{ cm}`, inches, degrees, `^\circ`, `\$`) are dropped. `50\%` equals
+    * Units and annotations (`\text{ cm}`, inches, degrees, `^\circ`, `\$`) are dropped, unless both
+      answers name units and they differ (5 cm is not 5 mm; units, not their powers). `50\%` equals
       `50` and also `0.5`. A base subscript `52_8` equals `52_8`, `52_{8}` or `52`, not 42.
     * Text answers compare case-insensitively with whitespace collapsed; multiple-choice letters
       `\text{(C)}`, `(C)`, `C` compare as letters. Unicode is folded first: x², a₁, 3½ become
@@ -1674,6 +1679,8 @@ def _special_form(s: str):
         digits, base = m.group(1).upper().lstrip("0") or "0", int(m.group(2))
         if 2 <= base <= 36 and re.search(r"\d", digits) and all(int(c, 36) < base for c in digits):
             return BasedV(digits, base)
+    if plain.lower() in ("yes", "no"):                       # two letters, yet a word, not n times o
+        return TextV(plain.lower())
     if _TEXT_RE.fullmatch(plain) and any(w.lower() not in _MATH_WORDS for w in _PROSE_RE.findall(plain)):
         return TextV(" ".join(plain.lower().replace("-", " ").split()))
     return None
@@ -1858,6 +1865,8 @@ def _scalar_equal(a: Num, b: Num, x, y) -> bool:
     if a.frozen or b.frozen:
         return False                             # too big to evaluate: structural equality only
     tolerant = (a.decimal or b.decimal) and not (a.literal and b.literal)
+    if tolerant and a.literal != b.literal and not _is_rounding(*((x, y) if a.literal else (y, x))):
+        return False                             # 2024.001 vs 2024: close, but not what 2024 rounds to
     if x.is_Rational and y.is_Rational:
         return tolerant and bool(abs(x - y) <= DECIMAL_REL_TOL * max(abs(x), abs(y)))
     digits = max(a.digits, b.digits)
@@ -1868,6 +1877,33 @@ def _scalar_equal(a: Num, b: Num, x, y) -> bool:
     if not (x.free_symbols or y.free_symbols):
         return _numbers_close(x, y, precision, rel_tol)
     return _expressions_equal(x, y, precision, rel_tol)
+
+
+MAX_ROUNDING_PLACES = 400    # a decimal with more places is judged by the relative tolerance alone
+
+
+def _is_rounding(literal, exact) -> bool:
+    """Is the decimal literal (k places) `exact` rounded or truncated to k places? 0.333333, 0.666666 and
+    0.666667 are 1/3 and 2/3 so written; 2024.001, 0.1428572 (1/7 = 0.1428571...) and 1.0000001 are no
+    rounding of 2024, 1/7 and 1, however close. True when it cannot tell (the tolerance then decides)."""
+    if not literal.is_Rational:
+        return True
+    q, places = int(literal.q), 0
+    while 10**places % q:
+        places += 1
+        if places > MAX_ROUNDING_PLACES:
+            return True
+    target = int(literal * 10**places)           # the literal's digits, as an integer
+    if exact.is_Rational:
+        scaled = exact * 10**places
+        return target in (math.floor(scaled + Rational(1, 2)), math.ceil(scaled - Rational(1, 2)), int(scaled))
+    ctx = _mp()
+    value = _evaluate(exact, NUMERIC_DIGITS + places + max(len(str(target)), 1))
+    if value is None or value.imag:
+        return True
+    with ctx.workdps(NUMERIC_DIGITS + places + len(str(target))):
+        scaled = value.real * ctx.mpf(10) ** places
+        return target in (int(ctx.floor(scaled + 0.5)), int(ctx.ceil(scaled - 0.5)), int(scaled))
 
 
 def _mp() -> mpmath.MPContext:
@@ -1992,12 +2028,22 @@ def _numbers_close(x, y, precision: int, rel_tol) -> bool:
     return bool(_close_at(x, y, precision, rel_tol))
 
 
-_SAMPLE_RNG = random.Random(20240601)
-_SAMPLES = [[Rational(_SAMPLE_RNG.randint(3 * 10**8, 19 * 10**8), 10**9) for _ in range(16)] for _ in range(3)]
+def _sample_rows(seed: int = 20240735) -> list[list[Rational]]:
+    """Three rows of 16 fixed pseudo-random positive values, one row in each of (0.3, 0.95), (1.05, 2.95)
+    and (3.05, 6.95); the seed is one whose rows order every pair of the first four variables both ways
+    (a < b at one point, a > b at another) and give each of them a value above 1.5 and one above 4.5. Positive, so logs and roots stay real (sqrt(x^2) = x passes:
+    answers assume positive variables); spread out and in no fixed order, so an answer right on only part
+    of the range fails somewhere (|x - 3| = 3 - x, x^k + x^-k = x^k, |a - b| = b - a)."""
+    rng = random.Random(seed)
+    return [[Rational(rng.randint(lo, hi), 10**9) for _ in range(16)]
+            for lo, hi in ((3 * 10**8, 95 * 10**7), (105 * 10**7, 295 * 10**7), (305 * 10**7, 695 * 10**7))]
+
+
+_SAMPLES = _sample_rows()
 
 
 def _sample_points(symbols: list) -> list[dict]:
-    """Three fixed pseudo-random points in (0.3, 1.9)^n (positive: logs and roots stay real)."""
+    """The three points (_sample_rows) for these variables; the 17th and later shifted by 1, 2, ..."""
     return [{s: row[k % len(row)] + k // len(row) for k, s in enumerate(symbols)} for row in _SAMPLES]
 
 
@@ -2090,12 +2136,35 @@ def _equiv(pred: str, gold: str) -> bool:
         return False
     if p == g:
         return True
+    units_p, units_g = _units(p), _units(g)
+    if units_p and units_g and units_p != units_g:              # 5 cm vs 5 mm: units are dropped, not ignored
+        return False
     if _INT_RE.fullmatch(p) and _INT_RE.fullmatch(g):           # the common case: plain integers
         return _canonical_int(p) == _canonical_int(g)
     pv, gv = _parse(p), _parse(g)
     if pv is None or gv is None:
         return _loose(p) == _loose(g)
     return _equal(pv, gv)
+
+
+# Unit words, by what they measure, to one name each (a bare "m", "s" or "g" is a variable, never a unit).
+_UNIT_NAMES = {name: unit for unit, names in {
+    "mm": "mm millimeter millimeters millimetre millimetres", "cm": "cm centimeter centimeters centimetre centimetres",
+    "km": "km kilometer kilometers kilometre kilometres", "m": "meter meters metre metres",
+    "in": "inch inches", "ft": "ft foot feet", "yd": "yd yard yards", "mi": "mile miles",
+    "s": "second seconds sec secs", "min": "minute minutes mins", "h": "hour hours hr hrs", "day": "day days",
+    "week": "week weeks", "month": "month months", "year": "year years", "mg": "mg milligram milligrams",
+    "g": "gram grams", "kg": "kg kilogram kilograms", "lb": "lb lbs pound pounds", "oz": "oz ounce ounces",
+    "ml": "ml milliliter milliliters millilitre millilitres", "l": "liter liters litre litres",
+    "gal": "gallon gallons", "deg": "degree degrees \\degree", "rad": "radian radians", "$": "dollar dollars",
+    "cent": "cent cents", "mph": "mph", "kph": "kph"}.items() for name in names.split()}
+_UNIT_WORD_RE = re.compile(r"\\?[A-Za-z]+")
+
+
+def _units(s: str) -> frozenset:
+    """The units an answer names (5 \\text{ cm}, 30^\\circ, 2 hours), by what they are, so that two answers
+    naming different units never match; an answer naming none matches either (the MATH convention)."""
+    return frozenset(_UNIT_NAMES[w] for w in map(str.lower, _UNIT_WORD_RE.findall(s)) if w in _UNIT_NAMES)
 
 
 def _canonical_int(s: str) -> str:

@@ -220,6 +220,9 @@ UNITS_AND_ANNOTATIONS = [
     ("5.4", "5.4 \\text{ cents}", True), ("50\\%", "50", True), ("50\\%", "0.5", True), ("50", "50\\%", True),
     ("\\$32,348", "\\$32,\\!348", True), ("32348", "\\$32,\\!348", True), ("\\$18.90", "18.9", True),
     ("6 \\text{ cm}", "5", False), ("89", "90^\\circ", False), ("25\\%", "0.5", False), ("\\$5", "6", False),
+    # both name units: they must agree (by what they are: cm = centimeters, ^\\circ = degrees)
+    ("5\\text{ cm}", "5 \\text{ centimeters}", True), ("30^\\circ", "30 \\text{ degrees}", True),
+    ("5\\text{ cm}", "5\\text{ mm}", False), ("2\\text{ hours}", "2 minutes", False), ("5 dollars", "5 cents", False),
 ]
 NUMBER_BASES = [
     ("52_8", "52_8", True), ("52_{8}", "52_8", True), ("52", "52_8", True), ("4210_{5}", "4210_5", True),
@@ -413,8 +416,19 @@ LABELLED_SYSTEMS = [  # Math-Verify tests/test_numina_cases.py (ratio labels, ";
     (r"\begin{cases} x+y=\frac{1}{2} \\ x-y=3 \end{cases}", r"\begin{cases} x+y=0.5 \\ x-y=4 \end{cases}", False),
     (r"\begin{cases} x^2 & x > 0 \\ 0 & x \le 0 \end{cases}", r"\begin{cases} x^3 & x > 0 \\ 0 & x \le 0 \end{cases}", False),
 ]
+SAMPLE_DOMAINS = [  # NeMo-Skills tests/test_math_equal.py (incorrect examples), Qwen2.5-Math grader: right on part of the range
+    ("|x-3|", "3-x", False), (r"\sqrt{(y-4)^2}", "4-y", False), ("|p-q|", "q-p", False), ("|b-a|", "a-b", False),
+    ("x^{500}", "x^{500}+x^{-500}", False), (r"\frac{x-3}{|x-3|}", "1", False), (r"\arcsin(\sin t)", "t", False),
+    ("|x-3|+|x+3|", "6", False),
+    (r"\sqrt{x^2}", "x", True), ("|x|+|x|", "2x", True), (r"\ln(x^3)", r"3\ln x", True), ("|p-q|", "|q-p|", True),
+]
+DECIMAL_ROUNDINGS = [  # NeMo-Skills tests/test_math_equal.py (5 vs 5.001 incorrect), lm-eval minerva_math: a decimal is a rounding
+    ("2024.001", "2024", False), ("0.1428572", r"\frac{1}{7}", False), ("1.0000001", "1", False), ("-0.3333335", r"-\frac13", False),
+    ("0.1428571", r"\frac{1}{7}", True), ("0.666666", r"\frac23", True), ("0.666667", r"\frac23", True), ("3.14159", r"\pi", True),
+    (r"\text{No}", r"\text{no}", True), ("NO", "no", True), ("No", "Yes", False),
+]
 PEER_FAMILIES = {
-    "labelled_systems": LABELLED_SYSTEMS, "degrees_in_trig": DEGREES_IN_TRIG, "evaluated_functions": EVALUATED_FUNCTIONS,
+    "sample_domains": SAMPLE_DOMAINS, "decimal_roundings": DECIMAL_ROUNDINGS, "labelled_systems": LABELLED_SYSTEMS, "degrees_in_trig": DEGREES_IN_TRIG, "evaluated_functions": EVALUATED_FUNCTIONS,
     "ordinals_and_scales": ORDINALS_AND_SCALES, "labelled_tuples": LABELLED_TUPLES, "linear_inequalities": LINEAR_INEQUALITIES, "brace_sets": BRACE_SETS,
     "limits": LIMITS, "modular": MODULAR, "determinants": DETERMINANTS, "sums_and_products": SUMS_AND_PRODUCTS,
     "separator_spellings": SEPARATOR_SPELLINGS, "unicode_forms": UNICODE_FORMS, "big_polynomials": BIG_POLYNOMIALS,
