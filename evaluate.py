@@ -576,9 +576,9 @@ def main(argv=None) -> dict | None:
         requests, sources = make_requests(args, mine, {(r["id"], r["sample"]) for r in done_rows}, tokenizer,
                                           template)
         num_todo = sum(len(r.samples) for r in requests)
-        common.log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo} "
-            f"already in {args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) of an "
-            "interrupted run (those samples are redone)" if partial else ""))
+        common.log(d, f"{len(mine)} problems x {args.num_samples} samples: {len(mine) * args.num_samples - num_todo}"
+                   f" already in {args.out}, {num_todo} to generate" + (f"; dropped {partial} unfinished line(s) "
+                   "of an interrupted run (those samples are redone)" if partial else ""))
         model = Qwen2.from_pretrained(args.checkpoint, dtype, device) if requests else None  # NaN/inf refused
         common.barrier(d)  # every rank has read OUT and checked its inputs before anything is written
         if d.is_main and not had_run_file:

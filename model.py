@@ -336,6 +336,13 @@ class Qwen2(nn.Module):
                 nn.init.ones_(module.weight)
         return self
 
+    def training_flops(self, doc_lengths) -> float:
+        """Training FLOPs of a batch of documents of n_i tokens: Σ_i n_i · flops_per_token(n_i), with N
+        counted once (num_params walks every parameter)."""
+        per_token = self.flops_per_token(0)
+        per_context_token = self.flops_per_token(1) - per_token
+        return sum(n * (per_token + per_context_token * n) for n in doc_lengths)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -570,6 +577,8 @@ def load_pretrained(cls, path, dtype, device, config_overrides=None) -> Qwen2:
         raise CheckpointError(f"{path}: not a directory; pass a Hugging Face checkpoint directory")
     config = Qwen2Config.from_json(os.path.join(path, "config.json"))
     for key, value in (config_overrides or {}).items():
+        if key not in {f.name for f in fields(config)} - {"extra"}:
+            raise TypeError(f"from_pretrained: {key!r} is not a Qwen2Config field")
         setattr(config, key, value)
     files = checkpoint_files(path)
 

@@ -534,7 +534,7 @@ def log_step(run, step: int, batch_indices: list[int], values: list[float], name
     context: PaLM's estimate (appendix B), as nanoGPT's estimate_mfu, not halved for causality."""
     docs = [n for i in batch_indices for n in run.dataset.doc_lengths[i]]
     tokens, loss, norm = sum(docs), values[0], values[-1]
-    flops = sum(n * run.model.flops_per_token(n) for n in docs)  # flops_per_token(n) = 6N + 12·L·H·d·n
+    flops = run.model.training_flops(docs)  # Σ_i n_i · flops_per_token(n_i), flops_per_token(n) = 6N + 12·L·H·d·n
     mfu = flops / seconds / (run.peak_flops * run.d.world_size) if run.peak_flops else None
     record = {"step": step, "epoch": step / run.steps_per_epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
               "tokens": tokens, "loss_tokens": sum(run.dataset.loss_tokens[i] for i in batch_indices),

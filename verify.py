@@ -619,12 +619,19 @@ _COMMANDS = {  # LaTeX command -> token
     "rightarrow": ("rel", "->"), "longrightarrow": ("rel", "->"), "sum": ("cmd", "sum"),
     "prod": ("cmd", "prod"), "lim": ("cmd", "lim"),
 }
-_UNIT_WORDS = frozenset("""cm mm km ft in yd mi kg mg lb lbs oz hr hrs min mins ml sq cc mph kph
-    inch inches foot feet yard yards mile miles meter meters metre metres centimeter centimeters
-    centimetre centimetres millimeter millimeters kilometer kilometers unit units square cubic degree
-    degrees radian radians cent cents dollar dollars hour hours minute minutes second seconds day days
-    week weeks month months year years gram grams kilogram kilograms pound pounds ounce ounces liter
-    liters litre litres gallon gallons""".split())
+# Unit words, by what they measure, to one name each (a bare "m", "s" or "g" is a variable, never a unit).
+_UNIT_NAMES = {name: unit for unit, names in {
+    "mm": "mm millimeter millimeters millimetre millimetres", "cm": "cm centimeter centimeters centimetre centimetres",
+    "km": "km kilometer kilometers kilometre kilometres", "m": "meter meters metre metres",
+    "in": "inch inches", "ft": "ft foot feet", "yd": "yd yard yards", "mi": "mi mile miles",
+    "s": "second seconds sec secs", "min": "min minute minutes mins", "h": "hour hours hr hrs", "day": "day days",
+    "week": "week weeks", "month": "month months", "year": "year years", "mg": "mg milligram milligrams",
+    "g": "gram grams", "kg": "kg kilogram kilograms", "lb": "lb lbs pound pounds", "oz": "oz ounce ounces",
+    "ml": "ml milliliter milliliters millilitre millilitres", "l": "liter liters litre litres",
+    "gal": "gallon gallons", "deg": "degree degrees \\degree", "rad": "radian radians", "$": "dollar dollars",
+    "cent": "cent cents", "mph": "mph", "kph": "kph"}.items() for name in names.split()}
+# Words dropped as units: the named units, and words that only qualify them ("in" is inches, never compared).
+_UNIT_WORDS = frozenset(n for n in _UNIT_NAMES if n.isalpha()) | frozenset("in unit units square cubic sq cc".split())
 _MATH_WORDS = frozenset(_FUNCS) | {"pi", "inf", "infty", "infinity", "and", "or"}
 _OPENERS = {"(", "[", "{"}
 _CLOSERS = {")", "]", "}"}
@@ -1897,11 +1904,11 @@ def _is_rounding(literal, exact) -> bool:
     if exact.is_Rational:
         scaled = exact * 10**places
         return target in (math.floor(scaled + Rational(1, 2)), math.ceil(scaled - Rational(1, 2)), int(scaled))
-    ctx = _mp()
-    value = _evaluate(exact, NUMERIC_DIGITS + places + max(len(str(target)), 1))
+    ctx, precision = _mp(), NUMERIC_DIGITS + places + len(str(abs(target)))
+    value = _evaluate(exact, precision)
     if value is None or value.imag:
         return True
-    with ctx.workdps(NUMERIC_DIGITS + places + len(str(target))):
+    with ctx.workdps(precision):
         scaled = value.real * ctx.mpf(10) ** places
         return target in (int(ctx.floor(scaled + 0.5)), int(ctx.ceil(scaled - 0.5)), int(scaled))
 
@@ -2031,9 +2038,10 @@ def _numbers_close(x, y, precision: int, rel_tol) -> bool:
 def _sample_rows(seed: int = 20240735) -> list[list[Rational]]:
     """Three rows of 16 fixed pseudo-random positive values, one row in each of (0.3, 0.95), (1.05, 2.95)
     and (3.05, 6.95); the seed is one whose rows order every pair of the first four variables both ways
-    (a < b at one point, a > b at another) and give each of them a value above 1.5 and one above 4.5. Positive, so logs and roots stay real (sqrt(x^2) = x passes:
-    answers assume positive variables); spread out and in no fixed order, so an answer right on only part
-    of the range fails somewhere (|x - 3| = 3 - x, x^k + x^-k = x^k, |a - b| = b - a)."""
+    (a < b at one point, a > b at another) and give each of them a value above 1.5 and one above 4.5.
+    Positive, so logs and roots stay real (sqrt(x^2) = x passes: answers assume positive variables);
+    spread out and in no fixed order, so an answer right on only part of the range fails somewhere
+    (|x - 3| = 3 - x, x^k + x^-k = x^k, |a - b| = b - a)."""
     rng = random.Random(seed)
     return [[Rational(rng.randint(lo, hi), 10**9) for _ in range(16)]
             for lo, hi in ((3 * 10**8, 95 * 10**7), (105 * 10**7, 295 * 10**7), (305 * 10**7, 695 * 10**7))]
@@ -2147,17 +2155,6 @@ def _equiv(pred: str, gold: str) -> bool:
     return _equal(pv, gv)
 
 
-# Unit words, by what they measure, to one name each (a bare "m", "s" or "g" is a variable, never a unit).
-_UNIT_NAMES = {name: unit for unit, names in {
-    "mm": "mm millimeter millimeters millimetre millimetres", "cm": "cm centimeter centimeters centimetre centimetres",
-    "km": "km kilometer kilometers kilometre kilometres", "m": "meter meters metre metres",
-    "in": "inch inches", "ft": "ft foot feet", "yd": "yd yard yards", "mi": "mile miles",
-    "s": "second seconds sec secs", "min": "minute minutes mins", "h": "hour hours hr hrs", "day": "day days",
-    "week": "week weeks", "month": "month months", "year": "year years", "mg": "mg milligram milligrams",
-    "g": "gram grams", "kg": "kg kilogram kilograms", "lb": "lb lbs pound pounds", "oz": "oz ounce ounces",
-    "ml": "ml milliliter milliliters millilitre millilitres", "l": "liter liters litre litres",
-    "gal": "gallon gallons", "deg": "degree degrees \\degree", "rad": "radian radians", "$": "dollar dollars",
-    "cent": "cent cents", "mph": "mph", "kph": "kph"}.items() for name in names.split()}
 _UNIT_WORD_RE = re.compile(r"\\?[A-Za-z]+")
 
 

@@ -166,6 +166,14 @@ def test_checkpoint_without_lm_head_is_tied(tmp_path):
     assert ours.lm_head is None and ours.lm_head_weight is ours.embed.weight
 
 
+def test_config_overrides_apply_at_load_and_unknown_keys_are_refused(tmp_path):
+    path = tiny.make_checkpoint(tmp_path / "ckpt")
+    model = Qwen2.from_pretrained(path, rope_theta=300000.0, max_position_embeddings=4096)
+    assert (model.config.rope_theta, model.config.max_position_embeddings) == (300000.0, 4096)
+    with pytest.raises(TypeError, match="rope_thetta"):
+        Qwen2.from_pretrained(path, rope_thetta=300000.0)
+
+
 def test_pickle_checkpoints_are_not_loaded(tmp_path):
     hf = make_hf_model()
     path = save_hf(hf, tmp_path)
