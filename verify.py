@@ -118,6 +118,7 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mpmath
 from sympy import (Abs, Add, E, I, Integer, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
@@ -195,8 +196,6 @@ _OR_GAP_RE = re.compile(r"[\s$,]*(?:or\b|\\text\s*\{\s*or\s*\})[\s$]*", re.I)   
 _FINAL_BEFORE_RE = re.compile(r"final[\s*]*$", re.I)                      # "Final **Answer"
 _LAST_VERB_RE = re.compile(r".*\s(?:is|are)\s+|.*:\s*", re.I | re.S)      # "The largest $n$ is "
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|。")
-_MATH_SPAN_RE = re.compile(                                               # $X$ $$X$$ \(X\) \[X\]
-    r"\$\$([^$]+)\$\$|\$([^$]+)\$|\\\(((?:(?!\\\)).)+)\\\)|\\\[((?:(?!\\\]).)+)\\\]", re.S)
 _ENV_NAME_RE = re.compile(r"\\(?:begin|end)\s*\{[A-Za-z*]*\}")
 _PROSE_RE = re.compile(r"[A-Za-z]{3,}")
 
@@ -214,6 +213,55 @@ def extract_answer(text: str, require_think_close: bool = False) -> str | None:
         return None                                   # reasoning never finished: truncated
     if not text.strip():
         return None
+    loop = _repetition_loop(text)
+    if loop is None:
+        return _final_answer(text, require_think_close)
+    head, unit = text[:loop[0]], text[loop[0]:loop[0] + loop[1]]
+    answer = _final_answer(head + unit, require_think_close)   # the loop said once: "\boxed{5}. " x 1000
+    return answer if answer is not None else _final_answer(head, require_think_close)   # "\boxed{" x 1000
+
+
+MAX_LOOP_PERIOD = 256         # a repetition loop repeats a unit of at most this many characters
+MIN_LOOP_REPEATS = 16         # ... at least this many times
+MIN_LOOP_CHARS = 512          # ... over at least this many characters, up to the end of the text
+
+
+def _repetition_loop(text: str) -> tuple[int, int] | None:
+    """(start, period) of a repetition loop that ends the text (a model repeating `\\(` or a sentence
+    until its token limit: the tail text[start:] has period `period`), or None.
+
+    Cost O(MAX_LOOP_PERIOD * 64 + n log n) in C string comparisons: a period p is tried only if the last
+    64 characters repeat with it; its run is then found by doubling and bisection on slice equality
+    (text[n-r-p:n-p] == text[n-r:] holds for every r up to the run length, and for none beyond)."""
+    n = len(text)
+    if n < MIN_LOOP_CHARS:
+        return None
+    tail, hi = text[n - 8:], n - 1
+    while (i := text.rfind(tail, n - 8 - MAX_LOOP_PERIOD, hi)) >= 0:   # periods p whose last 8 repeat
+        hi, p = i + 7, n - 8 - i
+        if text[n - 64 - p:n - p] != text[n - 64:]:
+            continue
+        good, bad = 64, None                           # run >= good; run < bad
+        while bad is None:
+            probe = min(2 * good, n - p)
+            if probe > good and text[n - probe - p:n - p] == text[n - probe:]:
+                good = probe
+            else:
+                bad = probe + 1 if probe == good else probe
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if text[n - mid - p:n - p] == text[n - mid:]:
+                good = mid
+            else:
+                bad = mid
+        span = good + p
+        if span >= max(MIN_LOOP_CHARS, MIN_LOOP_REPEATS * p):
+            return n - span, p
+    return None
+
+
+def _final_answer(text: str, require_think_close: bool) -> str | None:
+    """extract_answer's rules 2-5 on the text after `</think>`."""
     boxes_end, boxed = _last_boxes(text)
     if require_think_close:                           # rllm's grader reads boxes only
         return boxed or None
@@ -244,8 +292,9 @@ def _match_brace(text: str, open_index: int) -> int | None:
     return None
 
 
-def _box_content(text: str, m: re.Match) -> tuple[int, str] | None:
-    """(end, content) of the box whose command m matched; None when its braces never close."""
+def _box_content(text: str, m: re.Match, pairs: dict[int, int] | None) -> tuple[int, str] | None:
+    """(end, content) of the box whose command m matched; None when its braces never close. pairs:
+    _brace_pairs(text), once a box has been found unclosed (then every later search would be long)."""
     j = m.end()
     while j < len(text) and text[j] in " \t":
         j += 1
@@ -253,24 +302,43 @@ def _box_content(text: str, m: re.Match) -> tuple[int, str] | None:
         k = text.find("]", j)
         j = k + 1 if k > 0 else j
     if j < len(text) and text[j] == "{":
-        close = _match_brace(text, j)
+        close = _match_brace(text, j) if pairs is None else pairs.get(j)
         return None if close is None else (close + 1, text[j + 1:close])
     token = re.match(r"[^\s$]*", text[j:j + 200]).group(0)   # "\boxed 5": one token
     return j + len(token), token
 
 
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.S)
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+    """{index of `{`: index of its `}`} for the whole text in one pass (escaped `\\{` `\\}` skipped), as
+    _match_brace would find them one by one: a thousand unclosed `\\boxed{` then cost one scan, not a
+    thousand."""
+    pairs, stack = {}, []
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif m.group() == "}" and stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
 def _top_level_boxes(text: str) -> list[tuple[int, int, str | None]]:
-    """(start, end, content) of every box not nested in another, in order. A box whose braces never
-    close holds the rest of the text, so it is the last one; its content is None (cut off).
-    Linear time: each top-level box is scanned once and nested boxes are skipped."""
-    boxes, cursor = [], 0
+    """(start, end, content) of every box not nested in another closed box, in order. A box whose
+    braces never close has content None and end len(text) (cut off); the boxes inside it still count,
+    so `\\boxed{` repeated in a loop cannot hide the closed `\\boxed{5}` that ends the text.
+    Linear time: braces are matched in one pass and nested boxes are skipped."""
+    boxes, cursor, pairs = [], 0, None
     for m in _BOX_RE.finditer(text):
         if m.start() < cursor:
             continue                                  # \boxed{\boxed{5}}: the inner box is content
-        box = _box_content(text, m)
+        box = _box_content(text, m, pairs)
+        if box is None and pairs is None:             # the first unclosed box: match all braces once
+            pairs = _brace_pairs(text)
         if box is None:
             boxes.append((m.start(), len(text), None))
-            break
+            continue
         content = box[1].strip()
         for _ in range(8):                            # \boxed{\boxed{5}}: the innermost content
             content, outer = _unbox(content), content
@@ -305,7 +373,7 @@ def _last_boxes(text: str) -> tuple[int, str | None]:
     parts = [content]
     for prev_start, prev_end, prev in reversed(boxes[:-1]):
         gap = text[prev_end:start]
-        if len(parts) >= MAX_ITEMS or len(gap) > MAX_BOX_GAP or not _BOX_GAP_RE.fullmatch(gap):
+        if prev is None or len(parts) >= MAX_ITEMS or len(gap) > MAX_BOX_GAP or not _BOX_GAP_RE.fullmatch(gap):
             break
         parts.insert(0, prev)
         start = prev_start
@@ -321,7 +389,7 @@ def _answer_phrase(text: str) -> tuple[int, str | None]:
         return -1, None
     rest = text[start + len(anchor):]
     lead = _ANSWER_LEAD_RE.match(rest)
-    span = _MATH_SPAN_RE.match(rest, lead.end())
+    span = _span_at(rest, lead.end())
     if span is not None:                              # "answer is $X$.", "Answer \(X\)": the span,
         return start, _joined_spans(rest, span) or None   # with those "," or "and" join to it
     connective = lead.group(1) is not None            # "answer is X", "Answer: X"
@@ -333,22 +401,22 @@ def _answer_phrase(text: str) -> tuple[int, str | None]:
     return (start, formula) if formula else (-1, None)
 
 
-def _joined_spans(text: str, first: re.Match) -> str:
+def _joined_spans(text: str, first: _Span) -> str:
     """The span `first` and the spans after it that only punctuation, spacing or "and" separate, as one
     list ("the answer is $4$ and $9$" is 4, 9); "or" separates alternatives, of which the last counts,
     as with boxes."""
-    parts, end = [_span_content(first)], first.end()
-    while len(parts) < MAX_ITEMS and (span := _MATH_SPAN_RE.search(text, end)) is not None:
-        gap = text[end:span.start()]
+    parts, end = [first.content], first.end
+    while len(parts) < MAX_ITEMS and (span := _next_span(text, end, end + MAX_BOX_GAP)) is not None:
+        gap = text[end:span.start]
         if len(gap) > MAX_BOX_GAP:
             break
         if _BOX_GAP_RE.fullmatch(gap):
-            parts.append(_span_content(span))
+            parts.append(span.content)
         elif _OR_GAP_RE.fullmatch(gap):
-            parts = [_span_content(span)]
+            parts = [span.content]
         else:
             break
-        end = span.end()
+        end = span.end
     return ", ".join(p for p in parts if p)
 
 
@@ -368,17 +436,69 @@ def _last_word(text: str, word: str) -> int:
     return best
 
 
-def _span_content(m: re.Match) -> str:
-    return next(g for g in m.groups() if g is not None).strip()
+class _Span(NamedTuple):
+    start: int
+    end: int
+    content: str              # stripped
+
+
+# Math delimiters, longest first: "$$" must be tried before "$" at the same position.
+_SPAN_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def _span_at(text: str, start: int) -> _Span | None:
+    """The math span ($$X$$, $X$, \\(X\\), \\[X\\]) opening exactly at start, X non-empty and free of
+    its closer (and of `$` for the dollar forms); None if there is none. A hand-written scanner, not a
+    regex: `\\((?:(?!\\)).)+\\)` searched over a text with thousands of unclosed `\\(` rescans the
+    rest of the text from each of them (quadratic, inside C code that no deadline can interrupt);
+    here each opener costs one str.find."""
+    for opener, closer in _SPAN_DELIMITERS:
+        if not text.startswith(opener, start):
+            continue
+        body = start + len(opener)
+        close = text.find(closer, body)
+        if opener[0] == "$" and text.find("$", body) != close:
+            close = -1                                # "$$a$b": the first `$` after X must close
+        if close > body:
+            return _Span(start, close + len(closer), text[body:close].strip())
+        return None                                   # ("$" after a failed "$$" fails too: X = "")
+    return None
+
+
+def _next_span(text: str, pos: int, last_start: int) -> _Span | None:
+    """The leftmost math span starting in [pos, last_start]. Linear in the text: each opener kind's
+    next occurrence is found once per position passed, and a kind whose closer never occurs again is
+    dropped (no later opener of that kind can close either)."""
+    upcoming = {"$": -1, "\\(": -1, "\\[": -1}        # opener -> its next index at or after i
+    i = pos
+    while upcoming and i <= last_start:
+        for opener in list(upcoming):
+            if upcoming[opener] < i:
+                upcoming[opener] = text.find(opener, i)
+                if upcoming[opener] < 0:
+                    del upcoming[opener]
+        if not upcoming:
+            return None
+        i = min(upcoming.values())
+        if i > last_start:
+            return None
+        span = _span_at(text, i)
+        if span is not None:
+            return span
+        for opener, closer in _SPAN_DELIMITERS[2:]:
+            if opener in upcoming and text.startswith(opener, i) and text.find(closer, i) < 0:
+                del upcoming[opener]                  # unclosed `\\(`: no later one closes either
+        i += 1
+    return None
 
 
 def _formula(s: str) -> str | None:
     """The formula s states, if s is one: a single math span ($X$, $$X$$, \\(X\\), \\[X\\]) gives X;
     a short line with no word of 3+ letters outside commands gives itself; anything else None."""
     s = s.strip().strip("*").strip()
-    span = _MATH_SPAN_RE.fullmatch(s)
-    if span is not None:
-        return _span_content(span)
+    span = _span_at(s, 0)
+    if span is not None and span.end == len(s):
+        return span.content
     if not s or len(s) > 200 or "\n" in s:
         return None
     probe = _ENV_NAME_RE.sub(" ", s)                  # \begin{pmatrix}: not prose
