@@ -81,7 +81,10 @@ Comparison policy
       cases environment is the list of its equations; `p=3, q=2; p=5, q=2` (semicolons between groups
       of labelled values) is the solutions (3, 2), (5, 2); a ratio labelled by names, `V_1:V_2=3:10`,
       is its value 3:10 (ratios compare as written). `2e-1` is 2e - 1 (Euler's e): only a decimal
-      mantissa (`2.0e-1`) or an unsigned exponent (`2e10`) is scientific notation.
+      mantissa (`2.0e-1`), an unsigned exponent (`2e10`) or one written as programs print it (`1e-07`,
+      `1e+16`) is scientific notation. A gold answer that is a number (a JSON number: int or float) is
+      compared as that number, as is a gold string that is only a scientific literal (`1e-7`); against
+      such a gold a prediction that is only such a literal is read the same way (see _gold_text).
     * Functions of numbers are their values: `\lfloor 7.6 \rfloor` is 7, `\gcd(42, 56)` 14, `\max(3, 11)`
       11 (gcd and lcm of integers, max and min of real numbers; of variables these four stay text). A
       trig function's argument in degrees is converted: `\sin 30^\circ` is 1/2, never sin(30 radians).
@@ -118,12 +121,17 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import NamedTuple
 
 import mpmath
+import sympy.assumptions.wrapper   # noqa: F401 -- imported lazily by sympy in the middle of a comparison
+import sympy.combinatorics         # noqa: F401    (floor of a root, power expansion, ...): imported here,
+import sympy.sets.setexpr          # noqa: F401    never inside a timed call (see _with_deadline)
+import sympy.tensor.tensor         # noqa: F401
 from sympy import (Abs, Add, E, I, Integer, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
                    acos, acosh, acot, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
-                   expand, factorial, floor, gamma, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
+                   expand, factorial, floor, gamma, integer_nthroot, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
@@ -154,21 +162,37 @@ class _OutOfTime(BaseException):
 _state = threading.local()    # per-thread deadline and mpmath context: no globals shared by threads
 
 
+_UNSAFE_TO_STOP = frozenset({"__exit__", "__aexit__", "__del__", "close", "release", "_release_save"})
+DEADLINE_CHECK_EVERY = 16      # function calls between two reads of the thread's CPU clock
+
+
 def _with_deadline(fn, *args, seconds: float | None = None):
-    """fn(*args), stopped with _OutOfTime once TIME_BUDGET_S (or seconds) have passed.
+    """fn(*args), stopped with _OutOfTime once TIME_BUDGET_S (or seconds) of this thread's CPU time
+    have been spent.
 
     The structural limits above keep every step small; this is the backstop for whatever they miss
     (sympy's assumption system can spend seconds on a convoluted expression). It needs no signal, so
-    it works in any thread: a trace hook, installed for this thread only, checks the clock at every
-    Python function call and raises at the first one past the deadline (CPython then removes the
-    hook, so cleanup code runs normally). Nested calls share the outermost deadline. A tracer that
-    was already installed (a debugger, coverage) is paused during the call and restored after it."""
+    it works in any thread: a trace hook, installed for this thread only, reads the clock at every
+    16th Python function call and raises at the first call past the deadline (CPython then removes
+    the hook, so cleanup code runs normally). Nested calls share the outermost deadline. A tracer that
+    was already installed (a debugger, coverage) is paused during the call and restored after it.
+
+    Why this is the same verdict from 8 threads as from one:
+      * the clock is this thread's CPU time (time.thread_time), not wall time: waiting for the GIL
+        behind 7 other graders spends none of the budget, so load cannot turn a verdict into False;
+      * it never raises inside an import or a cleanup call (`__exit__`, a lock's release): a lazy import
+        stopped half way would leave a module half-initialised, or its import lock held, for every
+        other thread (a deadlock); the hook waits for the next call outside them;
+      * everything sympy imports lazily is imported once when verify is imported (_warm_up)."""
     if getattr(_state, "deadline", None) is not None:
         return fn(*args)
-    deadline = time.monotonic() + (TIME_BUDGET_S if seconds is None else seconds)
+    deadline = time.thread_time() + (TIME_BUDGET_S if seconds is None else seconds)
+    calls = 0
 
     def stop_at_deadline(frame, event, arg):
-        if time.monotonic() > deadline:
+        nonlocal calls
+        calls += 1
+        if calls % DEADLINE_CHECK_EVERY == 0 and time.thread_time() > deadline and _safe_to_stop(frame):
             raise _OutOfTime
         return None                              # no line-by-line tracing inside the frame
 
@@ -180,6 +204,18 @@ def _with_deadline(fn, *args, seconds: float | None = None):
     finally:
         sys.settrace(previous)
         _state.deadline = None
+
+
+def _safe_to_stop(frame) -> bool:
+    """May _OutOfTime be raised as this frame is called? Not in a cleanup call, nor anywhere inside
+    the import machinery (walks the stack: runs only once the deadline has passed)."""
+    if frame.f_code.co_name in _UNSAFE_TO_STOP:
+        return False
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
+        frame = frame.f_back
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,7 +743,7 @@ class _Tok:
 
 _TOKEN_RE = re.compile(r"""
     (?P<space>\s+)
-  | (?P<num>\d+\.\d+[eE][-+]?\d+(?![A-Za-z])|\d+[eE]\d+(?![A-Za-z])|\d+(?:\.\d+)?|\.\d+)
+  | (?P<num>\d+\.\d+[eE][-+]?\d+(?![A-Za-z])|\d+[eE](?:\+?\d+|-0\d+)(?![A-Za-z])|\d+(?:\.\d+)?|\.\d+)
   | (?P<cmd>\\[A-Za-z]+|\\.)
   | (?P<letters>[A-Za-z]+)
   | (?P<rel><=|>=|!=|=<|=>)
@@ -1026,7 +1062,6 @@ def _root(radicand: Num, index: Num) -> Num:
 
 
 def _integer_root(value: int, n: int) -> tuple[int, bool]:
-    from sympy import integer_nthroot
     return integer_nthroot(value, n)
 
 
@@ -2290,31 +2325,98 @@ def _canonical_int(s: str) -> str:
     return ("" if digits == "0" else sign) + digits
 
 
-def is_equiv(pred: str, gold: str) -> bool:
-    """Is answer string pred the same answer as gold? (policy: module docstring). Never raises."""
-    if not isinstance(pred, str) or not isinstance(gold, str):
+def is_equiv(pred: str, gold: str | int | float) -> bool:
+    """Is answer string pred the same answer as gold? (policy: module docstring). A gold that is a
+    number (int, float: a JSON number) is compared as that number (see _gold_text). Never raises."""
+    gold_text, numeric = _gold_text(gold)
+    if not isinstance(pred, str) or gold_text is None:
         return False
     try:
-        return bool(_with_deadline(_equiv, pred, gold))
+        return bool(_with_deadline(_equiv_to_gold, pred, gold_text, numeric))
     except (_OutOfTime, Exception):              # out of time, or a sympy failure on odd input
         return False
 
 
-def grade(completion: str, gold: str, require_think_close: bool = False) -> bool:
-    """True iff the completion's final answer (extract_answer) is equivalent to gold. Never raises.
-    require_think_close=True is the paper's strict protocol (rllm's grader): a completion without
-    `</think>` scores False; otherwise the answer is read from the text after the last `</think>`."""
-    if not isinstance(gold, str):
+def grade(completion: str, gold: str | int | float, require_think_close: bool = False) -> bool:
+    """True iff the completion's final answer (extract_answer) is equivalent to gold (a string, or a
+    number: see is_equiv). Never raises. require_think_close=True is the paper's strict protocol (rllm's
+    grader): a completion without `</think>` scores False; otherwise the answer is read from the text
+    after the last `</think>`."""
+    gold_text, numeric = _gold_text(gold)
+    if gold_text is None:
         return False
     try:
-        return bool(_with_deadline(_grade, completion, gold, bool(require_think_close)))
+        return bool(_with_deadline(_grade, completion, gold_text, bool(require_think_close), numeric))
     except (_OutOfTime, Exception):
         return False
 
 
-def _grade(completion: str, gold: str, require_think_close: bool) -> bool:
+def _grade(completion: str, gold: str, require_think_close: bool, numeric: bool = False) -> bool:
     answer = extract_answer(completion, require_think_close)
-    return answer is not None and _equiv(answer, gold)
+    return answer is not None and _equiv_to_gold(answer, gold, numeric)
+
+
+# A number literal in scientific notation, as JSON and Python write numbers: 1e-07, 2.5E+3, -3e8.
+_SCIENTIFIC_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
+MAX_SCIENTIFIC_EXPONENT = 1_000   # beyond this, the literal is left to the parser (bounded there)
+
+
+def _gold_text(gold) -> tuple[str | None, bool]:
+    """(the gold answer as text, whether it is a number literal). A JSON number arrives as int or
+    float: str(1e-07) would be "1e-07", which LaTeX reads as 1*e - 7 (Euler's e), so the number is
+    written out in positional notation ("0.0000001": exactly the decimal the literal denotes). A gold
+    string that is nothing but such a literal is read the same way: a gold answer is a fact, not
+    reasoning, and "1e-07" there is a number. (None, False) for anything else (bool, NaN, None, ...)."""
+    if isinstance(gold, bool):
+        return None, False                       # JSON true/false: not a number answer
+    if isinstance(gold, int):
+        return _int_text(gold), True
+    if isinstance(gold, float):
+        return (_positional(repr(gold)), True) if math.isfinite(gold) else (None, False)
+    if not isinstance(gold, str):
+        return None, False
+    literal = _scientific_literal(gold)
+    return (literal, True) if literal is not None else (gold, False)
+
+
+def _scientific_literal(text: str) -> str | None:
+    """text written out positionally if it is exactly one scientific-notation literal (optionally in
+    $...$) with a bounded exponent; else None."""
+    s = text.strip()
+    if len(s) > 200:
+        return None
+    s = s[1:-1].strip() if len(s) > 2 and s[0] == s[-1] == "$" else s
+    if not _SCIENTIFIC_RE.fullmatch(s):
+        return None
+    exponent = int(re.split("[eE]", s)[1])
+    return _positional(s) if abs(exponent) <= MAX_SCIENTIFIC_EXPONENT else None
+
+
+def _positional(literal: str) -> str:
+    """A decimal literal written without an exponent: 1e-07 -> 0.0000001, 2.5e+3 -> 2500, 1.0 -> 1.0."""
+    text = format(Decimal(literal), "f")
+    return "0" if text in ("-0", "-0.0") else text
+
+
+def _int_text(n: int) -> str:
+    """str(n), also past Python's 4,300-digit int-to-str limit."""
+    if abs(n) < 10**4000:
+        return str(n)
+    chunks, rest = [], abs(n)
+    while rest:
+        rest, chunk = divmod(rest, 10**4000)
+        chunks.append(chunk)
+    return ("-" if n < 0 else "") + str(chunks[-1]) + "".join(str(c).zfill(4000) for c in reversed(chunks[:-1]))
+
+
+def _equiv_to_gold(pred: str, gold: str, numeric_gold: bool) -> bool:
+    """_equiv, with a prediction that is exactly a scientific literal (1e-07, 2.5e-3) read as that
+    number when the gold is a number. Elsewhere `2e-1` stays 2e - 1 (Euler's e): only against a numeric
+    gold is the scientific reading the one that can match (2e - 1 is irrational, a number gold never is),
+    so it cannot turn a wrong answer into a right one."""
+    if numeric_gold and (literal := _scientific_literal(pred)) is not None:
+        pred = literal
+    return _equiv(pred, gold)
 
 
 def _clear_caches() -> None:
