@@ -83,8 +83,8 @@ Comparison policy
       is its value 3:10 (ratios compare as written). `2e-1` is 2e - 1 (Euler's e): only a decimal
       mantissa (`2.0e-1`), an unsigned exponent (`2e10`) or one written as programs print it (`1e-07`,
       `1e+16`) is scientific notation. A gold answer that is a number (a JSON number: int or float) is
-      compared as that number, as is a gold string that is only a scientific literal (`1e-7`); against
-      such a gold a prediction that is only such a literal is read the same way (see _gold_text).
+      compared as that number (never via str(): "1e-07" would be e - 7); against such a gold, a
+      prediction that is only a scientific literal (`1e-7`, `2.5e-3`) is read as one (_equiv_to_gold).
     * Functions of numbers are their values: `\lfloor 7.6 \rfloor` is 7, `\gcd(42, 56)` 14, `\max(3, 11)`
       11 (gcd and lcm of integers, max and min of real numbers; of variables these four stay text). A
       trig function's argument in degrees is converted: `\sin 30^\circ` is 1/2, never sin(30 radians).
@@ -2364,24 +2364,21 @@ MAX_SCIENTIFIC_EXPONENT = 1_000   # beyond this, the literal is left to the pars
 def _gold_text(gold) -> tuple[str | None, bool]:
     """(the gold answer as text, whether it is a number literal). A JSON number arrives as int or
     float: str(1e-07) would be "1e-07", which LaTeX reads as 1*e - 7 (Euler's e), so the number is
-    written out in positional notation ("0.0000001": exactly the decimal the literal denotes). A gold
-    string that is nothing but such a literal is read the same way: a gold answer is a fact, not
-    reasoning, and "1e-07" there is a number. (None, False) for anything else (bool, NaN, None, ...)."""
+    written out in positional notation ("0.0000001": exactly the decimal the literal denotes). A string
+    is taken as written (the tokenizer reads "1e-07" and "1e+16" as numbers anywhere; "2e-1" stays
+    2e - 1). (None, False) for anything else (bool, NaN, None, ...)."""
     if isinstance(gold, bool):
         return None, False                       # JSON true/false: not a number answer
     if isinstance(gold, int):
         return _int_text(gold), True
     if isinstance(gold, float):
         return (_positional(repr(gold)), True) if math.isfinite(gold) else (None, False)
-    if not isinstance(gold, str):
-        return None, False
-    literal = _scientific_literal(gold)
-    return (literal, True) if literal is not None else (gold, False)
+    return (gold, False) if isinstance(gold, str) else (None, False)
 
 
 def _scientific_literal(text: str) -> str | None:
     """text written out positionally if it is exactly one scientific-notation literal (optionally in
-    $...$) with a bounded exponent; else None."""
+    $...$) with a bounded exponent; else None. Used for a prediction against a numeric gold only."""
     s = text.strip()
     if len(s) > 200:
         return None
