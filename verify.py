@@ -130,7 +130,7 @@ import sympy.combinatorics         # noqa: F401    (floor of a root, power expan
 import sympy.sets.setexpr          # noqa: F401    never inside a timed call (see _with_deadline)
 import sympy.tensor.tensor         # noqa: F401
 from sympy import (Abs, Add, E, I, Integer, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
-                   acos, acosh, acot, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
+                   acos, acosh, acot, acsc, asec, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
                    expand, factorial, floor, gamma, integer_nthroot, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def _bare_answer(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 _UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
             "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
-            "≠": r"\ne ", "∪": r"\cup ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
+            "≠": r"\ne ", "∪": r"\cup ", "∩": r"\cap ", "∖": r"\setminus ", "∅": r"\emptyset ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
             "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⌈": r"\lceil ", "⌉": r"\rceil ", "\u00a0": " ", "\u2044": "/"}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _SCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻₀₁₂₃₄₅₆₇₈₉₊₋", "0123456789+-0123456789+-")
@@ -736,7 +736,7 @@ _PM = Symbol("±")   # stands for the sign in a ± b; expanded into both values 
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Tok:
-    kind: str       # num id const func cmd op rel pm pct deg setl setr cup in sep text word begin end
+    kind: str       # num id const func cmd op rel pm pct deg setl setr setop in sep text word begin end
     text: str
     space: bool = False   # whitespace precedes it
 
@@ -754,17 +754,22 @@ _GREEK = frozenset("""alpha beta gamma delta epsilon varepsilon zeta eta theta v
     mu nu xi rho varrho sigma varsigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi
     Sigma Upsilon Phi Psi Omega ell""".split())
 _FUNCS = {"sin": sin, "cos": cos, "tan": tan, "cot": cot, "sec": sec, "csc": csc, "arcsin": asin,
-          "arccos": acos, "arctan": atan, "arccot": acot, "sinh": sinh, "cosh": cosh, "tanh": tanh,
+          "arccos": acos, "arctan": atan, "arccot": acot, "arcsec": asec, "arccsc": acsc, "arcsinh": asinh,
+          "arccosh": acosh, "arctanh": atanh, "sinh": sinh, "cosh": cosh, "tanh": tanh,
           "exp": exp, "ln": log, "log": log, "lg": log, "sqrt": sqrt, "floor": floor, "ceil": ceiling}
 _TRIG = frozenset({"sin", "cos", "tan", "cot", "sec", "csc"})    # an argument in degrees is converted
 _MULTI_FUNCS = frozenset({"gcd", "lcm", "max", "min"})         # f(a, b, ...), computed for numbers only
-_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "cot": "arccot"}
+# f^{-1} is the inverse function for these (\sec^{-1} x = arcsec x, never 1/sec x = cos x); for any other
+# function (\ln^{-1} x, \exp^{-1}) the notation is ambiguous and the answer is compared as text.
+_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan", "cot": "arccot", "sec": "arcsec", "csc": "arccsc",
+            "sinh": "arcsinh", "cosh": "arccosh", "tanh": "arctanh"}
 _COMMANDS = {  # LaTeX command -> token
     "cdot": ("op", "*"), "times": ("op", "*"), "ast": ("op", "*"), "div": ("op", "/"),
     "pm": ("pm", "+-"), "mp": ("pm", "-+"), "le": ("rel", "<="), "leq": ("rel", "<="),
     "leqslant": ("rel", "<="), "ge": ("rel", ">="), "geq": ("rel", ">="), "geqslant": ("rel", ">="),
     "lt": ("rel", "<"), "gt": ("rel", ">"), "ne": ("rel", "!="), "neq": ("rel", "!="),
-    "approx": ("rel", "~"), "in": ("in", "in"), "cup": ("cup", "cup"), "{": ("setl", "{"),
+    "approx": ("rel", "~"), "in": ("in", "in"), "cup": ("setop", "cup"), "cap": ("setop", "cap"),
+    "setminus": ("setop", "setminus"), "smallsetminus": ("setop", "setminus"), "{": ("setl", "{"),
     "}": ("setr", "}"), "langle": ("op", "("), "rangle": ("op", ")"), "lvert": ("op", "|"),
     "rvert": ("op", "|"), "vert": ("op", "|"), "mid": ("op", "|"), "\\": ("op", "\\\\"),
     "%": ("pct", "%"), "degree": ("deg", "deg"), "infty": ("const", "oo"), "infin": ("const", "oo"),
@@ -1210,6 +1215,13 @@ def _find_close(toks: list[_Tok], start: int) -> int:
     raise _ParseError("unclosed bracket")
 
 
+def _ends_operand(t: _Tok) -> bool:
+    """Can an operand end with token t (so that a `|` after it closes an absolute value)? A `|` itself
+    is decided by the caller: a closing bar ends an operand, an opening one does not."""
+    return t.kind in ("num", "id", "const", "setr", "end", "pct", "deg", "word", "text") or (
+        t.kind == "op" and t.text in (")", "]", "}", "!"))
+
+
 def _is_item_sep(t: _Tok) -> bool:
     return t.kind == "sep" or (t.kind == "op" and t.text in ",;")
 
@@ -1231,19 +1243,142 @@ def _parse_items(toks: list[_Tok], depth: int, expand_pm: bool = False) -> list:
 
 
 def _parse_union(toks: list[_Tok], depth: int):
-    ranges = _split(toks, lambda t: t.kind == "cup")
+    """A \\cup B \\cap C \\setminus D, left to right. Of numeric sets (intervals, finite sets of real
+    numbers) the result is computed (_set_algebra); of anything else only a union is kept, as its parts."""
+    ranges = _split(toks, lambda t: t.kind == "setop")
     if len(ranges) == 1:
         return _Parser(toks, depth).item()
+    ops = [toks[hi].text for _, hi in ranges[:-1]]
+    operands = [_as_interval(_Parser(toks[lo:hi], depth).item()) for lo, hi in ranges]
+    if not all(isinstance(v, (IntervalV, SetV, UnionV)) for v in operands):
+        raise _ParseError("a set operation on something that is not a set")
+    computed = _set_algebra(operands, ops)
+    if computed is not None:
+        return computed
+    if any(op != "cup" for op in ops):
+        raise _ParseError("\\cap or \\setminus of sets that are not numeric")
     parts = []
-    for lo, hi in ranges:
-        value = _as_interval(_Parser(toks[lo:hi], depth).item())
-        if isinstance(value, UnionV):
-            parts.extend(value.parts)
-        elif isinstance(value, (IntervalV, SetV)):
-            parts.append(value)
-        else:
-            raise _ParseError("\\cup of something that is not a set")
+    for value in operands:
+        parts.extend(value.parts if isinstance(value, UnionV) else [value])
     return UnionV(tuple(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Set algebra on the real line: \cup, \cap, \setminus of intervals and finite sets of numbers.
+#   All endpoints of all operands are sorted once into keys k_0 < ... < k_m (with -oo and +oo). The
+#   line is then the points k_j and the open gaps (k_j, k_j+1); membership of each in each operand is
+#   decided from endpoint indices alone (no arithmetic on the values), the operation is applied
+#   element by element, and maximal runs of members become the canonical result: disjoint intervals
+#   in order, isolated points as one finite set. Two spellings of one set then compare equal:
+#   [1,3) \cup [2,5] = [1,5], \mathbb{R} \setminus \{0\} = (-\infty,0) \cup (0,\infty).
+# ---------------------------------------------------------------------------------------------
+MAX_SET_ENDPOINT_DIGITS = 40   # endpoints are ordered at 60 digits: only numbers this small
+
+
+def _set_algebra(operands: list, ops: list[str]):
+    """The canonical value of operands[0] op operands[1] ... (left to right), or None if an end is
+    not a real number of bounded size (the caller then keeps the structure)."""
+    pieces = [_pieces(v) for v in operands]
+    if any(p is None for p in pieces):
+        return None
+    keys, key_of = _sorted_keys([num for p in pieces for lo, hi in p for num in (lo[0], hi[0])])
+    if keys is None:
+        return None
+    members = []
+    for p in pieces:
+        indexed = [(key_of[id(lo)], lo_closed, key_of[id(hi)], hi_closed) for (lo, lo_closed), (hi, hi_closed) in p]
+        if any(i_lo > i_hi for i_lo, _, i_hi, _ in indexed):
+            return None                               # (5, 1): not an interval
+        members.append(_membership(indexed, len(keys)))
+    result = members[0]
+    for op, other in zip(ops, members[1:]):
+        if op == "cup":
+            result = [a or b for a, b in zip(result, other)]
+        elif op == "cap":
+            result = [a and b for a, b in zip(result, other)]
+        else:
+            result = [a and not b for a, b in zip(result, other)]
+    return _canonical_set(result, keys)
+
+
+def _pieces(value) -> list[tuple] | None:
+    """value as ((lo, closed), (hi, closed)) pairs of Num ends; a point a is ((a, True), (a, True));
+    None when an end is not a real number of bounded size."""
+    parts = value.parts if isinstance(value, UnionV) else (value,)
+    pieces = []
+    for part in parts:
+        if isinstance(part, IntervalV):
+            pieces.append(((part.lo, not part.lo_open), (part.hi, not part.hi_open)))
+        else:
+            pieces.extend(((v, True), (v, True)) for v in part.items)
+    for (lo, _), (hi, _) in pieces:
+        for num in (lo, hi):
+            if (not isinstance(num, Num) or num.frozen or num.digits > MAX_SET_ENDPOINT_DIGITS
+                    or num.expr.free_symbols):
+                return None
+    return pieces
+
+
+def _sorted_keys(nums: list[Num]) -> tuple[list | None, dict]:
+    """(keys, key_of): the distinct values of nums in increasing order, as (value, a Num with it),
+    starting at -oo and ending at +oo; key_of maps id(num) to its key's index. (None, {}) if a value
+    is not real. Values within 10^-40 (relative) are one key: ordered at 60 digits, bounded numbers
+    that close are equal (sqrt 8 and 2 sqrt 2)."""
+    ctx = _mp()
+    values = {}
+    for num in nums:
+        if num.expr in (oo, -oo):
+            values[id(num)] = ctx.inf if num.expr == oo else -ctx.inf
+            continue
+        value = _evaluate(num.expr, 60)
+        if value is None or value.imag != 0:
+            return None, {}
+        values[id(num)] = value.real
+    by_id = {id(num): num for num in nums}
+    keys, key_of = [(-ctx.inf, Num(-oo))], {}
+    for ident in sorted(by_id, key=values.__getitem__):
+        v, last = values[ident], keys[-1][0]
+        same = v == last or (ctx.isfinite(v) and ctx.isfinite(last) and abs(v - last) <= ctx.mpf(10) ** -40 * max(1, abs(v)))
+        if not same:
+            keys.append((v, by_id[ident]))
+        key_of[ident] = len(keys) - 1
+    if ctx.isfinite(keys[-1][0]):
+        keys.append((ctx.inf, Num(oo)))
+    return keys, key_of
+
+
+def _membership(indexed: list[tuple], n_keys: int) -> list[bool]:
+    """Membership of the line's elements, in order: point 0, gap (0, 1), point 1, ..., point n-1
+    (element 2j is the point k_j, element 2j+1 the gap (k_j, k_j+1)); the points +-oo are never in."""
+    inside = [False] * (2 * n_keys - 1)
+    for i_lo, lo_closed, i_hi, hi_closed in indexed:
+        for element in range(2 * i_lo + (0 if lo_closed else 1), 2 * i_hi + (1 if hi_closed else 0)):
+            inside[element] = True
+    inside[0] = inside[-1] = False
+    return inside
+
+
+def _canonical_set(inside: list[bool], keys: list):
+    """Maximal runs of members as disjoint intervals in order, isolated points as one finite set:
+    an IntervalV, a SetV, or a UnionV of both kinds."""
+    intervals, points, element = [], [], 0
+    while element < len(inside):
+        if not inside[element]:
+            element += 1
+            continue
+        start = element
+        while element < len(inside) and inside[element]:
+            element += 1
+        last = element - 1
+        if start == last and start % 2 == 0:
+            points.append(keys[start // 2][1])
+            continue
+        lo, hi = keys[start // 2][1], keys[(last + 1) // 2][1]
+        intervals.append(IntervalV(lo, hi, start % 2 == 1, last % 2 == 1))
+    parts = intervals + ([SetV(tuple(points))] if points else [])
+    if len(parts) == 1:
+        return parts[0]
+    return UnionV(tuple(parts)) if parts else SetV(())
 
 
 def _as_interval(value):
@@ -1382,7 +1517,7 @@ class _Parser:
     def starts_atom(self, t: _Tok) -> bool:
         if t.kind in ("num", "id", "const", "func", "cmd", "setl", "begin", "word"):
             return True
-        return t.kind == "op" and t.text in "([{"
+        return t.kind == "op" and t.text in "([{|"         # "|" : |a||b|, 2|x|: a product
 
     def signed(self):
         negate, pm = False, None
@@ -1647,8 +1782,10 @@ class _Parser:
         raise _ParseError("bad interval")
 
     def absolute(self) -> Num:
-        """After `|`: |x|, up to the next `|` at the same depth."""
-        depth = 0
+        """After `|`: |x|, up to its closing `|`. A bar closes when it follows something that ends an
+        operand (a number, a variable, a closer, a closed bar, x!); otherwise it opens an inner |..|:
+        ||x| - 1| and |2 - |x|| nest, |a||b| is two adjacent values."""
+        depth, bars, closed_bar = 0, 0, -1          # closed_bar: index of the last closing `|`
         for k in range(self.i, len(self.toks)):
             t = self.toks[k]
             if _is_opener(t):
@@ -1656,11 +1793,18 @@ class _Parser:
             elif _is_closer(t):
                 depth -= 1
             elif depth == 0 and t.kind == "op" and t.text == "|":
-                items = self.sub_items(self.i, k)
-                self.i = k + 1
-                if len(items) != 1:
-                    raise _ParseError("a list inside |...|")
-                return _abs(items[0])
+                before = self.toks[k - 1]
+                if k > self.i and (closed_bar == k - 1 if before.text == "|" else _ends_operand(before)):
+                    closed_bar = k
+                    if bars == 0:
+                        items = self.sub_items(self.i, k)
+                        self.i = k + 1
+                        if len(items) != 1:
+                            raise _ParseError("a list inside |...|")
+                        return _abs(items[0])
+                    bars -= 1
+                else:
+                    bars += 1
         raise _ParseError("unclosed |")
 
     def matrix(self, env: str) -> MatrixV:
@@ -1719,7 +1863,9 @@ class _Parser:
                 arg = _mul(arg, self.power())
         if name in _TRIG and any(t.kind == "deg" for t in self.toks[start:self.i]):   # sin 30° = sin(π/6)
             arg = _mul(arg, _div(Num(pi), Num(Integer(180))))
-        if power is not None and power.expr == -1 and name in _INVERSE:
+        if power is not None and power.expr == -1:
+            if name not in _INVERSE:
+                raise _ParseError(f"\\{name}^{{-1}} is ambiguous")
             return _apply(_INVERSE[name], arg)
         value = _apply(name, arg, base)
         return _pow(value, power) if power is not None else value
@@ -2083,7 +2229,8 @@ class _Unsafe(Exception):
 MAX_MAGNITUDE_BITS = 30_000   # |values| met during numeric evaluation stay within 2^(+-30,000)
 _MP_FUNCTIONS = {sin: "sin", cos: "cos", tan: "tan", cot: "cot", sec: "sec", csc: "csc", asin: "asin",
                  acos: "acos", atan: "atan", acot: "acot", sinh: "sinh", cosh: "cosh", tanh: "tanh",
-                 asinh: "asinh", acosh: "acosh", atanh: "atanh", exp: "exp", log: "log", Abs: "fabs"}
+                 asinh: "asinh", acosh: "acosh", atanh: "atanh", asec: "asec", acsc: "acsc", exp: "exp",
+                 log: "log", Abs: "fabs"}
 
 
 def _bits(value) -> int:
@@ -2134,7 +2281,7 @@ def _mp_value(expr, point: dict):
     func = type(expr)
     if func in _MP_FUNCTIONS and len(args) == 1:
         (arg,) = args
-        if _bits(arg) > 64 and func not in (log, Abs, atan, acot, asinh, acosh, atanh):  # mod pi, exp
+        if _bits(arg) > 64 and func not in (log, Abs, atan, acot, asinh, acosh, atanh, asec, acsc):  # mod pi, exp
             raise _Unsafe
         return _guard(getattr(ctx, _MP_FUNCTIONS[func])(arg))
     if func is factorial and abs(args[0]) < 10**4:
