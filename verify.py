@@ -129,7 +129,7 @@ import sympy.assumptions.wrapper   # noqa: F401 -- imported lazily by sympy in t
 import sympy.combinatorics         # noqa: F401    (floor of a root, power expansion, ...): imported here,
 import sympy.sets.setexpr          # noqa: F401    never inside a timed call (see _with_deadline)
 import sympy.tensor.tensor         # noqa: F401
-from sympy import (Abs, Add, E, I, Integer, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
+from sympy import (Abs, Add, E, I, Integer, Integral, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
                    acos, acosh, acot, acsc, asec, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
                    expand, factorial, floor, gamma, integer_nthroot, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
 
@@ -778,7 +778,7 @@ _COMMANDS = {  # LaTeX command -> token
     "binom": ("cmd", "binom"), "and": ("sep", "and"), "or": ("sep", "or"), "equiv": ("rel", "="),
     "bmod": ("op", "mod"), "mod": ("op", "mod"), "pmod": ("cmd", "pmod"), "to": ("rel", "->"),
     "rightarrow": ("rel", "->"), "longrightarrow": ("rel", "->"), "sum": ("cmd", "sum"),
-    "prod": ("cmd", "prod"), "lim": ("cmd", "lim"),
+    "prod": ("cmd", "prod"), "lim": ("cmd", "lim"), "int": ("cmd", "int"), "det": ("cmd", "det"),
 }
 # Unit words, by what they measure, to one name each (a bare "m", "s" or "g" is a variable, never a unit).
 _UNIT_NAMES = {name: unit for unit, names in {
@@ -1585,6 +1585,10 @@ class _Parser:
             return self.function(t.text)
         if t.kind == "cmd" and t.text in ("sum", "prod", "lim"):
             return self.big_operator(t.text)
+        if t.kind == "cmd" and t.text == "int":
+            return self.integral()
+        if t.kind == "cmd" and t.text == "det":
+            return self.determinant()
         if t.kind == "cmd":
             if t.text == "frac":
                 return _div(self.argument(), self.argument())
@@ -1727,8 +1731,10 @@ class _Parser:
 
     def big_operator(self, name: str) -> Num:
         """\\sum_{k=a}^{b} f, \\prod_{k=a}^{b} f, \\lim_{x \\to a} f, where f is the term that follows.
-        Kept unevaluated (sympy's inert Sum, Product, Limit) and so compared structurally: reordered
-        factors or terms in f still match, a different f or bound does not."""
+        A sum or product over a range of integers is computed (_series); over a symbolic or huge range
+        it stays unevaluated (sympy's inert Sum, Product) and compares structurally: reordered factors
+        or terms in f still match, a different f or bound does not. A limit is an inert Limit whose
+        value numeric comparison approaches (_mp_limit): a bare limit equals its value."""
         if not (self.at("op", "_") and self.i + 1 < len(self.toks) and self.toks[self.i + 1].text == "{"):
             raise _ParseError(f"\\{name} without a braced subscript")
         close = _find_close(self.toks, self.i + 1)
@@ -1737,7 +1743,7 @@ class _Parser:
         relation = "->" if name == "lim" else "="
         if len(inner) < 3 or inner[0].kind != "id" or inner[1].kind != "rel" or inner[1].text != relation:
             raise _ParseError(f"bad \\{name} subscript")
-        point, direction = inner[2:], "+"
+        point, direction = inner[2:], "+-"
         if name == "lim" and len(point) > 2 and point[-2].text == "^" and point[-1].text in ("+", "-"):
             point, direction = point[:-2], point[-1].text          # one-sided: x \to 0^+
         start = self.single(point)
@@ -1747,15 +1753,48 @@ class _Parser:
                 raise _ParseError(f"\\{name} without an upper bound")
             self.take()
             end = self.script()
+        body_start = self.i
         body = self.term()
         parts = [p for p in (body, start, end) if p is not None]
         _need_num(*parts)
         var = Symbol(inner[0].text)
         if name == "lim":
-            expr = Limit(body.expr, var, start.expr, direction)
-        else:
-            expr = (Sum if name == "sum" else Product)(body.expr, (var, start.expr, end.expr))
+            return _num(Limit(body.expr, var, start.expr, direction), *parts)
+        value = _series(name, inner[0].text, self.toks[body_start:self.i], start, end, self.depth + self.level + 1)
+        if value is not None:
+            return value
+        expr = (Sum if name == "sum" else Product)(body.expr, (var, start.expr, end.expr))
         return _num(expr, *parts)
+
+    def integral(self) -> Num:
+        """\\int_a^b f \\, dx (bounds in either order; \\mathrm{d}x too): sympy's inert Integral, whose
+        value numeric comparison computes by quadrature (_mp_integral). An indefinite integral is text."""
+        bounds = {}
+        while self.at("op", "_") or self.at("op", "^"):
+            side = self.take().text
+            if side in bounds:
+                raise _ParseError("double bound on \\int")
+            bounds[side] = self.script()
+        if len(bounds) != 2:
+            raise _ParseError("an indefinite integral")
+        depth = 0
+        for k in range(self.i, len(self.toks) - 1):
+            t, after = self.toks[k], self.toks[k + 1]
+            depth += _is_opener(t) - _is_closer(t)
+            if depth == 0 and t.kind == "id" and t.text == "d" and after.kind == "id" and k > self.i:
+                body = self.single(self.toks[self.i:k])
+                self.i = k + 2
+                _need_num(body, bounds["_"], bounds["^"])
+                integral = Integral(body.expr, (Symbol(after.text), bounds["_"].expr, bounds["^"].expr))
+                return _num(integral, body, bounds["_"], bounds["^"])
+        raise _ParseError("\\int without a differential dx")
+
+    def determinant(self) -> Num:
+        """\\det M for a matrix M (a pmatrix, a bracketed matrix ...): its value, as for a vmatrix."""
+        value = self.atom()
+        if not isinstance(value, MatrixV):
+            raise _ParseError("\\det of something that is not a matrix")
+        return _determinant(list(value.rows))
 
     def single(self, toks: list[_Tok]):
         items = _parse_items(toks, self.depth + self.level + 1)
@@ -1869,6 +1908,35 @@ class _Parser:
             return _apply(_INVERSE[name], arg)
         value = _apply(name, arg, base)
         return _pow(value, power) if power is not None else value
+
+
+MAX_SERIES_TERMS = 1_000      # \sum / \prod over a longer range of integers stay unevaluated
+MAX_SERIES_WORK = 5_000       # body tokens re-parsed per answer, all sums (nested ones too) together
+
+
+def _series(name: str, index: str, body: list[_Tok], start: Num, end: Num, depth: int) -> Num | None:
+    """\\sum_{k=a}^{b} f or \\prod_{k=a}^{b} f for integers a, b: the body's tokens are parsed again for
+    each k with k written in (so every term is built by the bounded helpers: k^{k^k} is frozen, never
+    computed), and the terms are added or multiplied exactly. None (keep it inert) for a symbolic
+    bound, more than MAX_SERIES_TERMS terms, or once this answer's MAX_SERIES_WORK is spent."""
+    a, b = start.expr, end.expr
+    if start.frozen or end.frozen or not (a.is_Integer and b.is_Integer) or b - a + 1 > MAX_SERIES_TERMS:
+        return None
+    work = (int(b - a) + 1) * len(body) if b >= a else 0
+    if work > getattr(_state, "series_work", 0):
+        return None
+    _state.series_work -= work
+    terms = []
+    for k in range(int(a), int(b) + 1):
+        written = [_Tok("op", "{"), *([_Tok("op", "-")] if k < 0 else []), _Tok("num", str(abs(k))), _Tok("op", "}")]
+        toks = [x for t in body for x in (written if t.kind == "id" and t.text == index else [t])]   # k -> {3}
+        parser = _Parser(toks, depth)
+        terms.append(parser.term())
+        if parser.i != len(toks):
+            raise _ParseError("a sum's body did not parse again")
+    if name == "sum":
+        return _add_all(terms) if terms else Num(Integer(0))
+    return _mul_all(terms) if terms else Num(Integer(1))
 
 
 def _multi_function(name: str, args: list) -> Num:
@@ -1999,6 +2067,7 @@ def _parse(s: str):
     """The value of a cleaned answer, or None when it is outside the supported subset."""
     if not s or len(s) > MAX_ANSWER_CHARS:
         return None
+    _state.series_work = MAX_SERIES_WORK
     try:
         special = _special_form(s)
         if special is not None:
@@ -2233,6 +2302,9 @@ _MP_FUNCTIONS = {sin: "sin", cos: "cos", tan: "tan", cot: "cot", sec: "sec", csc
                  log: "log", Abs: "fabs"}
 
 
+_CHEAP_AT_ANY_SIZE = (log, Abs, atan, acot, asinh, acosh, atanh, asec, acsc)
+
+
 def _bits(value) -> int:
     """log2 |value| (rounded), as mpmath's mag; very negative for 0."""
     return _mp().mag(value) if value != 0 else -(10**9)
@@ -2259,13 +2331,18 @@ def _mp_value(expr, point: dict):
     if expr.is_Symbol:
         if expr not in point:
             raise _Unsafe
-        return ctx.mpf(point[expr].p) / point[expr].q
+        value = point[expr]                           # a Rational sample, or an mpf (_mp_limit, _mp_integral)
+        return ctx.mpf(value.p) / value.q if getattr(value, "is_Rational", False) else value
     if expr == pi:
         return +ctx.pi
     if expr == E:
         return +ctx.e
     if expr == I:
         return ctx.mpc(0, 1)
+    if isinstance(expr, Limit):
+        return _mp_limit(expr, point)
+    if isinstance(expr, Integral):
+        return _mp_integral(expr, point)
     args = [_mp_value(a, point) for a in expr.args]
     if expr.is_Add:
         return _guard(ctx.fsum(args))
@@ -2275,13 +2352,13 @@ def _mp_value(expr, point: dict):
         base, exponent = args
         if base == 0:
             return _guard(ctx.power(base, exponent))
-        if abs(exponent) * (abs(_bits(base)) + 2) > MAX_MAGNITUDE_BITS:
-            raise _Unsafe
+        if abs(exponent) * abs(ctx.log(abs(base), 2)) > MAX_MAGNITUDE_BITS:
+            raise _Unsafe                        # |base^exponent| = 2^(exponent log2 |base|): (1 + 1/x)^x is fine
         return _guard(ctx.power(base, exponent))
     func = type(expr)
     if func in _MP_FUNCTIONS and len(args) == 1:
         (arg,) = args
-        if _bits(arg) > 64 and func not in (log, Abs, atan, acot, asinh, acosh, atanh, asec, acsc):  # mod pi, exp
+        if _bits(arg) > 64 and func not in _CHEAP_AT_ANY_SIZE:  # mod pi, exp
             raise _Unsafe
         return _guard(getattr(ctx, _MP_FUNCTIONS[func])(arg))
     if func is factorial and abs(args[0]) < 10**4:
@@ -2291,6 +2368,53 @@ def _mp_value(expr, point: dict):
     if func is binomial and abs(args[0]) < 10**4 and abs(args[1]) < 10**4:
         return _guard(ctx.binomial(*args))
     raise _Unsafe                                 # oo, zoo, an unevaluated giant, an unknown function
+
+
+QUADRATURE_DEGREE = 6         # tanh-sinh levels: ~2^7 nodes; smooth integrands converge by then
+LIMIT_DECADES = (5, 15)       # a limit is read at x = a + 10^-(d+5) and 10^-(d+15) (d: working digits)
+
+
+def _mp_limit(expr, point: dict):
+    """lim_{x -> a} f numerically: f at two points approaching a from each side the limit names
+    (a +- 10^-(d+5), 10^-(d+15); +-10^(d+5), 10^(d+15) at an infinite a), computed with 2d + 40 digits
+    (so that x - a is exact and the cancellation in (e^x - 1)/x costs nothing). If all agree to d - 10
+    digits, that is the limit; otherwise (no limit, |x|/x, sin(1/x), one that converges too slowly to
+    see, such as 1/ln x) _Unsafe: the limit is then compared structurally only."""
+    body, var, target, direction = expr.args
+    if body.has(Limit, Integral):
+        raise _Unsafe                             # nested: 4 evaluations per level, 4^depth in all
+    ctx = _mp()
+    digits = ctx.dps
+    with ctx.workdps(2 * digits + 40):
+        if target in (oo, -oo):
+            sign = 1 if target == oo else -1
+            xs = [sign * ctx.mpf(10) ** (digits + e) for e in LIMIT_DECADES]
+        else:
+            a = _mp_value(target, point)
+            signs = {"+": (1,), "-": (-1,), "+-": (1, -1)}[str(direction)]
+            xs = [a + s * ctx.mpf(10) ** -(digits + e) for s in signs for e in LIMIT_DECADES]
+        values = [_mp_value(body, {**point, var: x}) for x in xs]
+        ref = values[-1]
+        if any(abs(v - ref) > ctx.mpf(10) ** (10 - digits) * max(1, abs(ref)) for v in values):
+            raise _Unsafe
+    return _guard(+ref)
+
+
+def _mp_integral(expr, point: dict):
+    """A definite integral over finite ends by mpmath's tanh-sinh quadrature (QUADRATURE_DEGREE levels at
+    most); _Unsafe unless its error estimate is below 10^-(d-10) of the value (d: working digits): a
+    divergent, badly oscillating or improper integral is then compared structurally only (improper
+    ones would put nodes at |x| ~ 10^100, where e^-x alone is a refused, unbounded computation)."""
+    if expr.function.has(Limit, Integral):
+        raise _Unsafe                             # nested: ~2^7 evaluations per level
+    ctx = _mp()
+    (var, lo, hi), = expr.limits
+    ends = [_mp_value(end, point) for end in (lo, hi)]   # an infinite end is _Unsafe: structural only
+    value, error = ctx.quad(lambda t: _mp_value(expr.function, {**point, var: t}), ends, error=True,
+                            maxdegree=QUADRATURE_DEGREE)
+    if not ctx.isfinite(value) or error > ctx.mpf(10) ** (10 - ctx.dps) * max(1, abs(value)):
+        raise _Unsafe
+    return _guard(value)
 
 
 def _evaluate(expr, precision: int, point: dict | None = None):
