@@ -23,7 +23,9 @@ Extraction (the policy; tests/test_verify.py tables JOINED_BOXES, ANSWER_PRECEDE
        are one box), joined with the boxes just before it that only punctuation, math delimiters,
        spacing (`\quad`) or "and" separate: `\boxed{1} \quad \text{and} \quad \boxed{-2}` is the
        list 1, -2; "or" separates alternatives, so only the last counts. A last box whose braces never
-       close is truncated output: no answer.
+       close is truncated output: no answer (a closed box after unclosed ones is still a box). A
+       repetition loop ending the text (the same unit, say `\boxed{` or `\(`, 16+ times over 512+
+       characters) is read as written once, or else as absent: it cannot hide the box before it.
     3. Phrase candidate: the LAST whole word "answer" (any case), read like rllm's and lighteval's
        final-answer anchors: "answer is $X$", "Answer: X", "**Answer:** \(X\)", "answer $X$",
        Minerva's "final answer is $X$. I hope it is correct", and "Final Answer: The largest $n$ is
@@ -64,16 +66,25 @@ Comparison policy
       unbounded `simplify`.
       Numeric checks are absolute, not relative: each value is computed with as many extra digits as
       its largest intermediate has, so (x+1)^1000 + x never equals (x+1)^1000 (see _evaluate).
-    * \sum, \prod and \lim stay unevaluated (sympy's inert Sum/Product/Limit) and compare
-      structurally: reordered factors match, a different body or bound does not (so equal sums
-      written with other bounds, or a bare limit against its value, are not recognised). `a \bmod n`,
-      `\pmod{n}` and `\equiv` are computed for rationals; a vmatrix is its determinant.
+    * Closed forms with numeric bounds are values: `\sum_{k=1}^{10} k` is 55 and `\prod` likewise
+      (at most 1,000 terms, each built by the bounded helpers); `\lim_{x\to 0} \frac{\sin x}{x}` is 1
+      and `\int_0^1 x^2\,dx` is 1/3, evaluated numerically when compared (a limit from two points per
+      side that must agree, a definite integral over finite ends by quadrature whose error bound must
+      be small; neither nested). Otherwise (a symbolic or huge range, an infinite bound, no limit)
+      they stay inert and compare structurally: reordered factors match, a different body or bound
+      does not. `a \bmod n`, `\pmod{n}` and `\equiv` are computed for rationals; a vmatrix and
+      `\det M` are the determinant. `\sin^{-1}`, `\sec^{-1}`, `\csc^{-1}` (any trig or hyperbolic
+      f^{-1}) are inverse functions, as are `\arcsec`, `\arccsc`; f^{-1} of another function is
+      ambiguous (text). Absolute-value bars nest and sit side by side: `||x|-1|`, `|a||b|`.
     * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` (also written `{a, b}`) and bare lists
       `a, b` (solutions) are unordered and a repeated item counts once; a partial list is wrong;
       `1 \pm \sqrt2` is the list of both values. A column/row vector equals the tuple of its
       entries; a tuple of names only labels its value: `(p,q) = (3,2)` is `(3,2)`.
     * Intervals compare ends and openness (openness at an infinite end is ignored); a pair `(a,b)`
-      equals the open interval (a,b); unions compare their parts unordered; `x \in S` is S, and
+      equals the open interval (a,b); `\cup`, `\cap` and `\setminus` of intervals and finite sets of
+      numbers are computed to one canonical set (`[1,3) \cup [2,5]` is `[1,5]`, `\mathbb{R}
+      \setminus \{0\}` is `(-\infty,0) \cup (0,\infty)`, an empty result is `\emptyset` = `∅` =
+      `\{\}`); unions of other sets compare their parts unordered; `x \in S` is S, and
       inequalities in one variable become intervals whatever linear form the variable takes
       (`a < x <= b`, `x > a`, `-x > -1`, `1 < 2x - 1 < 5`).
     * `x=5` matches `5` (an equation whose one side is a lone variable, or `2+3=5`, stands for its other
@@ -98,8 +109,12 @@ Comparison policy
       x^{2}, a_{1}, 3\frac{1}{2}, then NFKC (full-width ５ is 5), then √ π ≤ ... become commands.
 
 Bounds
-    No call runs more than about 1.5 s, whatever the input, and nothing uses signals (so threads are
-    fine). Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
+    No call spends more than about 1.5 s of its thread's CPU time, whatever the input, and nothing
+    uses signals or shared mutable state, so 8 threads give the verdicts one thread gives (see
+    _with_deadline; a caller's time under load is that times the load). Extraction is linear in the
+    completion: no regex can backtrack over it (math spans and braces are scanned, not matched by
+    nested quantifiers) and a repetition loop that ends it (`\(` or `\boxed{` repeated to the token
+    limit) is read once, or dropped, so the box before it still counts (_repetition_loop). Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
     2,000 tokens are only string-compared; nesting deeper than 32 is refused; a power, factorial,
     binomial, root or product whose exact value would exceed 20,000 digits is built unevaluated ("frozen") and then
     compared structurally only; polynomial expansion only runs when the expanded size is small;
