@@ -576,6 +576,111 @@ def test_extraction_of_long_hostile_completions_is_bounded(completion):
 
 
 # ---------------------------------------------------------------------------------------------
+# Issue 24 families: each acceptance beside its negative twin (zero false positives)
+# ---------------------------------------------------------------------------------------------
+INVERSE_TRIG = [
+    (r"\sec^{-1} 2", r"\frac{\pi}{3}", True), (r"\csc^{-1}(2)", r"\frac{\pi}{6}", True), (r"\arcsec 2", r"\frac{\pi}{3}", True),
+    (r"\arccsc 2", r"\frac{\pi}{6}", True), (r"\arccsc x", r"\arcsin \frac{1}{x}", True), (r"\operatorname{arcsec}(x)", r"\sec^{-1} x", True),
+    (r"\tan^{-1} 1", r"\frac{\pi}{4}", True), (r"\sinh^{-1} 1", r"\ln(1+\sqrt{2})", True),
+    (r"\sec^{-1} x", r"\cos x", False), (r"\csc^{-1} x", r"\sin x", False), (r"\sec^{-1} 2", r"\frac{1}{\sec 2}", False),
+    (r"\arccsc 2", r"\frac{\pi}{3}", False), (r"\arcsec x", r"\arccos x", False), (r"\tan^{-1} 1", r"\cot 1", False),
+    (r"\ln^{-1} x", r"\frac{1}{\ln x}", False),                     # ambiguous notation: compared as text only
+]
+ABSOLUTE_BARS = [
+    ("||-3|-5|", "2", True), ("|2-|-7||", "5", True), ("|||-1|-2|-3|", "2", True), ("|-2||3|", "6", True),
+    (r"\left|\left|x\right|-1\right|", "||x|-1|", True), (r"\lvert -4 \rvert \lvert 2 \rvert", "8", True), ("3|-2|", "6", True),
+    ("||-3|-5|", "-2", False), ("|2-|-7||", "-5", False), ("|||-1|-2|-3|", "-6", False), ("|-2||3|", "-6", False),
+    ("||x|-2|", "|x+2|", False), ("3|-2|", "-6", False),
+]
+SET_OPERATIONS = [
+    (r"[1,3) \cup [2,5]", "[1,5]", True), (r"[1,3) \cap [2,5]", "[2,3)", True), (r"\mathbb{R} \setminus \{0\}", r"(-\infty,0)\cup(0,\infty)", True),
+    (r"\{1,2,3\} \cap \{2,3,4\}", r"\{2,3\}", True), (r"\{1,2,3\} \setminus \{2\}", r"\{1,3\}", True),
+    (r"[0,2] \setminus \{1\}", r"[0,1)\cup(1,2]", True), (r"(1,2)\cup\{2\}\cup(2,3)", "(1,3)", True),
+    (r"(-\infty, 1] \cup [1, \infty)", r"\mathbb{R}", True), (r"[\sqrt{8}, 3] \cup [2\sqrt{2}, 4]", r"[2\sqrt{2}, 4]", True),
+    (r"(0,1)\cap(2,3)", r"\emptyset", True), ("[1,2] ∩ [2,3]", r"\{2\}", True), (r"(0,5) \setminus [1,2]", r"(0,1) \cup (2,5)", True),
+    (r"[1,3) \cup [2,5]", "[1,5)", False), (r"[1,3) \cap [2,5]", "[2,3]", False), (r"\mathbb{R} \setminus \{0\}", r"\mathbb{R}", False),
+    (r"\{1,2,3\} \cap \{2,3,4\}", r"\{2,3,4\}", False), (r"[0,2] \setminus \{1\}", "[0,2]", False), (r"(1,2)\cup(2,3)", "(1,3)", False),
+    (r"(0,1)\cap(2,3)", r"\{0\}", False), (r"(0,5) \setminus [1,2]", r"(0,1] \cup [2,5)", False), (r"\{a\} \cap \{b\}", r"\emptyset", False),
+]
+EMPTY_SETS = [
+    ("∅", r"\emptyset", True), ("∅", r"\{\}", True), (r"\varnothing", r"\{ \}", True), ("∅", r"\varnothing", True),
+    ("∅", "0", False), ("∅", r"\{0\}", False), (r"\emptyset", r"\{\emptyset\}", False), ("∅", "(0,1)", False),
+]
+CLOSED_FORMS = [
+    (r"\sum_{k=1}^{10} k", "55", True), (r"\sum_{k=1}^{4} \frac{1}{k}", r"\frac{25}{12}", True), (r"\prod_{j=1}^{5} j", "120", True),
+    (r"\sum_{i=1}^{3} x^i", "x+x^2+x^3", True), (r"\sum_{i=1}^{3}\sum_{j=1}^{i} ij", "25", True), (r"\sum_{k=-2}^{2} k^2", "10", True),
+    (r"\lim_{x\to 0} \frac{\sin x}{x}", "1", True), (r"\lim_{x \to \infty} \left(1+\frac{1}{x}\right)^x", "e", True),
+    (r"\lim_{n\to\infty} \frac{2n+1}{n}", "2", True), (r"\lim_{x\to 0^+} \frac{|x|}{x}", "1", True),
+    (r"\int_0^1 x^2 \, dx", r"\frac{1}{3}", True), (r"\int_{0}^{\pi} \sin x \, \mathrm{d}x", "2", True), (r"\int_0^a x\,dx", r"\frac{a^2}{2}", True),
+    (r"\det \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "-2", True), (r"\det\left(\begin{matrix} a & b \\ c & d\end{matrix}\right)", "ad-bc", True),
+    (r"\sum_{k=1}^{10} k", "56", False), (r"\prod_{j=1}^{5} j", "24", False), (r"\sum_{k=-2}^{2} k^2", "5", False),
+    (r"\lim_{x\to 0} \frac{\sin x}{x}", "0", False), (r"\lim_{x \to \infty} \left(1+\frac{1}{x}\right)^x", "1", False),
+    (r"\lim_{x\to 0} \frac{|x|}{x}", "1", False), (r"\lim_{x\to 0^-} \frac{|x|}{x}", "1", False), (r"\lim_{x\to 0} \sin\frac{1}{x}", "0", False),
+    (r"\int_0^1 x^2 \, dx", r"\frac{1}{2}", False), (r"\int_0^1 \frac{1}{x} \, dx", "100", False), (r"\int_0^a x\,dx", "a^2", False),
+    (r"\det \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "2", False), (r"\det \begin{bmatrix} 2 & 0 \\ 0 & 3 \end{bmatrix}", "5", False),
+    (r"\sum_{k=1}^{10^{100}} k", "5", False), (r"\sum_{k=1}^{100} k^{k^k}", "5", False),   # huge: inert, bounded
+]
+ISSUE24_FAMILIES = {
+    "inverse_trig": INVERSE_TRIG, "absolute_bars": ABSOLUTE_BARS, "set_operations": SET_OPERATIONS,
+    "empty_sets": EMPTY_SETS, "closed_forms": CLOSED_FORMS,
+}
+
+
+@pytest.mark.parametrize("family", list(ISSUE24_FAMILIES))
+def test_issue24_family_both_orders(family):
+    table = ISSUE24_FAMILIES[family]
+    assert sum(want for _, _, want in table) >= 4 and sum(not want for _, _, want in table) >= 4
+    check_table(table)
+    check_table([(g, p, want) for p, g, want in table])
+
+
+NUMERIC_GOLDS = [  # (completion, gold as JSON gives it, expected): a number gold is that number
+    (r"\boxed{10^{-7}}", 1e-07, True), (r"\boxed{1e-07}", 1e-07, True), (r"\boxed{0.0000001}", 1e-07, True),
+    (r"\boxed{1e-7}", 1e-07, True), (r"\boxed{2.5}", 2.5, True), (r"\boxed{\frac{5}{2}}", 2.5, True),
+    (r"\boxed{1,000,000}", 1000000, True), (r"\boxed{10^6}", 1000000, True), (r"\boxed{1e16}", 1e16, True), (r"\boxed{7}", 7.0, True),
+    (r"\boxed{-3}", -3, True), ("The answer is $\\frac{1}{5}$.", 0.2, True), (r"\boxed{1 \times 10^{-7}}", "1e-07", True),
+    (r"\boxed{e-7}", 1e-07, False), (r"\boxed{1e-06}", 1e-07, False), (r"\boxed{2.51}", 2.5, False), (r"\boxed{100000}", 1000000, False),
+    (r"\boxed{7.5}", 7.0, False), (r"\boxed{3}", -3, False), (r"\boxed{1}", True, False), (r"\boxed{0}", float("nan"), False),
+    (r"\boxed{1e-07}", "e-7", False),                # "1e-07" is a number literal: never e - 7
+    (r"\boxed{2e-1}", 0.2, True), (r"\boxed{2e-1}", "0.2", False),   # a string gold keeps LaTeX's 2e - 1
+]
+
+
+def test_numeric_gold_is_compared_as_that_number():
+    failures = [(c, g, want) for c, g, want in NUMERIC_GOLDS if grade(c, g) is not want]
+    assert not failures, failures
+    assert is_equiv("0.0000001", 1e-07) and is_equiv(r"10^{-7}", 1e-07) and not is_equiv("e-7", 1e-07)
+    assert grade(r"\boxed{" + "9" * 5000 + "}", 10**5000 - 1) and not grade(r"\boxed{9}", 10**5000 - 1)
+
+
+# Repetition loops (issue 24): one unit repeated to a 32k-token limit, after or before a correct box.
+LOOP_UNITS = ["\\(", "\\[", "$", "$$", "\\boxed{", "{", "7", "\\begin{pmatrix}", "|", "\\frac{", "\\left(",
+              "The answer is 5. ", "\\boxed{1} and ", "Final answer: ", "\\( x", "1,"]
+
+
+@pytest.mark.parametrize("unit", LOOP_UNITS)
+def test_repetition_loop_never_hides_the_box(unit):
+    loop = unit * (100_000 // len(unit))
+    for completion, want in ((f"so the answer is $\\boxed{{42}}$. {loop}", unit != "\\boxed{1} and "),
+                             (f"{loop}\nSo the final answer is $\\boxed{{42}}$.", True)):
+        verdict, seconds = timed(grade, completion, "42")
+        assert verdict is want and seconds < BOUND_S, (unit, completion[:60], verdict, seconds)
+        assert not grade(completion, "41")
+    if "boxed" not in unit:                                   # (a loop of boxes is a later answer)
+        assert grade(f"\\boxed{{42}} The final answer is $42$ and {loop}", "42")
+    assert extract_answer("so \\boxed{\\frac{1}{2") is None                # a truncated box is still no answer
+
+
+def test_grade_from_threads_matches_one_thread_in_fresh_processes():
+    """Two fresh processes, 200 pairs each, graded first from 8 threads (imports and caches cold),
+    then from one: the verdicts must be identical (scripts/bench_degenerate.py runs 20 x 1,000+)."""
+    from scripts import bench_degenerate
+    result = bench_degenerate.thread_check(processes=2, pairs=200, threads=8, timeout_s=240)
+    assert result["processes_ok"] == 2, result
+    assert result["differing_verdicts"] == 0 and result["pairs_per_process"] == 200, result
+
+
+# ---------------------------------------------------------------------------------------------
 # Safety and bounds
 # ---------------------------------------------------------------------------------------------
 def test_injection_is_inert_and_never_evaluated(tmp_path, monkeypatch):
