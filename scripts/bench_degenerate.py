@@ -6,9 +6,10 @@ Two checks from issue 24, each printed as a table and written as JSON to --out
   loops    A model that loops repeats one unit until its token limit: `\(` or `\[` (one token each),
            `$`, an unclosed `\boxed{`, `{` nesting, a digit run, a sentence, ... For every shape and
            every position (the loop after a correct `\boxed{42}`, before it, after a "final answer"
-           phrase) a completion is graded at loop sizes of 1k, 2k, ... up to --max-tokens tokens
-           (a unit counts as one token per 3.5 characters, at least one). Reported: seconds per size,
-           the verdict (it must be True: the correct box is there), the worst case and, per shape, the
+           phrase, inside the box) a completion is graded at loop sizes of 1k, 2k, ... up to
+           --max-tokens tokens (a unit counts as one token per 3.5 characters, at least one).
+           Reported: seconds per size, whether every verdict is right (True where the correct box or
+           phrase is there, False where the loop is the answer), the worst case and, per shape, the
            growth of the time from half the largest size to the largest (linear: about 2; quadratic:
            about 4). Times are the median of 3 runs with cold caches.
   threads  --processes fresh Python processes each grade the same --pairs (completion, gold) pairs
@@ -44,14 +45,15 @@ LOOP_SHAPES = {
     "\\(": "\\(", "\\[": "\\[", "\\( space": "\\( ", "\\( newline": "\\(\n", "$": "$", "$$": "$$",
     "\\boxed{ unclosed": "\\boxed{", "{ nesting": "{", "\\left(": "\\left(", "\\frac{": "\\frac{",
     "\\sqrt{": "\\sqrt{", "\\begin{pmatrix}": "\\begin{pmatrix}", "\\text{": "\\text{", "|": "|", "^{": "x^{",
-    "digit run": "7", "digit groups": "1234567890", "1, 1, ...": "1, ", "sentence": "The answer is 5. ",
+    "digit run": "7", "digit groups": "1234567890", "1, 1, ...": "1, ", "sentence": "So x = 5 here. ",
     "wait sentence": "Wait, let me recompute that step. ", "Answer:": "Answer: ", "**": "**",
     "\\( x": "\\( x", "$ and $": "$ and $", "spaces": " ", "newlines": "\n", "backslashes": "\\",
 }
-POSITIONS = {
-    "after box": lambda loop: f"So the answer is $\\boxed{{42}}$. {loop}",
-    "before box": lambda loop: f"{loop}\nSo the final answer is $\\boxed{{42}}$.",
-    "after phrase": lambda loop: f"The final answer is $42$. {loop}",
+POSITIONS = {  # position -> (completion around the loop, the right verdict against the gold 42)
+    "after box": (lambda loop: f"So the answer is $\\boxed{{42}}$. {loop}", True),
+    "before box": (lambda loop: f"{loop}\nSo the final answer is $\\boxed{{42}}$.", True),
+    "after phrase": (lambda loop: f"The final answer is $42$. {loop}", True),
+    "in the box": (lambda loop: f"So the answer is $\\boxed{{{loop}}}$.", False),   # the loop is the answer
 }
 
 
@@ -84,13 +86,13 @@ def bench_loops(max_tokens: int) -> dict:
     print(f"\n== repetition loops: seconds per grade at loop sizes {sizes} tokens (median of 3, cold caches)")
     print(f"  {'shape':22s} {'position':13s} " + " ".join(f"{n:>8d}" for n in sizes) + "   growth  verdicts")
     for shape, unit in LOOP_SHAPES.items():
-        for position, build in POSITIONS.items():
+        for position, (build, right) in POSITIONS.items():
             times, verdicts = [], []
             for n in sizes:
                 completion = build(unit * (n // unit_tokens(unit)))
                 verdict, seconds = time_grade(completion, "42")
                 times.append(seconds)
-                verdicts.append(verdict)
+                verdicts.append(verdict is right)
                 if seconds > worst["seconds"]:
                     worst = {"seconds": seconds, "shape": shape, "position": position, "tokens": n,
                              "characters": len(completion)}
@@ -98,7 +100,7 @@ def bench_loops(max_tokens: int) -> dict:
             rows.append({"shape": shape, "position": position, "seconds": [round(t, 5) for t in times],
                          "growth_last_doubling": round(growth, 2) if growth else None, "all_correct": all(verdicts)})
             print(f"  {shape:22s} {position:13s} " + " ".join(f"{t:8.4f}" for t in times)
-                  + f"   {growth:6.2f}  {'all True' if all(verdicts) else 'WRONG: ' + str(verdicts)}")
+                  + f"   {growth:6.2f}  {'all right' if all(verdicts) else 'WRONG at ' + str(verdicts)}")
     wrong = [f"{r['shape']} / {r['position']}" for r in rows if not r["all_correct"]]
     print(f"  worst case: {worst['seconds']:.4f} s ({worst.get('shape')}, {worst.get('position')}, "
           f"{worst.get('tokens')} tokens, {worst.get('characters')} characters); wrong verdicts: {wrong or 'none'}")
