@@ -13,8 +13,8 @@ Two checks from issue 24, each printed as a table and written as JSON to --out
            growth of the time from half the largest size to the largest (linear: about 2; quadratic:
            about 4). Times are the median of 3 runs with cold caches.
   threads  --processes fresh Python processes each grade the same --pairs (completion, gold) pairs
-           (MATH-500 gold / rewritten / shifted, the challenge set, the peer-suite and issue-24 families)
-           first from --threads threads, with cold imports and caches, then again from one thread.
+           (slow correct ones 8 times in a row, then MATH-500 gold / rewritten / shifted, the challenge
+           set, the peer-suite and issue-24 families, numeric golds) first from --threads threads, with cold imports and caches, then again from one thread.
            Reported: pairs whose verdicts differ (must be 0) and processes that did not finish within
            --timeout (a deadlock on the import lock would show here).
 
@@ -110,9 +110,16 @@ def bench_loops(max_tokens: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 2. Threads: fresh processes, 8 threads first, then one thread
 # ---------------------------------------------------------------------------------------------
-def collect_pairs(limit: int) -> list[tuple[str, object]]:
-    """(completion, gold) pairs from every set bench_verify grades plus the issue-24 families and
-    numeric golds, spread evenly over them, `limit` in all (all of them if fewer)."""
+# Correct pairs that cost 0.05-0.25 s of CPU each: with a wall-clock deadline, 8 threads grading them at
+# once would see each take 8x longer and time out to False; with the thread-CPU deadline they cannot.
+HEAVY_PAIRS = [(r"$\prod_{k=1}^{300} \frac{k+1}{k}$", "301"), (r"$\int_0^{\pi} \sin^2 x \, dx$", r"\frac{\pi}{2}"),
+               (r"$\sum_{k=1}^{1000} k^3$", r"\left(\frac{1000 \cdot 1001}{2}\right)^2")]
+
+
+def collect_pairs(limit: int, heavy_copies: int = 8) -> list[tuple[str, object]]:
+    """`limit` (completion, gold) pairs: HEAVY_PAIRS, each `heavy_copies` times in a row (so that the
+    threads grade them at the same moment), then pairs spread evenly over every set bench_verify grades,
+    the issue-24 families and the numeric golds."""
     import importlib.util
 
     from scripts import bench_verify
@@ -129,10 +136,10 @@ def collect_pairs(limit: int) -> list[tuple[str, object]]:
     for rows in tables.ISSUE24_FAMILIES.values():
         pairs += [(f"${p}$", g) for p, g, _ in rows] + [(f"${g}$", p) for p, g, _ in rows]
     pairs += [(c, g) for c, g, _ in tables.NUMERIC_GOLDS if isinstance(g, (str, int)) or g == g]   # not NaN
-    if len(pairs) <= limit:
-        return pairs
-    step = len(pairs) / limit
-    return [pairs[int(k * step)] for k in range(limit)]
+    heavy = [pair for pair in HEAVY_PAIRS for _ in range(heavy_copies)][:limit]
+    rest = limit - len(heavy)
+    step = len(pairs) / rest if rest else 1
+    return heavy + ([pairs[int(k * step)] for k in range(rest)] if rest < len(pairs) else pairs)
 
 
 def worker(pairs_file: str, threads: int) -> dict:
@@ -151,9 +158,9 @@ def worker(pairs_file: str, threads: int) -> dict:
             "threaded_seconds": round(threaded_seconds, 2), "single_seconds": round(time.perf_counter() - start, 2)}
 
 
-def thread_check(processes: int, pairs: int, threads: int, timeout_s: float) -> dict:
+def thread_check(processes: int, pairs: int, threads: int, timeout_s: float, heavy_copies: int = 8) -> dict:
     """Run `processes` fresh workers one after the other on the same pairs; summarise."""
-    chosen = collect_pairs(pairs)
+    chosen = collect_pairs(pairs, heavy_copies)
     results, timeouts, differing = [], 0, []
     with tempfile.TemporaryDirectory() as tmp:
         pairs_file = Path(tmp) / "pairs.json"

@@ -675,7 +675,7 @@ def test_grade_from_threads_matches_one_thread_in_fresh_processes():
     """Two fresh processes, 200 pairs each, graded first from 8 threads (imports and caches cold),
     then from one: the verdicts must be identical (scripts/bench_degenerate.py runs 20 x 1,000+)."""
     from scripts import bench_degenerate
-    result = bench_degenerate.thread_check(processes=2, pairs=200, threads=8, timeout_s=240)
+    result = bench_degenerate.thread_check(processes=2, pairs=200, threads=8, timeout_s=240, heavy_copies=2)
     assert result["processes_ok"] == 2, result
     assert result["differing_verdicts"] == 0 and result["pairs_per_process"] == 200, result
 
