@@ -452,12 +452,18 @@ def _answer_phrase(text: str) -> tuple[int, str | None]:
     return (start, formula) if formula else (-1, None)
 
 
+MAX_JOINED_SPANS = 4 * MAX_ITEMS   # spans read after "answer is": more are a loop, not an answer
+
+
 def _joined_spans(text: str, first: _Span) -> str:
     """The span `first` and the spans after it that only punctuation, spacing or "and" separate, as one
     list ("the answer is $4$ and $9$" is 4, 9); "or" separates alternatives, of which the last counts,
     as with boxes."""
     parts, end = [first.content], first.end
-    while len(parts) < MAX_ITEMS and (span := _next_span(text, end, end + MAX_BOX_GAP)) is not None:
+    for _ in range(MAX_JOINED_SPANS):                 # "$a$ or $b$ or ..." 20,000 times: bounded
+        span = _next_span(text, end, end + MAX_BOX_GAP) if len(parts) < MAX_ITEMS else None
+        if span is None:
+            break
         gap = text[end:span.start]
         if len(gap) > MAX_BOX_GAP:
             break
@@ -524,8 +530,8 @@ def _next_span(text: str, pos: int, last_start: int) -> _Span | None:
     i = pos
     while upcoming and i <= last_start:
         for opener in list(upcoming):
-            if upcoming[opener] < i:
-                upcoming[opener] = text.find(opener, i)
+            if upcoming[opener] < i:                  # only openers starting by last_start matter
+                upcoming[opener] = text.find(opener, i, last_start + len(opener))
                 if upcoming[opener] < 0:
                     del upcoming[opener]
         if not upcoming:
@@ -576,7 +582,7 @@ _SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+")
 _SUBSCRIPT_RE = re.compile("[₀₁₂₃₄₅₆₇₈₉₊₋]+")
 _VULGAR_FRACTION_RE = re.compile("[\u00bc-\u00be\u2150-\u215e]")           # ¼ ½ ¾ ⅓ ... ⅞
 # An ordinal suffix after a digit, in any spelling: 12th, 12^{th}, 12^\text{th}, 12^{\mathrm{th}}.
-_ORDINAL_RE = re.compile(r"(?<=\d)(?:\s*\^\s*(?:\{\s*)?(?:\\(?:text|textrm|mathrm|rm)\s*\{?\s*)?(?:st|nd|rd|th)"
+_ORDINAL_RE = re.compile(r"(?<=\d)(?:\s*\^\s*(?:\{\s*)?(?:\\(?:text|textrm|mathrm|rm)(?:\s*\{)?\s*)?(?:st|nd|rd|th)"
                          r"(?:\s*\})*|(?:st|nd|rd|th)(?![A-Za-z]))")
 _SCALE_WORDS = {"thousand": 3, "million": 6, "billion": 9, "trillion": 12}
 _SCALE_WORD_RE = re.compile(r"(?<=\d)\s*(?:\\text\s*\{\s*)?(thousand|million|billion|trillion)(?![A-Za-z])(?:\s*\})?",
@@ -596,7 +602,7 @@ _REWRITES = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:textbf|textit|textrm|textnormal|textup|textsf|mbox|hbox)(?![A-Za-z])"), r"\\text"),
     (re.compile(r"\\(?:mathrm|mathbf|mathit|mathsf|mathnormal|boldsymbol|bm|operatorname)\s*\{([^{}]*)\}"),
      r" \1 "),
-    (re.compile(r"\\mathbb\s*\{?\s*R\s*\}?"), r" \\reals "),
+    (re.compile(r"\\mathbb(?:\s*\{)?\s*R(?:\s*\})?"), r" \\reals "),
     (re.compile(r"\\%"), "%"),
     (re.compile(r"\\\$|\$|\\textdollar(?![A-Za-z])"), " "),
     (re.compile(r"\\(?:lbrace)(?![A-Za-z])"), r"\\{"),
@@ -2050,7 +2056,7 @@ def _linear_form(m: Num) -> tuple | None:
 # ---------------------------------------------------------------------------------------------
 _TEXT_WRAP_RE = re.compile(r"\\text\s*\{([^{}]*)\}")
 _CHOICE_RE = re.compile(r"\(\s*([A-Za-z])\s*\)(?:\s.*)?")
-_BASED_RE = re.compile(r"([0-9A-Za-z]+)\s*_\s*\{?\s*(\d+)\s*\}?")
+_BASED_RE = re.compile(r"([0-9A-Za-z]+)\s*_(?:\s*\{)?\s*(\d+)(?:\s*\})?")
 _TEXT_RE = re.compile(r"[A-Za-z][A-Za-z\s'\-]*")
 _INT_RE = re.compile(r"[-+]?\d+")
 
