@@ -47,7 +47,7 @@ LOOP_SHAPES = {
     "\\sqrt{": "\\sqrt{", "\\begin{pmatrix}": "\\begin{pmatrix}", "\\text{": "\\text{", "|": "|", "^{": "x^{",
     "digit run": "7", "digit groups": "1234567890", "1, 1, ...": "1, ", "sentence": "So x = 5 here. ",
     "wait sentence": "Wait, let me recompute that step. ", "Answer:": "Answer: ", "**": "**",
-    "\\( x": "\\( x", "$ and $": "$ and $", "spaces": " ", "newlines": "\n", "backslashes": "\\",
+    "\\( x": "\\( x", "$ and $": "$ and $", "$a$ or": "$a$ or ", "spaces": " ", "newlines": "\n", "backslashes": "\\",
 }
 POSITIONS = {  # position -> (completion around the loop, the right verdict against the gold 42)
     "after box": (lambda loop: f"So the answer is $\\boxed{{42}}$. {loop}", True),

@@ -671,6 +671,21 @@ def test_repetition_loop_never_hides_the_box(unit):
     assert extract_answer("so \\boxed{\\frac{1}{2") is None                # a truncated box is still no answer
 
 
+SPLIT_RUNS = [  # inputs that made a regex try every way of splitting one run between two quantifiers
+    "1^\\text" + " " * 9000 + "x", "\\mathbb" + " " * 9000 + "x", "a_" + " " * 9000 + "x", "1" + " 000" * 2400 + "1",
+    "a=" + "1 : " * 2400 + "x", "x" + " {, }" * 1800,
+]
+
+
+@pytest.mark.parametrize("index", range(len(SPLIT_RUNS)))
+def test_no_regex_backtracks_over_an_answer(index):
+    answer = SPLIT_RUNS[index]
+    for completion in (f"\\boxed{{{answer}}}", f"The answer is ${answer}$", "The answer is " + "$a$ or " * 15000 + "Q"):
+        verify._clear_caches()
+        verdict, seconds = timed(grade, completion, "5")
+        assert verdict is False and seconds < BOUND_S, (answer[:20], completion[:30], seconds)
+
+
 def test_grade_from_threads_matches_one_thread_in_fresh_processes():
     """Two fresh processes, 200 pairs each, graded first from 8 threads (imports and caches cold),
     then from one: the verdicts must be identical (scripts/bench_degenerate.py runs 20 x 1,000+)."""
