@@ -114,7 +114,8 @@ Bounds
     _with_deadline; a caller's time under load is that times the load). Extraction is linear in the
     completion: no regex can backtrack over it (math spans and braces are scanned, not matched by
     nested quantifiers) and a repetition loop that ends it (`\(` or `\boxed{` repeated to the token
-    limit) is read once, or dropped, so the box before it still counts (_repetition_loop). Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
+    limit) is read once, or dropped, so the box before it still counts (_repetition_loop).
+    Cost is bounded structurally before sympy sees anything: answers over 10,000 characters or
     2,000 tokens are only string-compared; nesting deeper than 32 is refused; a power, factorial,
     binomial, root or product whose exact value would exceed 20,000 digits is built unevaluated ("frozen") and then
     compared structurally only; polynomial expansion only runs when the expanded size is small;
@@ -144,9 +145,10 @@ import sympy.assumptions.wrapper   # noqa: F401 -- imported lazily by sympy in t
 import sympy.combinatorics         # noqa: F401    (floor of a root, power expansion, ...): imported here,
 import sympy.sets.setexpr          # noqa: F401    never inside a timed call (see _with_deadline)
 import sympy.tensor.tensor         # noqa: F401
-from sympy import (Abs, Add, E, I, Integer, Integral, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum, Symbol,
-                   acos, acosh, acot, acsc, asec, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh, cot, csc, exp,
-                   expand, factorial, floor, gamma, integer_nthroot, log, nan, oo, pi, root, sec, sin, sinh, sqrt, tan, tanh, zoo)
+from sympy import (Abs, Add, E, I, Integer, Integral, Limit, Max, Min, Mod, Mul, Pow, Product, Rational, Sum,
+                   Symbol, acos, acosh, acot, acsc, asec, asin, asinh, atan, atanh, binomial, ceiling, cos, cosh,
+                   cot, csc, exp, expand, factorial, floor, gamma, integer_nthroot, log, nan, oo, pi, root, sec, sin,
+                   sinh, sqrt, tan, tanh, zoo)
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Each one bounds the cost of some step; see "Bounds" in the module docstring.
@@ -198,7 +200,8 @@ def _with_deadline(fn, *args, seconds: float | None = None):
       * it never raises inside an import or a cleanup call (`__exit__`, a lock's release): a lazy import
         stopped half way would leave a module half-initialised, or its import lock held, for every
         other thread (a deadlock); the hook waits for the next call outside them;
-      * everything sympy imports lazily is imported once when verify is imported (_warm_up)."""
+      * the modules sympy would import lazily in the middle of a comparison are imported with
+        verify (the imports at the top of this file)."""
     if getattr(_state, "deadline", None) is not None:
         return fn(*args)
     deadline = time.thread_time() + (TIME_BUDGET_S if seconds is None else seconds)
@@ -292,13 +295,12 @@ def _repetition_loop(text: str) -> tuple[int, int] | None:
         hi, p = i + 7, n - 8 - i
         if text[n - 64 - p:n - p] != text[n - 64:]:
             continue
-        good, bad = 64, None                           # run >= good; run < bad
-        while bad is None:
-            probe = min(2 * good, n - p)
-            if probe > good and text[n - probe - p:n - p] == text[n - probe:]:
-                good = probe
-            else:
-                bad = probe + 1 if probe == good else probe
+        good, bad = 64, n - p + 1                      # the run r: good <= r < bad
+        while 2 * good < bad:                          # doubling, then bisection
+            if text[n - 2 * good - p:n - p] != text[n - 2 * good:]:
+                bad = 2 * good
+                break
+            good *= 2
         while bad - good > 1:
             mid = (good + bad) // 2
             if text[n - mid - p:n - p] == text[n - mid:]:
@@ -574,7 +576,8 @@ def _bare_answer(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 _UNICODE = {"√": r"\sqrt", "π": r"\pi ", "×": r"\times ", "·": r"\cdot ", "÷": r"\div ", "−": "-",
             "–": "-", "∞": r"\infty ", "±": r"\pm ", "∓": r"\mp ", "≤": r"\le ", "≥": r"\ge ",
-            "≠": r"\ne ", "∪": r"\cup ", "∩": r"\cap ", "∖": r"\setminus ", "∅": r"\emptyset ", "∈": r"\in ", "≈": r"\approx ", "°": r"\degree ", "％": "%",
+            "≠": r"\ne ", "∪": r"\cup ", "∩": r"\cap ", "∖": r"\setminus ", "∅": r"\emptyset ", "∈": r"\in ",
+            "≈": r"\approx ", "°": r"\degree ", "％": "%",
             "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⌈": r"\lceil ", "⌉": r"\rceil ", "\u00a0": " ", "\u2044": "/"}
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _SCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻₀₁₂₃₄₅₆₇₈₉₊₋", "0123456789+-0123456789+-")
@@ -1359,7 +1362,8 @@ def _sorted_keys(nums: list[Num]) -> tuple[list | None, dict]:
     keys, key_of = [(-ctx.inf, Num(-oo))], {}
     for ident in sorted(by_id, key=values.__getitem__):
         v, last = values[ident], keys[-1][0]
-        same = v == last or (ctx.isfinite(v) and ctx.isfinite(last) and abs(v - last) <= ctx.mpf(10) ** -40 * max(1, abs(v)))
+        same = v == last or (ctx.isfinite(v) and ctx.isfinite(last)
+                             and abs(v - last) <= ctx.mpf(10) ** -40 * max(1, abs(v)))
         if not same:
             keys.append((v, by_id[ident]))
         key_of[ident] = len(keys) - 1

@@ -14,7 +14,8 @@ Two checks from issue 24, each printed as a table and written as JSON to --out
            about 4). Times are the median of 3 runs with cold caches.
   threads  --processes fresh Python processes each grade the same --pairs (completion, gold) pairs
            (slow correct ones 8 times in a row, then MATH-500 gold / rewritten / shifted, the challenge
-           set, the peer-suite and issue-24 families, numeric golds) first from --threads threads, with cold imports and caches, then again from one thread.
+           set, the peer-suite and issue-24 families, numeric golds) first from --threads threads, with
+           cold imports and caches, then again from one thread.
            Reported: pairs whose verdicts differ (must be 0) and processes that did not finish within
            --timeout (a deadlock on the import lock would show here).
 
