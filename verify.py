@@ -72,8 +72,8 @@ Comparison policy
       side that must agree, a definite integral over finite ends by quadrature whose error bound must
       be small; neither nested). Otherwise (a symbolic or huge range, an infinite bound, no limit)
       they stay inert and compare structurally: reordered factors match, a different body or bound
-      does not. `a \bmod n`, `\pmod{n}` and `\equiv` are computed for rationals; a vmatrix and
-      `\det M` are the determinant. `\sin^{-1}`, `\sec^{-1}`, `\csc^{-1}` (any trig or hyperbolic
+      does not. `a \bmod n`, `\pmod{n}` and `\equiv` are computed for rationals; a vmatrix, `\det M`
+      and `|M|` of a matrix are the determinant. `\sin^{-1}`, `\sec^{-1}`, `\csc^{-1}` (any trig or hyperbolic
       f^{-1}) are inverse functions, as are `\arcsec`, `\arccsc`; f^{-1} of another function is
       ambiguous (text). Absolute-value bars nest and sit side by side: `||x|-1|`, `|a||b|`.
     * Tuples `(a,b)` and matrices are ordered; sets `\{a,b\}` (also written `{a, b}`) and bare lists
@@ -82,7 +82,7 @@ Comparison policy
       entries; a tuple of names only labels its value: `(p,q) = (3,2)` is `(3,2)`.
     * Intervals compare ends and openness (openness at an infinite end is ignored); a pair `(a,b)`
       equals the open interval (a,b); `\cup`, `\cap` and `\setminus` of intervals and finite sets of
-      numbers are computed to one canonical set (`[1,3) \cup [2,5]` is `[1,5]`, `\mathbb{R}
+      numbers (`\backslash` is `\setminus`) are computed to one canonical set (`[1,3) \cup [2,5]` is `[1,5]`, `\mathbb{R}
       \setminus \{0\}` is `(-\infty,0) \cup (0,\infty)`, an empty result is `\emptyset` = `∅` =
       `\{\}`); unions of other sets compare their parts unordered; `x \in S` is S, and
       inequalities in one variable become intervals whatever linear form the variable takes
@@ -793,7 +793,8 @@ _COMMANDS = {  # LaTeX command -> token
     "leqslant": ("rel", "<="), "ge": ("rel", ">="), "geq": ("rel", ">="), "geqslant": ("rel", ">="),
     "lt": ("rel", "<"), "gt": ("rel", ">"), "ne": ("rel", "!="), "neq": ("rel", "!="),
     "approx": ("rel", "~"), "in": ("in", "in"), "cup": ("setop", "cup"), "cap": ("setop", "cap"),
-    "setminus": ("setop", "setminus"), "smallsetminus": ("setop", "setminus"), "{": ("setl", "{"),
+    "setminus": ("setop", "setminus"), "smallsetminus": ("setop", "setminus"), "backslash": ("setop", "setminus"),
+    "{": ("setl", "{"),
     "}": ("setr", "}"), "langle": ("op", "("), "rangle": ("op", ")"), "lvert": ("op", "|"),
     "rvert": ("op", "|"), "vert": ("op", "|"), "mid": ("op", "|"), "\\": ("op", "\\\\"),
     "%": ("pct", "%"), "degree": ("deg", "deg"), "infty": ("const", "oo"), "infin": ("const", "oo"),
@@ -1865,6 +1866,8 @@ class _Parser:
                         self.i = k + 1
                         if len(items) != 1:
                             raise _ParseError("a list inside |...|")
+                        if isinstance(items[0], MatrixV):       # |A|: the determinant
+                            return _determinant(list(items[0].rows))
                         return _abs(items[0])
                     bars -= 1
                 else:
@@ -2401,8 +2404,9 @@ LIMIT_DECADES = (5, 15)       # a limit is read at x = a + 10^-(d+5) and 10^-(d+
 
 def _mp_limit(expr, point: dict):
     """lim_{x -> a} f numerically: f at two points approaching a from each side the limit names
-    (a +- 10^-(d+5), 10^-(d+15); +-10^(d+5), 10^(d+15) at an infinite a), computed with 2d + 40 digits
-    (so that x - a is exact and the cancellation in (e^x - 1)/x costs nothing). If all agree to d - 10
+    (a +- 10^-(d+5), 10^-(d+15); +-10^(d+5), 10^(d+15) at an infinite a), computed with 4d + 80 digits
+    (so that x - a is exact and cancellation up to third order, as in (1 - cos x)/x^2 or
+    (x - sin x)/x^3, costs nothing). If all agree to d - 10
     digits, that is the limit; otherwise (no limit, |x|/x, sin(1/x), one that converges too slowly to
     see, such as 1/ln x) _Unsafe: the limit is then compared structurally only."""
     body, var, target, direction = expr.args
@@ -2410,7 +2414,7 @@ def _mp_limit(expr, point: dict):
         raise _Unsafe                             # nested: 4 evaluations per level, 4^depth in all
     ctx = _mp()
     digits = ctx.dps
-    with ctx.workdps(2 * digits + 40):
+    with ctx.workdps(4 * digits + 80):
         if target in (oo, -oo):
             sign = 1 if target == oo else -1
             xs = [sign * ctx.mpf(10) ** (digits + e) for e in LIMIT_DECADES]

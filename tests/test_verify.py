@@ -591,6 +591,8 @@ ABSOLUTE_BARS = [
     (r"\left|\left|x\right|-1\right|", "||x|-1|", True), (r"\lvert -4 \rvert \lvert 2 \rvert", "8", True), ("3|-2|", "6", True),
     ("||-3|-5|", "-2", False), ("|2-|-7||", "-5", False), ("|||-1|-2|-3|", "-6", False), ("|-2||3|", "-6", False),
     ("||x|-2|", "|x+2|", False), ("3|-2|", "-6", False),
+    (r"\left|\begin{matrix} 1 & 2 \\ 3 & 4 \end{matrix}\right|", "-2", True),       # |A| of a matrix: its determinant
+    (r"\left|\begin{matrix} 1 & 2 \\ 3 & 4 \end{matrix}\right|", "2", False),
 ]
 SET_OPERATIONS = [
     (r"[1,3) \cup [2,5]", "[1,5]", True), (r"[1,3) \cap [2,5]", "[2,3)", True), (r"\mathbb{R} \setminus \{0\}", r"(-\infty,0)\cup(0,\infty)", True),
@@ -600,6 +602,7 @@ SET_OPERATIONS = [
     (r"(0,1)\cap(2,3)", r"\emptyset", True), ("[1,2] ∩ [2,3]", r"\{2\}", True), (r"(0,5) \setminus [1,2]", r"(0,1) \cup (2,5)", True),
     (r"[1,3) \cup [2,5]", "[1,5)", False), (r"[1,3) \cap [2,5]", "[2,3]", False), (r"\mathbb{R} \setminus \{0\}", r"\mathbb{R}", False),
     (r"\{1,2,3\} \cap \{2,3,4\}", r"\{2,3,4\}", False), (r"[0,2] \setminus \{1\}", "[0,2]", False), (r"(1,2)\cup(2,3)", "(1,3)", False),
+    (r"\mathbb{R}\backslash\{1\}", r"(-\infty, 1) \cup (1, \infty)", True), (r"\mathbb{R}\backslash\{1\}", r"(-\infty, 1]", False),
     (r"(0,1)\cap(2,3)", r"\{0\}", False), (r"(0,5) \setminus [1,2]", r"(0,1] \cup [2,5)", False), (r"\{a\} \cap \{b\}", r"\emptyset", False),
 ]
 EMPTY_SETS = [
@@ -610,7 +613,8 @@ CLOSED_FORMS = [
     (r"\sum_{k=1}^{10} k", "55", True), (r"\sum_{k=1}^{4} \frac{1}{k}", r"\frac{25}{12}", True), (r"\prod_{j=1}^{5} j", "120", True),
     (r"\sum_{i=1}^{3} x^i", "x+x^2+x^3", True), (r"\sum_{i=1}^{3}\sum_{j=1}^{i} ij", "25", True), (r"\sum_{k=-2}^{2} k^2", "10", True),
     (r"\lim_{x\to 0} \frac{\sin x}{x}", "1", True), (r"\lim_{x \to \infty} \left(1+\frac{1}{x}\right)^x", "e", True),
-    (r"\lim_{n\to\infty} \frac{2n+1}{n}", "2", True), (r"\lim_{x\to 0^+} \frac{|x|}{x}", "1", True),
+    (r"\lim_{n\to\infty} \frac{2n+1}{n}", "2", True), (r"\lim_{x\to 0}\frac{1-\cos x}{x^2}", r"\frac{1}{2}", True),
+    (r"\lim_{x\to 0}\frac{1-\cos x}{x^2}", "1", False), (r"\lim_{x\to 0^+} \frac{|x|}{x}", "1", True),
     (r"\int_0^1 x^2 \, dx", r"\frac{1}{3}", True), (r"\int_{0}^{\pi} \sin x \, \mathrm{d}x", "2", True), (r"\int_0^a x\,dx", r"\frac{a^2}{2}", True),
     (r"\det \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "-2", True), (r"\det\left(\begin{matrix} a & b \\ c & d\end{matrix}\right)", "ad-bc", True),
     (r"\sum_{k=1}^{10} k", "56", False), (r"\prod_{j=1}^{5} j", "24", False), (r"\sum_{k=-2}^{2} k^2", "5", False),
