@@ -2,9 +2,10 @@ r"""verify.py — decide whether a model's final answer matches the gold answer 
 
     grade(completion, gold, require_think_close=False) -> bool
                                            extract the final answer from a completion, then compare
+                                           (gold: a string, or a number as JSON gives it: int, float)
     extract_answer(text, require_think_close=False) -> str|None
                                            the answer a completion commits to, or None
-    is_equiv(pred, gold)    -> bool        compare two answer strings
+    is_equiv(pred, gold)    -> bool        compare two answers (gold as for grade)
     python verify.py [--require-think-close] PRED GOLD
                                            print the verdict and both parsed forms (answers may
                                            begin with '-': python verify.py -x -x)
