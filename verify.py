@@ -69,7 +69,7 @@ Comparison policy
       its largest intermediate has, so (x+1)^1000 + x never equals (x+1)^1000 (see _evaluate).
     * Closed forms with numeric bounds are values: `\sum_{k=1}^{10} k` is 55 and `\prod` likewise
       (at most 1,000 terms, each built by the bounded helpers); `\lim_{x\to 0} \frac{\sin x}{x}` is 1
-      and `\int_0^1 x^2\,dx` is 1/3, evaluated numerically when compared (a limit from two points per
+      and `\int_0^1 x^2\,dx` is 1/3, evaluated numerically when compared (a limit from three points per
       side that must agree, a definite integral over finite ends by quadrature whose error bound must
       be small; neither nested). Otherwise (a symbolic or huge range, an infinite bound, no limit)
       they stay inert and compare structurally: reordered factors match, a different body or bound
@@ -2400,29 +2400,31 @@ def _mp_value(expr, point: dict):
 
 
 QUADRATURE_DEGREE = 6         # tanh-sinh levels: ~2^7 nodes; smooth integrands converge by then
-LIMIT_DECADES = (5, 15)       # a limit is read at x = a + 10^-(d+5) and 10^-(d+15) (d: working digits)
+# A limit is read at x = a + m 10^-(d+k) for these (k, m) (d: working digits). The mantissas m are not powers
+# of 10 apart, so a function periodic in log x (sin(2 pi log10 x), no limit) cannot agree with itself by chance.
+LIMIT_STEPS = ((5, "0.6180339887498949"), (10, "0.7071067811865476"), (15, "0.5772156649015329"))
 
 
 def _mp_limit(expr, point: dict):
-    """lim_{x -> a} f numerically: f at two points approaching a from each side the limit names
-    (a +- 10^-(d+5), 10^-(d+15); +-10^(d+5), 10^(d+15) at an infinite a), computed with 4d + 80 digits
+    """lim_{x -> a} f numerically: f at three points approaching a from each side the limit names
+    (a +- m 10^-(d+k), LIMIT_STEPS; +-10^(d+k)/m at an infinite a), computed with 4d + 80 digits
     (so that x - a is exact and cancellation up to third order, as in (1 - cos x)/x^2 or
     (x - sin x)/x^3, costs nothing). If all agree to d - 10
     digits, that is the limit; otherwise (no limit, |x|/x, sin(1/x), one that converges too slowly to
     see, such as 1/ln x) _Unsafe: the limit is then compared structurally only."""
     body, var, target, direction = expr.args
     if body.has(Limit, Integral):
-        raise _Unsafe                             # nested: 4 evaluations per level, 4^depth in all
+        raise _Unsafe                             # nested: 6 evaluations per level, 6^depth in all
     ctx = _mp()
     digits = ctx.dps
     with ctx.workdps(4 * digits + 80):
         if target in (oo, -oo):
             sign = 1 if target == oo else -1
-            xs = [sign * ctx.mpf(10) ** (digits + e) for e in LIMIT_DECADES]
+            xs = [sign * ctx.mpf(10) ** (digits + k) / ctx.mpf(m) for k, m in LIMIT_STEPS]
         else:
             a = _mp_value(target, point)
             signs = {"+": (1,), "-": (-1,), "+-": (1, -1)}[str(direction)]
-            xs = [a + s * ctx.mpf(10) ** -(digits + e) for s in signs for e in LIMIT_DECADES]
+            xs = [a + s * ctx.mpf(m) * ctx.mpf(10) ** -(digits + k) for s in signs for k, m in LIMIT_STEPS]
         values = [_mp_value(body, {**point, var: x}) for x in xs]
         ref = values[-1]
         if any(abs(v - ref) > ctx.mpf(10) ** (10 - digits) * max(1, abs(ref)) for v in values):

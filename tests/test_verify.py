@@ -614,7 +614,7 @@ CLOSED_FORMS = [
     (r"\sum_{i=1}^{3} x^i", "x+x^2+x^3", True), (r"\sum_{i=1}^{3}\sum_{j=1}^{i} ij", "25", True), (r"\sum_{k=-2}^{2} k^2", "10", True),
     (r"\lim_{x\to 0} \frac{\sin x}{x}", "1", True), (r"\lim_{x \to \infty} \left(1+\frac{1}{x}\right)^x", "e", True),
     (r"\lim_{n\to\infty} \frac{2n+1}{n}", "2", True), (r"\lim_{x\to 0}\frac{1-\cos x}{x^2}", r"\frac{1}{2}", True),
-    (r"\lim_{x\to 0}\frac{1-\cos x}{x^2}", "1", False), (r"\lim_{x\to 0^+} \frac{|x|}{x}", "1", True),
+    (r"\lim_{x\to 0}\frac{1-\cos x}{x^2}", "1", False), (r"\lim_{x\to 0^+} \sin(2\pi \log_{10} x)", "0", False),  # no limit (r"\lim_{x\to 0^+} \frac{|x|}{x}", "1", True),
     (r"\int_0^1 x^2 \, dx", r"\frac{1}{3}", True), (r"\int_{0}^{\pi} \sin x \, \mathrm{d}x", "2", True), (r"\int_0^a x\,dx", r"\frac{a^2}{2}", True),
     (r"\det \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "-2", True), (r"\det\left(\begin{matrix} a & b \\ c & d\end{matrix}\right)", "ad-bc", True),
     (r"\sum_{k=1}^{10} k", "56", False), (r"\prod_{j=1}^{5} j", "24", False), (r"\sum_{k=-2}^{2} k^2", "5", False),
