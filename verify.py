@@ -2661,32 +2661,38 @@ def _grade(completion: str, gold: str, require_think_close: bool, numeric: bool 
 
 # A number literal in scientific notation, as JSON and Python write numbers: 1e-07, 2.5E+3, -3e8.
 _SCIENTIFIC_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
+_PRINTED_FLOAT_RE = re.compile(r"[-+]?\d+(?:\.\d+)?[eE][-+]\d{2,}")   # repr(1e-10), repr(2.5e+16)
 MAX_SCIENTIFIC_EXPONENT = 1_000   # beyond this, the literal is left to the parser (bounded there)
 
 
 def _gold_text(gold) -> tuple[str | None, bool]:
     """(the gold answer as text, whether it is a number literal). A JSON number arrives as int or
     float: str(1e-07) would be "1e-07", which LaTeX reads as 1*e - 7 (Euler's e), so the number is
-    written out in positional notation ("0.0000001": exactly the decimal the literal denotes). A string
-    is taken as written (the tokenizer reads "1e-07" and "1e+16" as numbers anywhere; "2e-1" stays
-    2e - 1). (None, False) for anything else (bool, NaN, None, ...)."""
+    written out in positional notation ("0.0000001": exactly the decimal the literal denotes). A gold
+    string that is exactly a float as Python and JSON writers print one (a signed exponent of two or
+    more digits: "1e-10", "2.5e+16"; a loader that did str(number)) is that number too; any other
+    string is taken as written (the tokenizer reads "1e-07", "1e+16" as numbers anywhere; "2e-1" and
+    "2e-x" stay 2e - 1, 2e - x). (None, False) for anything else (bool, NaN, None, ...)."""
     if isinstance(gold, bool):
         return None, False                       # JSON true/false: not a number answer
     if isinstance(gold, int):
         return _int_text(gold), True
     if isinstance(gold, float):
         return (_positional(repr(gold)), True) if math.isfinite(gold) else (None, False)
-    return (gold, False) if isinstance(gold, str) else (None, False)
+    if not isinstance(gold, str):
+        return None, False
+    printed = _scientific_literal(gold, _PRINTED_FLOAT_RE)
+    return (printed, True) if printed is not None else (gold, False)
 
 
-def _scientific_literal(text: str) -> str | None:
+def _scientific_literal(text: str, pattern: re.Pattern = _SCIENTIFIC_RE) -> str | None:
     """text written out positionally if it is exactly one scientific-notation literal (optionally in
     $...$) with a bounded exponent; else None. Used for a prediction against a numeric gold only."""
     s = text.strip()
     if len(s) > 200:
         return None
     s = s[1:-1].strip() if len(s) > 2 and s[0] == s[-1] == "$" else s
-    if not _SCIENTIFIC_RE.fullmatch(s):
+    if not pattern.fullmatch(s):
         return None
     exponent = int(re.split("[eE]", s)[1])
     return _positional(s) if abs(exponent) <= MAX_SCIENTIFIC_EXPONENT else None

@@ -651,6 +651,8 @@ NUMERIC_GOLDS = [  # (completion, gold as JSON gives it, expected): a number gol
     (r"\boxed{7.5}", 7.0, False), (r"\boxed{3}", -3, False), (r"\boxed{1}", True, False), (r"\boxed{0}", float("nan"), False),
     (r"\boxed{1e-07}", "e-7", False),                # "1e-07" is a number literal: never e - 7
     (r"\boxed{2e-1}", 0.2, True), (r"\boxed{2e-1}", "0.2", False),   # a string gold keeps LaTeX's 2e - 1
+    (r"\boxed{10^{-10}}", str(1e-10), True), (r"\boxed{e-10}", str(1e-10), False),   # a loader's str(1e-10)
+    (r"\boxed{2.5 \times 10^{16}}", str(2.5e16), True), (r"\boxed{0.2}", "2e-1", False),
 ]
 
 
