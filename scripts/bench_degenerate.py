@@ -115,6 +115,8 @@ def bench_loops(max_tokens: int) -> dict:
 
 def loglog_slope(sizes: list[int], times: list[float]) -> float:
     """Least-squares slope of log(time) against log(size): 1 for linear cost, 2 for quadratic."""
+    if len(sizes) < 2:
+        return 0.0                                     # one size (--max-tokens <= 1024): no slope
     xs, ys = [math.log(n) for n in sizes], [math.log(max(t, 1e-7)) for t in times]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
