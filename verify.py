@@ -662,12 +662,14 @@ def _clean(answer: str) -> str:
 
 
 def _unicode_to_latex(s: str) -> str:
-    """x², a₁, 3½ become x^{2}, a_{1}, 3\\frac{1}{2} (NFKC would flatten them to x2, a1, 31/2); then
-    NFKC folds full-width digits and letters, ligatures etc. into ASCII; then √ π ≤ ... become commands."""
+    """x², a₁, 3½, ℝ become x^{2}, a_{1}, 3\\frac{1}{2}, \\mathbb{R} (NFKC would flatten them to x2, a1,
+    31/2, R); then NFKC folds full-width digits and letters, ligatures etc. into ASCII; then √ π ≤ ...
+    become commands."""
     s = _VULGAR_FRACTION_RE.sub(
         lambda m: r"\frac{%s}{%s}" % tuple(unicodedata.normalize("NFKC", m.group(0)).split("\u2044")), s)
     s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group(0).translate(_SCRIPT_DIGITS) + "}", s)
     s = _SUBSCRIPT_RE.sub(lambda m: "_{" + m.group(0).translate(_SCRIPT_DIGITS) + "}", s)
+    s = s.replace("ℝ", r"\mathbb{R}")                # before NFKC, which would make it the letter R
     s = unicodedata.normalize("NFKC", s)
     return _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
 

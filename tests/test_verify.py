@@ -612,6 +612,7 @@ SET_OPERATIONS = [
 EMPTY_SETS = [
     ("∅", r"\emptyset", True), ("∅", r"\{\}", True), (r"\varnothing", r"\{ \}", True), ("∅", r"\varnothing", True),
     ("∅", "0", False), ("∅", r"\{0\}", False), (r"\emptyset", r"\{\emptyset\}", False), ("∅", "(0,1)", False),
+    ("ℝ", r"(-\infty, \infty)", True), (r"ℝ \setminus \{0\}", r"(-\infty,0) ∪ (0,\infty)", True), ("ℝ", r"[0, \infty)", False),
 ]
 CLOSED_FORMS = [
     (r"\sum_{k=1}^{10} k", "55", True), (r"\sum_{k=1}^{4} \frac{1}{k}", r"\frac{25}{12}", True), (r"\prod_{j=1}^{5} j", "120", True),
