@@ -420,8 +420,8 @@ def optimizer_tensors(run) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     state = get_optimizer_state_dict(run.logps_model, run.optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))["state"]
-    return {f"state.{fqn}.{key}": value.contiguous() for fqn, values in state.items()
+        full_state_dict=True, cpu_offload=True))  # empty on ranks other than 0
+    return {f"state.{fqn}.{key}": value.contiguous() for fqn, values in state["state"].items()
             for key, value in values.items()} if run.d.is_main else None
 
 
@@ -683,6 +683,7 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     on_main_rank(d, f"preparing {args.out}",
                  lambda: common.prepare_run_dir(args.out, args.resume, start_step, METRICS_FILE))
     model = load_model(args, d)
+    model.source_dir = args.model  # the tokenizer files each save copies: not --resume's, which may be deleted
     logps_model = wrap_model(model, args, d)
     steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
