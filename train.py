@@ -449,13 +449,15 @@ def write_checkpoint(run, full: Qwen2, optimizer: dict | None, step: int, name: 
     needed and the checkpoint to go on from; every earlier checkpoint is untouched."""
     args, tmp, final = run.args, os.path.join(run.args.out, f".tmp-{name}"), optimizer is None
     weights = sum(p.numel() for p in full.parameters()) * (run.save_dtype if final else torch.float32).itemsize
-    sizes = {"model.safetensors" if weights <= 5 * 2**30 else "model-*.safetensors": weights}
+    shards = math.ceil(weights / (5 * 2**30))  # save_pretrained's files of at most 5 GiB (sizes approximate)
+    sizes = {"model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors":
+             weights // shards for i in range(shards)}
     sizes.update({} if final else {OPTIMIZER_STATE: sum(t.nbytes for t in optimizer.values())})
     fix = (f"{common.last_good(args.out, step)}; make room (or raise ulimit -f), then "
            + (f"continue with --resume {args.out}" if common.checkpoints_up_to(args.out, step) else "run again"))
     if why := common.check_room(args.out, sizes):
         raise CheckpointWriteError(f"cannot save {name} into {args.out}: {why}; nothing was written; {fix}")
-    writing = next(iter(sizes))
+    writing = "model.safetensors" if shards == 1 else "model-*.safetensors"
     try:  # no OUT/.tmp-* is left from an earlier run: prepare_run_dir removed them
         full.save_pretrained(tmp, generation_config=run.gen_config, dtype=run.save_dtype if final else None,
                              eos_token=data.get_template(args.template).end_of_turn)
