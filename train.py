@@ -573,8 +573,8 @@ def read_resume_state(args, fingerprints: dict) -> dict:
             raise InputError(
                 f"--resume {args.resume}: it was trained with --{key.replace('_', '-')} {saved['args'].get(key)} "
                 f"but this run has {getattr(args, key)}; continuing exactly needs the same value" + (
-                    ". Running longer is not a continuation: the learning rate warms up and decays linearly over "
-                    "the run's total steps, so more steps would change the rate of every step already taken. "
+                    ". Another length is not a continuation: the learning rate warms up and decays linearly over "
+                    "the run's total steps, so another total would change the rate of every step already taken. "
                     "Finish this run with its own settings, then train further as a new stage from its final "
                     f"model: --model {os.path.dirname(os.path.normpath(args.resume))} --out NEW_OUT (a warmup and "
                     "decay of its own, fresh AdamW state)" if schedule else ""))
