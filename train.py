@@ -622,7 +622,9 @@ def fill_optimizer_state(run, names: list[str], read) -> None:
         fqn, key = name.removeprefix("state.").rsplit(".", 1)
         saved.setdefault(fqn, []).append(key)
     fqns = {p: "model." + n for n, p in run.model.named_parameters()}  # as get_optimizer_state_dict names them
-    mismatch = lambda what: common.damaged_checkpoint(run.args.resume, f"{OPTIMIZER_STATE} {what}")  # noqa: E731
+
+    def mismatch(what: str) -> InputError:
+        return common.damaged_checkpoint(run.args.resume, f"{OPTIMIZER_STATE} {what}")
     for group in run.optimizer.param_groups:
         for p in group["params"]:
             keys = saved.pop(fqns[p], None)
