@@ -55,7 +55,8 @@ STAGE_DEFAULTS = {"sft": dict(lr=5e-5, batch_size=128, epochs=5), "redi": dict(S
                   "dpo": dict(STAGE2, lr=2e-7, beta=0.001), "simpo": dict(STAGE2, lr=5e-7, beta=2.0),
                   "weighted": dict(STAGE2, lr=1e-6)}
 TRAINER_STATE = "trainer_state.json"  # step-N's step, flags and fingerprints
-OPTIMIZER_STATE = "optimizer.safetensors"  # step-N's AdamW state (section 6)
+OPTIMIZER_STATE = "optimizer/adamw.safetensors"  # step-N's AdamW state (section 6). In a folder: without an index,
+# vLLM loads every *.safetensors beside config.json (model_loader/weight_utils.py, filter_duplicate_safetensors_files)
 LEGACY_TRAINER_STATE = "trainer_state.pt"  # the earlier format: both in one pickled dict; still resumed from
 METRICS_FILE = "metrics.jsonl"
 
@@ -386,7 +387,7 @@ def reference_logps(run) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # 6. Checkpoints
 #
-# OUT/step-N = a Hugging Face directory of fp32 weights + optimizer.safetensors (AdamW's per-parameter tensors,
+# OUT/step-N = a Hugging Face directory of fp32 weights + optimizer/adamw.safetensors (AdamW's per-parameter tensors,
 # flat names state.FQN.KEY, e.g. state.model.embed.weight.exp_avg) + trainer_state.json (step, flags,
 # fingerprints). No pickle anywhere on the resume path, and no rank ever holds the whole AdamW state in its own
 # memory on resume: each maps the file and copies its part, one tensor at a time (load_optimizer_state).
@@ -426,7 +427,7 @@ def optimizer_tensors(run) -> dict[str, torch.Tensor] | None:
 
 
 def save_checkpoint(run, step: int, final: bool) -> None:
-    """step-N: fp32 weights, optimizer.safetensors and trainer_state.json, written to OUT/.tmp-step-N and
+    """step-N: fp32 weights, optimizer/adamw.safetensors and trainer_state.json, written to OUT/.tmp-step-N and
     renamed when whole (a directory rename is atomic, and fails rather than overwrite); only then are the
     step-N beyond the newest --save-total-limit deleted. final: only what inference needs, in --save-dtype,
     written to OUT/.tmp-final, then renamed file by file into OUT with config.json last, so OUT holds a loadable
@@ -465,6 +466,7 @@ def write_checkpoint(run, full: Qwen2, optimizer: dict | None, step: int, name: 
             return common.move_files_into(tmp, args.out, last="config.json")
         from safetensors.torch import save_file
         writing = OPTIMIZER_STATE
+        os.makedirs(os.path.dirname(os.path.join(tmp, OPTIMIZER_STATE)))
         save_file(optimizer, os.path.join(tmp, OPTIMIZER_STATE))
         writing = TRAINER_STATE
         common.write_json(os.path.join(tmp, TRAINER_STATE), dict(
@@ -538,7 +540,7 @@ def find_resume_checkpoint(path) -> str:
 
 
 def read_trainer_state(path) -> dict:
-    """PATH/trainer_state.json (plain JSON), after opening PATH/optimizer.safetensors to check it is whole (its
+    """PATH/trainer_state.json (plain JSON), after opening PATH/optimizer/adamw.safetensors to check it is whole (its
     header only). A checkpoint of the earlier format holds trainer_state.pt instead, one dict with the whole
     optimizer state: read with weights_only=True (tensors and plain containers, never arbitrary pickles), its
     state flattened to this format's names ("optimizer": {state.FQN.KEY: tensor})."""

@@ -2,7 +2,7 @@
 
   before  the earlier format: trainer_state.pt, one pickled dict holding the whole optimizer state, torch.load'ed
           by every rank, then handed to set_optimizer_state_dict (what train.py did until 2026-12-05);
-  after   optimizer.safetensors, memory-mapped, copied one tensor at a time (train.load_optimizer_state).
+  after   optimizer/adamw.safetensors, memory-mapped, copied one tensor at a time (train.load_optimizer_state).
 
 Each is measured in a fresh process (one process = one DDP rank: every rank does the same) holding the model and
 an empty AdamW: a thread samples /proc/self/status every millisecond; reported are the peaks above that start of
@@ -57,6 +57,7 @@ def write_both_formats(hidden: int, directory: str) -> tuple[int, int]:
     torch.save({"optimizer": get_optimizer_state_dict(run.logps_model, run.optimizer)},
                os.path.join(directory, train.LEGACY_TRAINER_STATE))
     tensors = train.optimizer_tensors(run)
+    os.makedirs(os.path.join(directory, os.path.dirname(train.OPTIMIZER_STATE)))
     save_file(tensors, os.path.join(directory, train.OPTIMIZER_STATE))
     return sum(t.nbytes for t in tensors.values()), run.model.num_params()
 

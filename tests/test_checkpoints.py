@@ -1,4 +1,4 @@
-"""train.py's checkpoints: the step-N format (optimizer.safetensors + trainer_state.json) read back rank by rank,
+"""train.py's checkpoints: the step-N format (optimizer/adamw.safetensors + trainer_state.json) read back rank by rank,
 bit-exact; `--resume OUT` picking the newest whole step-N; --save-total-limit; a save that runs out of room;
 no .lock left in a finished model directory. (2-process DDP and FSDP2 resumes in the new format: test_train.py's
 test_dpo_on_two_processes_splits_the_reference_pass_and_resumes and test_fsdp2_resume_reproduces_the_uninterrupted_run.)
@@ -54,7 +54,8 @@ def crash_when_saving(monkeypatch, step_name):
 def test_step_n_holds_safetensors_and_json_and_resumes_bit_exactly(ws, tmp_path):
     full = get_run(ws, "sft-1")
     step = Path(full, "step-3")
-    assert {train.TRAINER_STATE, train.OPTIMIZER_STATE, "model.safetensors", "config.json"} <= set(os.listdir(step))
+    assert all((step / f).is_file() for f in (train.TRAINER_STATE, train.OPTIMIZER_STATE, "model.safetensors"))
+    assert [f.name for f in step.glob("*.safetensors")] == ["model.safetensors"]  # what vLLM would load
     assert not (step / train.LEGACY_TRAINER_STATE).exists()
     state = load_file(step / train.OPTIMIZER_STATE)
     params = {"model." + n: p for n, p in train.Qwen2.from_pretrained(full).named_parameters()}
@@ -94,7 +95,7 @@ def test_every_parameter_needs_its_state(ws, tmp_path):
     del state["state.model.norm.weight.step"]
     state["state.model.extra.weight.exp_avg"] = torch.zeros(2)
     safetensors.torch.save_file(state, step / train.OPTIMIZER_STATE)
-    with pytest.raises(InputError, match=r"optimizer.safetensors holds no state for model.norm.weight"):
+    with pytest.raises(InputError, match=r"optimizer/adamw.safetensors holds no state for model.norm.weight"):
         run_inprocess(sft_run_args(ws) + ["--out", tmp_path / "out", "--resume", step])
 
 
@@ -124,7 +125,7 @@ def test_resume_out_takes_the_newest_whole_checkpoint_and_skips_half_written_one
     resumed = tmp_path / "resumed"
     run_inprocess(sft_run_args(ws) + ["--out", resumed, "--resume", out])
     printed = capsys.readouterr().out
-    assert f"skipping {out / 'step-4'}: no optimizer.safetensors" in printed
+    assert f"skipping {out / 'step-4'}: no optimizer/adamw.safetensors" in printed
     assert f"skipping {out / 'step-3'}: model.safetensors is missing or cut short" in printed
     assert f"resume: {out / 'step-2'}, the newest whole checkpoint" in printed
     assert [r["step"] for r in metrics(resumed)] == [3, 4, 5, 6]
@@ -223,7 +224,7 @@ def test_a_save_that_does_not_fit_is_refused_before_writing(ws, step2_run, monke
     message = str(error.value)
     weights_size, optimizer_size = checkpoint_sizes(step2_run / "step-2")
     assert message.startswith(f"cannot save step-3 into {step2_run}: they need 1.2 MB (model.safetensors "
-                              f"{weights_size}, optimizer.safetensors {optimizer_size})")
+                              f"{weights_size}, {train.OPTIMIZER_STATE} {optimizer_size})")
     assert f"has 500.0 KB free; nothing was written; the last good checkpoint is {step2_run / 'step-2'}" in message
     assert message.endswith(f"make room (or raise ulimit -f), then continue with --resume {step2_run}")
     assert files_of(step2_run) == before and not [n for n in os.listdir(step2_run) if n.startswith(".tmp")]
@@ -275,7 +276,7 @@ def test_the_file_size_limit_gives_one_line_exit_2_and_loses_nothing(ws, step2_r
     assert len(lines) == 1 and lines[0].startswith("train.py: error: ")
     if when == "before":
         size = checkpoint_sizes(step2_run / "step-2")[1]
-        assert f"optimizer.safetensors needs {size}, over this process's file-size limit of 600.0 KB" in lines[0]
+        assert f"{train.OPTIMIZER_STATE} needs {size}, over this process's file-size limit of 600.0 KB" in lines[0]
     else:
         assert f"failed writing {step2_run / '.tmp-step-3' / train.OPTIMIZER_STATE}: a file exceeds the file-size " \
                "limit (ulimit -f)" in lines[0]

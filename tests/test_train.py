@@ -215,7 +215,7 @@ def test_fsdp2_matches_ddp(ws):
 
 
 def test_fsdp2_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
-    """Sharded AdamW state is gathered into one optimizer.safetensors and re-sharded on resume (each rank reads
+    """Sharded AdamW state is gathered into one optimizer/adamw.safetensors and re-sharded on resume (each rank reads
     its rows); RNG states of both ranks are kept."""
     full = get_run(ws, "sft-fsdp")
     state = json.loads(Path(full, "step-3", train.TRAINER_STATE).read_text())
