@@ -534,6 +534,8 @@ def find_resume_checkpoint(path) -> str:
             print0(f"resume: {step_dir}, the newest whole checkpoint in {path}")
             return step_dir
         print0(f"resume: skipping {step_dir}: {problem} (to resume into {path} itself, move it away first)")
+    if os.path.basename(os.path.normpath(path)).removeprefix("step-").isdigit():  # a step-N without its state
+        raise common.damaged_checkpoint(path, f"no {TRAINER_STATE}")
     raise InputError(f"--resume {path}: " + ("holds no whole checkpoint step-N" if steps else f"no {TRAINER_STATE}")
                      + "; pass a checkpoint written by train.py, OUT/step-N, or the run directory OUT holding "
                      "them, or start a new --out")

@@ -54,6 +54,7 @@ def crash_when_saving(monkeypatch, step_name):
 def test_step_n_holds_safetensors_and_json_and_resumes_bit_exactly(ws, tmp_path):
     full = get_run(ws, "sft-1")
     step = Path(full, "step-3")
+    assert ".lock" not in os.listdir(full)  # a finished model directory: nothing to upload by mistake
     assert all((step / f).is_file() for f in (train.TRAINER_STATE, train.OPTIMIZER_STATE, "model.safetensors"))
     assert [f.name for f in step.glob("*.safetensors")] == ["model.safetensors"]  # what vLLM would load
     assert not (step / train.LEGACY_TRAINER_STATE).exists()
@@ -138,6 +139,8 @@ def test_resume_out_takes_the_newest_whole_checkpoint_and_skips_half_written_one
     shutil.rmtree(out / "step-4")
     shutil.rmtree(out / "step-3")
     os.remove(out / "step-2" / train.TRAINER_STATE)
+    with pytest.raises(InputError, match=r"step-2: no trainer_state.json; resume from an earlier checkpoint: .*step-1"):
+        run_inprocess(sft_run_args(ws) + ["--out", tmp_path / "none", "--resume", out / "step-2"])
     os.remove(out / "step-1" / "config.json")
     with pytest.raises(InputError, match=r"--resume .*out: holds no whole checkpoint step-N"):
         run_inprocess(sft_run_args(ws) + ["--out", tmp_path / "none", "--resume", out])
