@@ -5,7 +5,8 @@
                              argparse types that check values; help with each default once; --config JSON
                              files checked by argparse itself and applied as defaults
     atomic_write, write_text, write_json
-                             write to a temporary file beside the target, then rename: never half a file
+                             write to a temporary file beside the target, then rename: never half a file; out
+                             of room (a full disk, a quota, ulimit -f): an OSError naming the target
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
     read_lines, parse_jsonl_line
                              the same in two steps, for readers that parse in worker processes
@@ -20,9 +21,10 @@
                              interrupted write, an append-only log whose last line a kill cut short; which
                              checkpoint to go on from; a fresh run or a resume never overwrites a checkpoint;
                              only the newest K checkpoints kept
-    OUT_OF_ROOM, out_of_room, format_bytes, check_room
+    OUT_OF_ROOM, room_errno, out_of_room, format_bytes, check_room
                              a save that would not fit (free space, ulimit -f) refused before writing, and a
-                             write that ran out of room recognised, so that the error can say what to do
+                             write that ran out of room recognised (atomic_write: an OSError naming the file),
+                             so that the error can say what to do
     check_run_settings       OUT/run.json: the settings a run continuing OUT must share with the one that began it
     open_shard, shard_files, read_shards, merge_shards
                              a results table every rank appends to in its own file; read back on resume, merged
@@ -155,16 +157,19 @@ def _umask() -> int:
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary file in the same directory, which then replaces `path` in one rename:
-    a crash leaves the old file or the new one, never half of one, and never a stray temporary."""
+    a crash leaves the old file or the new one, never half of one, and never a stray temporary. A write that
+    runs out of room (OUT_OF_ROOM) is an OSError with that errno naming `path`, whatever the writer raised."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are readable like any other file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if room_errno(e) in OUT_OF_ROOM:  # one OSError naming the file (write() names none; safetensors raises
+            raise OSError(room_errno(e), OUT_OF_ROOM[room_errno(e)], str(path)) from None  # its own type)
         raise
 
 
@@ -400,13 +405,17 @@ OUT_OF_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota i
                errno.EFBIG: "a file exceeds the file-size limit (ulimit -f)"}
 
 
+def room_errno(error: BaseException) -> int | None:
+    """The errno of a failed write: OSError's, or the one safetensors' SafetensorError quotes ("os error N")."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
+    return int(found.group(1)) if found else None
+
+
 def out_of_room(error: BaseException) -> str | None:
     """Why a failed write ran out of room (OUT_OF_ROOM), or None when it failed for another reason."""
-    code = getattr(error, "errno", None)
-    if code is None:
-        found = re.search(r"os error (\d+)", str(error))
-        code = int(found.group(1)) if found else None
-    return OUT_OF_ROOM.get(code)
+    return OUT_OF_ROOM.get(room_errno(error))
 
 
 def format_bytes(n: float) -> str:

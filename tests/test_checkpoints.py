@@ -323,3 +323,20 @@ def test_shard_rows_are_the_rows_fsdp2_gives_each_rank():
     p.placements = (Replicate(),)
     with pytest.raises(RuntimeError, match="unexpected sharding"):
         train.shard_rows(p)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),  # file.write() names no file
+                                   safetensors.SafetensorError("I/O error: File too large (os error 27)")])
+def test_atomic_write_out_of_room_is_an_oserror_naming_the_file(tmp_path, error):
+    """Every atomic write (a DPO reference cache, a config, a results table): one line through common.cli."""
+    def write(tmp):
+        Path(tmp).write_bytes(b"\0" * 100)
+        raise error
+    with pytest.raises(OSError) as caught:
+        common.atomic_write(tmp_path / "cache.safetensors", write)
+    assert caught.value.errno == common.room_errno(error) and caught.value.filename == str(tmp_path / "cache.safetensors")
+    assert common.out_of_room(caught.value) in str(caught.value) and os.listdir(tmp_path) == []
+    def fail(tmp):
+        raise ValueError("not about room")
+    with pytest.raises(ValueError, match="not about room"):  # anything else passes through unchanged
+        common.atomic_write(tmp_path / "x", fail)
