@@ -5,7 +5,8 @@
                              argparse types that check values; help with each default once; --config JSON
                              files checked by argparse itself and applied as defaults
     atomic_write, write_text, write_json
-                             write to a temporary file beside the target, then rename: never half a file
+                             write to a temporary file beside the target, then rename: never half a file; out
+                             of room (a full disk, a quota, ulimit -f): an OSError naming the target
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
     read_lines, parse_jsonl_line
                              the same in two steps, for readers that parse in worker processes
@@ -14,10 +15,16 @@
     move_files_into          publish a finished directory's files into another, one file last
     format_seconds, Progress h:mm:ss; when a progress line is due and the time left
     OutputLock               one run owns an output directory at a time
-    numbered_dirs, remove_leftovers, trim_jsonl_log, checkpoints_up_to, last_good, damaged_checkpoint,
-    prepare_run_dir          what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
+    numbered_dirs, remove_leftovers, trim_jsonl_log, checkpoints_up_to, last_good, remove_old_checkpoints,
+    damaged_checkpoint, prepare_run_dir
+                             what a resumed run finds in its output directory: OUT/step-N, .tmp-* left by an
                              interrupted write, an append-only log whose last line a kill cut short; which
-                             checkpoint to go on from; a fresh run or a resume never overwrites a checkpoint
+                             checkpoint to go on from; a fresh run or a resume never overwrites a checkpoint;
+                             only the newest K checkpoints kept
+    OUT_OF_ROOM, room_errno, out_of_room, format_bytes, check_room
+                             a save that would not fit (free space, ulimit -f) refused before writing, and a
+                             write that ran out of room recognised (atomic_write: an OSError naming the file),
+                             so that the error can say what to do
     check_run_settings       OUT/run.json: the settings a run continuing OUT must share with the one that began it
     open_shard, shard_files, read_shards, merge_shards
                              a results table every rank appends to in its own file; read back on resume, merged
@@ -36,11 +43,14 @@ Nothing here knows about models, data formats or losses: those live in the metho
 from __future__ import annotations  # annotations name torch types without importing torch
 
 import argparse
+import contextlib
+import errno
 import gc
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -51,7 +61,7 @@ from typing import Callable, Iterator
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Errors: bad input is the user's to fix, so it gets a sentence, not a traceback.
+# 1. Errors: bad input is the user's to fix, so it gets a sentence, not a traceback.
 
 
 class InputError(ValueError):
@@ -73,7 +83,7 @@ def cli(main: Callable[[], object], prog: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command lines: argparse does the checking, of flags and of --config files alike
+# 2. Command lines: argparse does the checking, of flags and of --config files alike
 
 
 def checked(convert: Callable, ok: Callable, what: str) -> Callable:
@@ -136,7 +146,7 @@ def config_defaults(make_parser: Callable[..., argparse.ArgumentParser], path: s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files
+# 3. Files
 
 
 def _umask() -> int:
@@ -147,16 +157,19 @@ def _umask() -> int:
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary file in the same directory, which then replaces `path` in one rename:
-    a crash leaves the old file or the new one, never half of one, and never a stray temporary."""
+    a crash leaves the old file or the new one, never half of one, and never a stray temporary. A write that
+    runs out of room (OUT_OF_ROOM) is an OSError with that errno naming `path`, whatever the writer raised."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are readable like any other file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if room_errno(e) in OUT_OF_ROOM:  # one OSError naming the file (write() names none; safetensors raises
+            raise OSError(room_errno(e), OUT_OF_ROOM[room_errno(e)], str(path)) from None  # its own type)
         raise
 
 
@@ -259,15 +272,16 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One run per output directory
+# 4. One run per output directory
 
 
 class OutputLock:
     """An exclusive advisory lock on OUT/.lock (flock), held for the life of the run. A second run on the
     same OUT is refused at once with the holder's pid, host and start time. The kernel drops the lock when
     its process dies, however it dies, so a lock file left by a killed run is stale and simply re-taken.
-    (flock is per host: on a network filesystem shared by several hosts it may not exclude a run on another
-    host; one output directory per run is still the rule there.)"""
+    The file is removed when the run ends, so that a finished OUT (train.py's final model, to be uploaded
+    as it is) holds no .lock. (flock is per host: on a network filesystem shared by several hosts it may not
+    exclude a run on another host; one output directory per run is still the rule there.)"""
 
     def __init__(self, out_dir, prog: str):
         self.path = os.path.join(out_dir, ".lock")
@@ -278,20 +292,26 @@ class OutputLock:
         import fcntl
 
         out_dir = os.path.dirname(self.path)
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            f = open(self.path, "a+", encoding="utf-8")
-        except OSError as e:  # a file in the way, a read-only or missing parent: say which directory
-            raise InputError(f"{out_dir}: cannot write there ({e.strerror}); choose a writable output "
-                             "directory") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+        while True:
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+                f = open(self.path, "a+", encoding="utf-8")
+            except OSError as e:  # a file in the way, a read-only or missing parent: say which directory
+                raise InputError(f"{out_dir}: cannot write there ({e.strerror}); choose a writable output "
+                                 "directory") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise InputError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for that run to end "
+                                 "or choose another output directory") from None
+            # The previous holder removes the file as it ends (__exit__): if that happened between our open
+            # and our flock, we locked a file no later run will find; open the path again.
+            if _same_file(f, self.path):
+                break
             f.close()
-            raise InputError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for that run to end "
-                             "or choose another output directory") from None
         f.seek(0)
         f.truncate()
         f.write(f"{self.prog} (pid {os.getpid()} on {socket.gethostname()}, started "
@@ -302,13 +322,23 @@ class OutputLock:
 
     def __exit__(self, *exc):
         if self.file is not None:
-            self.file.close()  # closing releases the flock; the file stays, harmless once unlocked
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # still locked: a run waiting to lock this file re-opens the path
+            self.file.close()  # closing releases the flock
             self.file = None
         return False
 
 
+def _same_file(f, path) -> bool:
+    """Whether the open file f is still the file at path (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Run directories: what an interrupted run leaves behind, for the run that continues it
+# 5. Run directories: what an interrupted run leaves behind, for the run that continues it
 
 
 def numbered_dirs(parent, prefix: str) -> dict[int, str]:
@@ -353,6 +383,64 @@ def last_good(out_dir, step: int) -> str:
     """For an error that stops a run at `step`: the checkpoint to go on from, in words."""
     found = checkpoints_up_to(out_dir, step)
     return f"the last good checkpoint is {found[0]}" if found else "no checkpoint was saved yet"
+
+
+def remove_old_checkpoints(out_dir, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints OUT/step-N (--save-total-limit); return their paths. Called
+    only after the newest was renamed into place whole, so the one a run resumed from is never deleted before a
+    newer one exists. Each is first renamed to OUT/.tmp-removed-step-N (one atomic step), then deleted: a kill
+    in between leaves a leftover that remove_leftovers clears, never half a step-N that looks like a checkpoint."""
+    old = sorted(numbered_dirs(out_dir, "step-").items())[:-keep]
+    for _, path in old:
+        doomed = os.path.join(out_dir, ".tmp-removed-" + os.path.basename(path))
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
+    return [path for _, path in old]
+
+
+# The errors of a write that ran out of room: the disk, the user's quota, or the file-size limit (ulimit -f,
+# with SIGXFSZ ignored, as batch schedulers set it). Keyed by errno, as OSError and the Rust writer of
+# safetensors (whose SafetensorError says "os error N") report them.
+OUT_OF_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EFBIG: "a file exceeds the file-size limit (ulimit -f)"}
+
+
+def room_errno(error: BaseException) -> int | None:
+    """The errno of a failed write: OSError's, or the one safetensors' SafetensorError quotes ("os error N")."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error)) if isinstance(error, Exception) else None
+    return int(found.group(1)) if found else None
+
+
+def out_of_room(error: BaseException) -> str | None:
+    """Why a failed write ran out of room (OUT_OF_ROOM), or None when it failed for another reason."""
+    return OUT_OF_ROOM.get(room_errno(error))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+
+
+def check_room(directory, sizes: dict[str, int]) -> str | None:
+    """Why files of these sizes {name: bytes} cannot be written into `directory`, before writing any: more
+    than the free space a user may fill (statvfs f_bavail), or a file over this process's file-size limit;
+    None when they fit. Needing the new files' room in full is the price of never deleting the previous
+    checkpoint first. (A quota or another writer can still fill the disk meanwhile: out_of_room says so.)"""
+    import resource
+
+    total, free = sum(sizes.values()), shutil.disk_usage(directory).free
+    if total > free:
+        return (f"they need {format_bytes(total)} (" + ", ".join(f"{n} {format_bytes(b)}" for n, b in sizes.items())
+                + f") but {directory} has {format_bytes(free)} free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    over = [f"{n} needs {format_bytes(b)}" for n, b in sizes.items() if limit != resource.RLIM_INFINITY and b > limit]
+    if over:
+        return f"{', '.join(over)}, over this process's file-size limit of {format_bytes(limit)} (ulimit -f)"
+    return None
 
 
 def damaged_checkpoint(resume, what: str) -> InputError:
@@ -467,7 +555,7 @@ def merge_shards(out_dir, name: str, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distributed
+# 6. Distributed
 
 
 @dataclass
@@ -625,7 +713,7 @@ def cached_tensor(path, name: str, fingerprint: str, shape, d: Dist, compute: Ca
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hardware
+# 7. Hardware
 
 # Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (sparsity figures halved). First match wins.
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),

@@ -14,7 +14,8 @@ examples go into which forward pass and how the sum over the global batch is nor
   4. The step       micro-batches, one gradient-synchronising backward, the lr of the step.
   5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
-                    what a resume must match; common.prepare_run_dir: what OUT may already hold.
+                    which step-N to resume from, what it must match, AdamW state read back rank by rank;
+                    common.prepare_run_dir: what OUT may already hold.
   7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model.
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
@@ -29,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -52,7 +54,10 @@ STAGE2 = dict(batch_size=32, epochs=1)
 STAGE_DEFAULTS = {"sft": dict(lr=5e-5, batch_size=128, epochs=5), "redi": dict(STAGE2, lr=1e-6),
                   "dpo": dict(STAGE2, lr=2e-7, beta=0.001), "simpo": dict(STAGE2, lr=5e-7, beta=2.0),
                   "weighted": dict(STAGE2, lr=1e-6)}
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"  # step-N's step, flags and fingerprints
+OPTIMIZER_STATE = "optimizer/adamw.safetensors"  # step-N's AdamW state (section 6). In a folder: without an index,
+# vLLM loads every *.safetensors beside config.json (model_loader/weight_utils.py, filter_duplicate_safetensors_files)
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # the earlier format: both in one pickled dict; still resumed from
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -99,7 +104,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seeds the data order (and torch)")
     add("--save-every", type=checked(int, lambda n: n >= 0, "an integer >= 0"), default=0,
         help="write OUT/step-N every this many steps (0: never)")
-    add("--resume", help="checkpoint directory (OUT/step-N) to continue from exactly")
+    add("--resume", help="continue exactly from a checkpoint OUT/step-N, or from OUT (its newest whole step-N)")
+    add("--save-total-limit", type=COUNT, help="keep the newest K step-N in OUT, deleting older ones (default: all)")
     add("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     add("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU); "
                                                   "master weights and AdamW state are always fp32")
@@ -144,15 +150,11 @@ def check_inputs(args):
     tokenizer). Returns the tokenizer."""
     if not os.path.exists(args.data):  # a directory: data.py's reader says so
         raise InputError(f"--data {args.data}: no such file")
+    args.resume = args.resume and find_resume_checkpoint(args.resume)  # OUT: its newest whole step-N
     for flag, path in (("--model", args.model), ("--resume", args.resume)):
         if path and not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"{flag} {path}: " + ("no config.json" if os.path.isdir(path) else "not a directory")
                              + "; pass a Hugging Face checkpoint directory")
-    if args.resume and not os.path.isfile(os.path.join(args.resume, TRAINER_STATE)):
-        finished = os.path.isfile(os.path.join(args.resume, METRICS_FILE))  # what a final model directory holds
-        raise InputError(f"--resume {args.resume}: " + ("is the final model of a finished run; nothing to continue"
-                         if finished else f"no {TRAINER_STATE}") + "; pass a checkpoint written by train.py: "
-                         "OUT/step-N, or start a new --out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: is a file; pass a directory")
     found, needed = data.detect_format(args.data), STAGE_FORMATS[args.stage]
@@ -384,6 +386,16 @@ def reference_logps(run) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # 6. Checkpoints
+#
+# OUT/step-N = a Hugging Face directory of fp32 weights + optimizer/adamw.safetensors (AdamW's per-parameter tensors,
+# flat names state.FQN.KEY, e.g. state.model.embed.weight.exp_avg) + trainer_state.json (step, flags,
+# fingerprints). No pickle anywhere on the resume path, and no rank ever holds the whole AdamW state in its own
+# memory on resume: each maps the file and copies its part, one tensor at a time (load_optimizer_state).
+
+
+class CheckpointWriteError(InputError):
+    """A save that does not fit (a full disk, a quota, the file-size limit): nothing was lost, and the cure is
+    the user's (make room), so the CLI says it in one line, exit 2."""
 
 
 def full_model_for_saving(run) -> Qwen2 | None:
@@ -403,35 +415,74 @@ def full_model_for_saving(run) -> Qwen2 | None:
     return full
 
 
-def save_checkpoint(run, step: int, final: bool) -> None:
-    """step-N: fp32 weights + trainer_state.pt (AdamW state, fingerprints), written to OUT/.tmp-step-N and
-    renamed when whole (a directory rename is atomic, and fails rather than overwrite). final: only what
-    inference needs, in --save-dtype, written to OUT/.tmp-final, then renamed file by file into OUT with
-    config.json last, so OUT holds a loadable model only once it is whole. Non-finite weights are never saved."""
+def optimizer_tensors(run) -> dict[str, torch.Tensor] | None:
+    """AdamW's state, whole (FSDP's shards gathered: a collective), on rank 0's CPU as {state.FQN.KEY: tensor},
+    FQN as get_optimizer_state_dict names a parameter (model.layers.0.attn.q.weight); None on other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    state = get_optimizer_state_dict(run.logps_model, run.optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))  # empty on ranks other than 0
+    return {f"state.{fqn}.{key}": value.contiguous() for fqn, values in state["state"].items()
+            for key, value in values.items()} if run.d.is_main else None
+
+
+def save_checkpoint(run, step: int, final: bool) -> None:
+    """step-N: fp32 weights, optimizer/adamw.safetensors and trainer_state.json, written to OUT/.tmp-step-N and
+    renamed when whole (a directory rename is atomic, and fails rather than overwrite); only then are the
+    step-N beyond the newest --save-total-limit deleted. final: only what inference needs, in --save-dtype,
+    written to OUT/.tmp-final, then renamed file by file into OUT with config.json last, so OUT holds a loadable
+    model only once it is whole. Non-finite weights are never saved; a save that would not fit is refused
+    before writing, one that runs out of room while writing is removed (write_checkpoint)."""
     args, d, name = run.args, run.d, "final" if final else f"step-{step}"
     local = [p.to_local() if hasattr(p, "to_local") else p for p in run.logps_model.parameters()]  # FSDP shards
     if all_reduce_sum(torch.stack([(~p.detach().isfinite()).any() for p in local]).sum().float(), d).item():
         raise NonFiniteLossError(f"step {step}: the weights are no longer finite; {name} not saved, "
                                  f"{common.last_good(args.out, step)}; try a lower --lr")
-    full = full_model_for_saving(run)  # a collective under FSDP, as is get_optimizer_state_dict
-    optimizer = None if final else get_optimizer_state_dict(run.logps_model, run.optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
-    tmp = os.path.join(args.out, f".tmp-{name}")
+    full = full_model_for_saving(run)  # a collective under FSDP, as is optimizer_tensors
+    optimizer = None if final else optimizer_tensors(run)
+    on_main_rank(d, f"saving {name}", lambda: write_checkpoint(run, full, optimizer, step, name))
+    print0(f"saved {args.out if final else os.path.join(args.out, name)}")
 
-    def write():  # no OUT/.tmp-* is left from an earlier run: prepare_out_dir removed them
+
+def write_checkpoint(run, full: Qwen2, optimizer: dict | None, step: int, name: str) -> None:
+    """Rank 0's part of save_checkpoint: check the room, write OUT/.tmp-NAME, publish it. Out of room (a full
+    disk, a quota, ulimit -f): OUT/.tmp-NAME is removed and a CheckpointWriteError names the file, the room
+    needed and the checkpoint to go on from; every earlier checkpoint is untouched."""
+    args, tmp, final = run.args, os.path.join(run.args.out, f".tmp-{name}"), optimizer is None
+    weights = sum(p.numel() for p in full.parameters()) * (run.save_dtype if final else torch.float32).itemsize
+    shards = math.ceil(weights / (5 * 2**30))  # save_pretrained's files of at most 5 GiB (sizes approximate)
+    sizes = {"model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors":
+             weights // shards for i in range(shards)}
+    sizes.update({} if final else {OPTIMIZER_STATE: sum(t.nbytes for t in optimizer.values())})
+    fix = (f"{common.last_good(args.out, step)}; make room (or raise ulimit -f), then "
+           + (f"continue with --resume {args.out}" if common.checkpoints_up_to(args.out, step) else "run again"))
+    if why := common.check_room(args.out, sizes):
+        raise CheckpointWriteError(f"cannot save {name} into {args.out}: {why}; nothing was written; {fix}")
+    writing = "model.safetensors" if shards == 1 else "model-*.safetensors"
+    try:  # no OUT/.tmp-* is left from an earlier run: prepare_run_dir removed them
         full.save_pretrained(tmp, generation_config=run.gen_config, dtype=run.save_dtype if final else None,
                              eos_token=data.get_template(args.template).end_of_turn)
-        if not final:
-            torch.save(dict(step=step, epoch=step // run.steps_per_epoch, total_steps=run.total_steps,
-                            args=vars(args), fingerprints=run.fingerprints, optimizer=optimizer),
-                       os.path.join(tmp, TRAINER_STATE))
-            return os.rename(tmp, os.path.join(args.out, name))
-        common.move_files_into(tmp, args.out, last="config.json")
-
-    on_main_rank(d, f"saving {name}", write)
-    print0(f"saved {args.out if final else os.path.join(args.out, name)}")
+        if final:
+            return common.move_files_into(tmp, args.out, last="config.json")
+        from safetensors.torch import save_file
+        writing = OPTIMIZER_STATE
+        os.makedirs(os.path.dirname(os.path.join(tmp, OPTIMIZER_STATE)))
+        save_file(optimizer, os.path.join(tmp, OPTIMIZER_STATE))
+        writing = TRAINER_STATE
+        common.write_json(os.path.join(tmp, TRAINER_STATE), dict(
+            step=step, epoch=step // run.steps_per_epoch, total_steps=run.total_steps, args=vars(args),
+            fingerprints=run.fingerprints))
+        os.rename(tmp, os.path.join(args.out, name))
+    except Exception as e:
+        if (why := common.out_of_room(e)) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"saving {name} failed writing {os.path.join(tmp, writing)}: {why} ({e}); the checkpoint needs "
+            f"{common.format_bytes(sum(sizes.values()))}, {common.format_bytes(shutil.disk_usage(args.out).free)} "
+            f"are free in {args.out}; {tmp} was removed, nothing was lost: {fix}") from None
+    for path in common.remove_old_checkpoints(args.out, args.save_total_limit) if args.save_total_limit else []:
+        print(f"removed {path} (--save-total-limit {args.save_total_limit})", flush=True)
 
 
 # Flags that must not change on resume: they fix the data order, the schedule, the objective or the model.
@@ -440,26 +491,164 @@ RESUME_MUST_MATCH = ("stage", "batch_size", "epochs", "max_steps", "seed", "lr",
                      "max_position_embeddings")
 
 
-def read_resume_state(args, fingerprints: dict) -> dict:
-    """--resume's trainer_state.pt, read with weights_only=True (tensors and plain containers, never arbitrary
-    pickles), and checked to be the run this one continues: the same RESUME_MUST_MATCH flags, and --data and
-    --model with the same contents."""
-    path = os.path.join(args.resume, TRAINER_STATE)
+def checkpoint_problem(path) -> str | None:
+    """What keeps PATH from being a whole step-N checkpoint (a file missing, cut short or not JSON), or None.
+    Cheap: safetensors checks on opening that its header covers the file exactly, and reads nothing else."""
+    from safetensors import safe_open
+
+    legacy = not os.path.isfile(os.path.join(path, TRAINER_STATE)) and os.path.isfile(
+        os.path.join(path, LEGACY_TRAINER_STATE))
+    needed = ["config.json", TRAINER_STATE, OPTIMIZER_STATE] if not legacy else ["config.json", LEGACY_TRAINER_STATE]
+    if missing := [f for f in needed if not os.path.isfile(os.path.join(path, f))]:
+        return "no " + ", ".join(missing)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a garbage file, a foreign pickle: each its own exception type
-        what = f"{path} is damaged ({type(e).__name__}: {str(e)[:200]})"
-        raise common.damaged_checkpoint(args.resume, what) from None
+        files = checkpoint_files(path) + ([] if legacy else [os.path.join(path, OPTIMIZER_STATE)])
+        if not legacy:
+            with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+                json.load(f)
+    except (CheckpointError, ValueError) as e:
+        return str(e)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as e:  # missing, truncated, garbage: safetensors' own error types
+            return f"{os.path.basename(file)} is missing or cut short ({str(e)[:100]})"
+    return None
+
+
+def find_resume_checkpoint(path) -> str:
+    """--resume PATH: a checkpoint OUT/step-N itself, or a run directory OUT, whose newest *whole* step-N is
+    taken (each newer one skipped says why; a .tmp-step-N, an interrupted save, is never a candidate). A finished
+    run's OUT has nothing to continue: the error says how to train on from its final model."""
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f))
+                                      for f in (TRAINER_STATE, LEGACY_TRAINER_STATE)):
+        return path  # a checkpoint; or not a directory, which check_inputs reports
+    if os.path.isfile(os.path.join(path, METRICS_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"--resume {path}: is the final model of a finished run; nothing to continue. To train "
+                         f"it further, start a new stage from it: --model {path} --out NEW_OUT (a warmup and decay "
+                         "of its own, fresh AdamW state)")
+    steps = sorted(common.numbered_dirs(path, "step-").items(), reverse=True)
+    for _, step_dir in steps:
+        if (problem := checkpoint_problem(step_dir)) is None:
+            print0(f"resume: {step_dir}, the newest whole checkpoint in {path}")
+            return step_dir
+        print0(f"resume: skipping {step_dir}: {problem} (to resume into {path} itself, move it away first)")
+    if os.path.basename(os.path.normpath(path)).removeprefix("step-").isdigit():  # a step-N without its state
+        raise common.damaged_checkpoint(path, f"no {TRAINER_STATE}")
+    raise InputError(f"--resume {path}: " + ("holds no whole checkpoint step-N" if steps else f"no {TRAINER_STATE}")
+                     + "; pass a checkpoint written by train.py, OUT/step-N, or the run directory OUT holding "
+                     "them, or start a new --out")
+
+
+def read_trainer_state(path) -> dict:
+    """PATH/trainer_state.json (plain JSON), after opening PATH/optimizer/adamw.safetensors to check it is whole (its
+    header only). A checkpoint of the earlier format holds trainer_state.pt instead, one dict with the whole
+    optimizer state: read with weights_only=True (tensors and plain containers, never arbitrary pickles), its
+    state flattened to this format's names ("optimizer": {state.FQN.KEY: tensor})."""
+    from safetensors import safe_open
+
+    file = os.path.join(path, TRAINER_STATE)
+    legacy = not os.path.exists(file) and os.path.exists(os.path.join(path, LEGACY_TRAINER_STATE))
+    try:
+        if legacy:
+            file = os.path.join(path, LEGACY_TRAINER_STATE)
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            saved["optimizer"] = {f"state.{fqn}.{key}": value for fqn, values in saved["optimizer"]["state"].items()
+                                  for key, value in values.items()}
+            return saved
+        with open(file, encoding="utf-8") as f:
+            saved = json.load(f)
+        file = os.path.join(path, OPTIMIZER_STATE)
+        with safe_open(file, framework="pt"):
+            return saved
+    except Exception as e:  # missing, truncated, garbage, a foreign pickle: each its own exception type
+        what = f"{file} is " + (f"damaged ({type(e).__name__}: {str(e)[:200]})" if os.path.exists(file) else "missing")
+        raise common.damaged_checkpoint(path, what) from None
+
+
+def read_resume_state(args, fingerprints: dict) -> dict:
+    """--resume's trainer state, checked to be the run this one continues: the same RESUME_MUST_MATCH flags,
+    and --data and --model with the same contents."""
+    saved = read_trainer_state(args.resume)
     for key in RESUME_MUST_MATCH:
         if saved["args"].get(key) != getattr(args, key):
-            raise InputError(f"--resume {args.resume}: it was trained with --{key.replace('_', '-')} "
-                             f"{saved['args'].get(key)} but this run has {getattr(args, key)}; continuing "
-                             "exactly needs the same value")
+            schedule = key in ("epochs", "max_steps")
+            raise InputError(
+                f"--resume {args.resume}: it was trained with --{key.replace('_', '-')} {saved['args'].get(key)} "
+                f"but this run has {getattr(args, key)}; continuing exactly needs the same value" + (
+                    ". Another length is not a continuation: the learning rate warms up and decays linearly over "
+                    "the run's total steps, so another total would change the rate of every step already taken. "
+                    "Finish this run with its own settings, then train further as a new stage from its final "
+                    f"model: --model {os.path.dirname(os.path.normpath(args.resume))} --out NEW_OUT (a warmup and "
+                    "decay of its own, fresh AdamW state)" if schedule else ""))
     for key in ("data", "model"):
         if saved.get("fingerprints", {}).get(key) != fingerprints[key]:
             raise InputError(f"--resume {args.resume}: --{key} {getattr(args, key)} is not what that run "
                              "started from (its sha256 differs); pass the same one, or start a new run")
     return saved
+
+
+def load_optimizer_state(run, saved: dict) -> None:
+    """AdamW's state from the checkpoint into run.optimizer, one tensor at a time, each rank its own part:
+    under DDP the whole tensor, under FSDP only its shard's rows (safetensors' get_slice reads just those).
+    The file is memory-mapped, so the ranks of a node share its pages in the page cache, and no rank holds a
+    second copy of the whole state (torch.load of one pickled dict gave every rank one: 8 bytes a parameter).
+    Values are copied bit for bit: the continuation is exact."""
+    from safetensors import safe_open
+
+    if "optimizer" in saved:  # the earlier format, already read whole
+        tensors = saved["optimizer"]
+        return fill_optimizer_state(run, list(tensors), lambda name, rows: tensors[name][rows])
+    with safe_open(os.path.join(run.args.resume, OPTIMIZER_STATE), framework="pt") as f:
+        fill_optimizer_state(run, list(f.keys()), lambda name, rows: f.get_slice(name)[rows])
+
+
+def shard_rows(p) -> slice:
+    """The rows of parameter p that this rank holds: all, or under FSDP2 (a DTensor sharded on dim 0 over a
+    1-D mesh, split as torch.chunk splits: ceil(n / world) rows per rank, the last ranks fewer or none) its own."""
+    if not hasattr(p, "to_local"):
+        return slice(None)
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    per_rank = -(-n // world)
+    rows = slice(min(rank * per_rank, n), min((rank + 1) * per_rank, n))
+    if len(p.placements) != 1 or not p.placements[0].is_shard(0) or p.to_local().shape[0] != rows.stop - rows.start:
+        raise RuntimeError(f"unexpected sharding {p.placements}: local {tuple(p.to_local().shape)} of {tuple(p.shape)}")
+    return rows
+
+
+def fill_optimizer_state(run, names: list[str], read) -> None:
+    """run.optimizer.state[p] for every parameter, from read(state.FQN.KEY, rows): the step counter as AdamW
+    keeps it (on the CPU, or on the parameter's device for the fused kernel), every other tensor shaped like
+    p's local part. Every parameter must have its state and every saved state its parameter."""
+    saved = {}
+    for name in names:  # state.FQN.KEY: the FQN holds dots, the key (step, exp_avg, exp_avg_sq) none
+        fqn, key = name.removeprefix("state.").rsplit(".", 1)
+        saved.setdefault(fqn, []).append(key)
+    fqns = {p: "model." + n for n, p in run.model.named_parameters()}  # as get_optimizer_state_dict names them
+
+    def mismatch(what: str) -> InputError:
+        return common.damaged_checkpoint(run.args.resume, f"{OPTIMIZER_STATE} {what}")
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            keys = saved.pop(fqns[p], None)
+            if not keys:
+                raise mismatch(f"holds no state for {fqns[p]}")
+            state = {}
+            for key in keys:
+                name = f"state.{fqns[p]}.{key}"
+                if key == "step":
+                    state[key] = read(name, ...).to(p.device if group["fused"] or group["capturable"] else "cpu")
+                    continue
+                state[key] = torch.zeros_like(p)  # a DTensor like p under FSDP
+                local = state[key].to_local() if hasattr(p, "to_local") else state[key]
+                value = read(name, shard_rows(p))
+                if value.shape != local.shape:
+                    raise mismatch(f"{name} has shape {tuple(value.shape)}, this model's {tuple(local.shape)}")
+                local.copy_(value)
+            run.optimizer.state[p] = state
+    if saved:
+        raise mismatch(f"holds state for parameters this model does not have: {', '.join(sorted(saved)[:5])}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,8 +680,6 @@ class Run:
 
 def setup(args, d: common.Dist, tokenizer) -> Run:
     """Data, fingerprints and resume checks, OUT, model, optimizer, DPO reference: all before step 1."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     torch.manual_seed(args.seed)
     if d.device.type == "cuda":  # any fp32 matmul left outside bf16 autocast runs on tensor cores (TF32)
         torch.set_float32_matmul_precision("high")
@@ -504,6 +691,7 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     on_main_rank(d, f"preparing {args.out}",
                  lambda: common.prepare_run_dir(args.out, args.resume, start_step, METRICS_FILE))
     model = load_model(args, d)
+    model.source_dir = args.model  # the tokenizer files each save copies: not --resume's, which may be deleted
     logps_model = wrap_model(model, args, d)
     steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
@@ -520,8 +708,7 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     if args.stage == "dpo":  # before the optimizer state is restored; a resume finds the first run's cache
         dataset.ref_logps = reference_logps(run)
     if saved:
-        set_optimizer_state_dict(logps_model, run.optimizer, optim_state_dict=saved["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        load_optimizer_state(run, saved)
         print0(f"resume: continuing from step {start_step} of {total_steps} ({args.resume})")
     return run
 
