@@ -36,6 +36,7 @@ Nothing here knows about models, data formats or losses: those live in the metho
 from __future__ import annotations  # annotations name torch types without importing torch
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -59,17 +60,67 @@ class InputError(ValueError):
     what to do. A ValueError, so library callers that catch ValueError keep working."""
 
 
+class RunStopped(Exception):
+    """A run that stops for a reason outside the input (preemption, a rank that stopped answering): cli()
+    prints the message in one line and exits with `exit_code`. every_rank: each rank that raises it prints it
+    (a rank only it knows about), else rank 0 alone (a message all ranks share)."""
+
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
+        super().__init__(message)
+        self.exit_code, self.every_rank = exit_code, every_rank
+
+
+# Exit statuses, documented in README (Robustness): 2 bad input; 124 a rank stopped answering (GNU timeout's
+# status); 130 Ctrl-C and 143 SIGTERM (128 + the signal's number, what a shell reports for a process killed by it).
+EXIT_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 124, 130, 143
+
+
 def cli(main: Callable[[], object], prog: str) -> None:
-    """Run a command's main(); an InputError (or an OSError such as a missing or unreadable file) becomes
-    one line on stderr and exit status 2. Under torchrun every rank finds the same bad input: rank 0 says it.
-    Anything else is a bug and keeps its traceback."""
+    """Run a command's main(); a failure the user can act on becomes one line on stderr and an exit status,
+    no traceback: an InputError (or an OSError such as a missing or unreadable file) exit 2, Ctrl-C 130, a
+    RunStopped its own, a collective that timed out 124 (naming the rank that stopped answering). Under
+    torchrun every rank finds the same bad input: rank 0 says it; every rank also writes the line into the
+    error file torchrun reads (TORCHELASTIC_ERROR_FILE), so torchrun's closing summary shows it as the root
+    cause. Anything else is a bug and keeps its traceback."""
     try:
         result = main()
     except (InputError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(prog, f"error: {e}", EXIT_INPUT)
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted (Ctrl-C); files are written whole or not at all, so a rerun (or --resume from "
+              "the last step-N) starts cleanly", EXIT_INTERRUPTED)
+    except RunStopped as e:
+        _fail(prog, str(e), e.exit_code, every_rank=e.every_rank)
+    except Exception as e:
+        stopped = collective_failure(e)
+        if stopped is None:
+            raise
+        _fail(prog, str(stopped), stopped.exit_code, every_rank=stopped.every_rank)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(prog: str, message: str, code: int, every_rank: bool = False) -> None:
+    line = f"{prog}: {message}"
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    write_torchelastic_error(line)
+    sys.exit(code)
+
+
+def write_torchelastic_error(line: str) -> None:
+    """Under torchrun, the error file that torch.distributed.elastic's @record would write, holding our one
+    line instead of a traceback: torchrun's closing ChildFailedError summary prints it as the root cause
+    ("traceback : LINE"), the last thing a user sees (the format ErrorHandler.record_exception writes, with
+    our line where it puts the traceback: torch/distributed/elastic/multiprocessing/errors/error_handler.py)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # torchrun then shows its generic summary; our line is already on stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,6 +145,11 @@ POSITIVE = checked(float, lambda x: 0 < x < math.inf, "a finite number > 0")
 NON_NEGATIVE = checked(float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
 FINITE = checked(float, math.isfinite, "a finite number")
 COUNT = checked(int, lambda n: n >= 1, "an integer >= 1")
+# Seeds: train.py's feeds numpy's and torch's generators (64 bits); evaluate.py's hash keeps 32 bits, so a
+# larger seed would silently repeat a smaller one's samples.
+SEED64 = checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)")
+SEED32 = checked(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)")
+MINUTES = checked(float, lambda x: 0 < x <= 7 * 24 * 60, "a number of minutes in (0, 10080]")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -467,6 +523,90 @@ def merge_shards(out_dir, name: str, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM is a request to stop soon, not a crash
+
+
+class Abandoned(Exception):
+    """Raised by the SIGTERM handler inside Preemption.may_abandon(): the work in progress is dropped."""
+
+
+class Preemption:
+    """SIGTERM, what Slurm and Kubernetes send before they kill a job (after a grace period: Slurm's KillWait,
+    Kubernetes' terminationGracePeriodSeconds, 30 s by default; torchrun passes it on to its workers and kills
+    them 30 s later). While armed, the signal only records itself: the program stops at a point of its
+    choosing (train.py: the end of a step, after a checkpoint), every rank at the same one
+    (requested_everywhere, one all-reduce of a flag). Two bounds keep the stop within `grace_s` of the signal:
+    inside may_abandon(expected_s) (one process only), work that would not end within half the grace is
+    abandoned at once (Abandoned is raised from the handler); and if the process is still running when the
+    grace ends, a watchdog thread prints `expiry_message()` and exits with status 143."""
+
+    def __init__(self):
+        self.signalled: str | None = None
+        self.watchdog = None
+        self.grace_s, self.prog, self.expiry_message = math.inf, "", None
+        self.window: tuple[float, float | None] | None = None  # may_abandon's (start, expected seconds)
+
+    @contextlib.contextmanager
+    def armed(self, grace_s: float, prog: str, expiry_message: Callable[[], str]):
+        import signal
+
+        self.grace_s, self.prog, self.expiry_message = grace_s, prog, expiry_message
+        self.signalled, self.watchdog = None, None
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:  # the program has stopped (or ended) by itself: no watchdog is needed any more
+            signal.signal(signal.SIGTERM, previous)
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+
+    def _handle(self, signum, frame) -> None:
+        import threading
+
+        if self.signalled is not None:  # a second SIGTERM changes nothing: the stop is under way
+            return
+        self.signalled, now = "SIGTERM", time.monotonic()
+        self.watchdog = threading.Timer(self.grace_s, self._expire)
+        self.watchdog.daemon = True  # a run that stops in time exits at once, without waiting for it
+        self.watchdog.start()
+        if self.window is not None:
+            start, expected = self.window
+            if expected is None or start + expected - now > self.grace_s / 2:
+                raise Abandoned()
+
+    def _expire(self) -> None:
+        line = (f"{self.prog}: preempted (SIGTERM): the grace period ({self.grace_s:g} s, --preempt-grace) ran "
+                f"out before the run could stop cleanly; {self.expiry_message()}")
+        print(line, file=sys.stderr, flush=True)
+        write_torchelastic_error(line)
+        os._exit(EXIT_PREEMPTED)
+
+    @contextlib.contextmanager
+    def may_abandon(self, expected_s: float | None, enabled: bool = True):
+        """A signal inside this block raises Abandoned unless the block is expected (expected_s: its duration
+        last time; None: unknown) to end within half the grace period. enabled False: never (several ranks,
+        which must all stop at the same step)."""
+        if self.signalled is not None and enabled:
+            raise Abandoned()
+        self.window = (time.monotonic(), expected_s) if enabled else None
+        try:
+            yield
+        finally:
+            self.window = None
+
+    def requested_everywhere(self, d: Dist) -> bool:
+        """Whether any rank has been signalled: the same answer on every rank (one all-reduce of a flag)."""
+        import torch
+
+        if d.world_size == 1:
+            return self.signalled is not None
+        return all_reduce_sum(torch.tensor([float(self.signalled is not None)], device=d.device), d).item() > 0
+
+
+PREEMPTION = Preemption()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Distributed
 
 
@@ -482,13 +622,20 @@ class Dist:
         return self.rank == 0
 
 
+_DIST: Dist | None = None  # this process's group, for collective_failure's message
+_DIST_TIMEOUT_S: float | None = None
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> Dist:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous address; multi-node runs use its
     --nnodes/--rdzv-* flags, nothing here changes). Without them this is one process and no process group.
-    backend: NCCL on CUDA and gloo on CPU unless given (evaluation only waits at barriers: gloo suffices)."""
+    backend: NCCL on CUDA and gloo on CPU unless given (evaluation only waits at barriers: gloo suffices).
+    timeout_s: how long any collective waits for every rank (the --dist-timeout flags) before it fails;
+    collective_failure then names the rank that stopped answering."""
     import torch
     import torch.distributed as dist
 
+    global _DIST, _DIST_TIMEOUT_S
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return Dist(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
@@ -505,7 +652,62 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         if backend == "nccl":
             kwargs["device_id"] = device
     dist.init_process_group(backend, **kwargs)
-    return Dist(rank, world_size, local_rank, device)
+    _DIST, _DIST_TIMEOUT_S = Dist(rank, world_size, local_rank, device), timeout_s
+    return _DIST
+
+
+def _is_collective_timeout(e: BaseException) -> bool:
+    """gloo raises a RuntimeError 'Timed out waiting ...ms for recv/send'; c10d's own waits (barrier, the
+    store) raise DistError subclasses saying 'timed out' / 'Timeout'. (NCCL's watchdog aborts the process
+    itself after the timeout, with its own message naming the collective: nothing reaches Python there.)"""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and _DIST is not None and ("timed out" in text or "timeout" in text)
+
+
+def _ranks_that_timed_out(d: Dist, wait_s: float) -> list[int] | None:
+    """Post this rank's timeout to the rendezvous store, then give the others wait_s to post theirs: a
+    rank that stopped answering never does, so the ranks missing from the list are the stuck ones. None if
+    the store (served by rank 0's process) cannot be reached either."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1)))
+        store.set(f"timed_out/{d.rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = [r for r in range(d.world_size) if store.check([f"timed_out/{r}"])]
+            if len(found) == d.world_size or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+    except Exception:  # the store is gone or frozen too: nothing more to learn
+        return None
+
+
+def collective_failure(e: BaseException) -> RunStopped | None:
+    """What cli() says about an exception raised by a collective, or None if it is not one: a collective
+    that timed out names the ranks that stopped answering (printed by the lowest rank that saw the timeout,
+    exit 124); a failure after SIGTERM (torchrun stopping the job, a preemption) is the stop, exit 143."""
+    if PREEMPTION.signalled is not None and isinstance(e, RuntimeError):
+        return RunStopped(f"stopped by {PREEMPTION.signalled} (rank {os.environ.get('RANK', '0')}): {str(e)[:200]}",
+                          EXIT_PREEMPTED)
+    if not _is_collective_timeout(e):
+        return None
+    d, timeout = _DIST, _DIST_TIMEOUT_S
+    waited = f"{timeout / 60:g} min" if timeout else "the default timeout"
+    found = _ranks_that_timed_out(d, min(30.0, max(2.0, (timeout or 600) / 20)))
+    if found is None:
+        return RunStopped(f"rank {d.rank}: a collective waited {waited} (--dist-timeout) and the rendezvous store on "
+                          f"rank 0 does not answer either: rank 0 (or its host) stopped answering; "
+                          f"{str(e)[:200]}", EXIT_TIMEOUT, every_rank=True)
+    stuck = [r for r in range(d.world_size) if r not in found]
+    who = (f"rank{'s' if len(stuck) > 1 else ''} {', '.join(map(str, stuck))} stopped answering" if stuck
+           else "every rank timed out waiting for another")
+    return RunStopped(f"{who}: a collective waited {waited} (--dist-timeout) for {'it' if len(stuck) == 1 else 'them'}"
+                      f"; look at that rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it "
+                      f"is only slow ({str(e)[:160]})", EXIT_TIMEOUT, every_rank=d.rank == min(found, default=d.rank))
 
 
 def print0(*parts) -> None:
