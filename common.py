@@ -9,6 +9,8 @@
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
     read_lines, parse_jsonl_line
                              the same in two steps, for readers that parse in worker processes
+    read_json_object, regular_file
+                             a JSON file holding one object; a file that must be read more than once
     sha256_file, sha256_files
                              content fingerprints (resume checks, run settings)
     move_files_into          publish a finished directory's files into another, one file last
@@ -25,6 +27,10 @@
                              the process group from torchrun's environment, or one process without one;
                              rank 0 does a thing (a write) and every rank learns whether it worked;
                              progress lines printed once, by rank 0 (print0), or by every rank (log)
+    collective_failure, heartbeat, wait_for_ranks
+                             a rank that stops answering: --dist-timeout bounds every wait, the message names it
+    Preemption, PREEMPTION, RunStopped
+                             SIGTERM: stop at a point of the program's choosing, within a grace period
     read_tensor_cache, write_tensor_cache, cached_tensor
                              a computed tensor kept in a safetensors file under a fingerprint of its inputs
     PEAK_BF16_FLOPS, peak_bf16_flops
@@ -42,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -246,7 +253,9 @@ def read_lines(path) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
-    """One JSONL line -> its object, or None for a blank line; `where` (FILE:LINE) starts every error."""
+    """One JSONL line -> its object, or None for a blank line; `where` (FILE:LINE) starts every error: not
+    UTF-8, not JSON, a number past Python's int-string limit (4,300 digits), nesting deeper than the recursion
+    limit, a lone UTF-16 surrogate escape (a string that no tokenizer or UTF-8 file can hold), not an object."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -254,15 +263,71 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
                          "as UTF-8") from None
     if not line.strip():
         return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise InputError(f"{where}: JSON nested too deeply to read; flatten the row") from None
+    obj = _loads(line, where)
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(line) and (field := _lone_surrogate(obj)) is not None:
+        raise InputError(f"{where}: {field} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                         "pair), which is not a character: no tokenizer or UTF-8 file can hold it; fix the escape")
     return obj
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read; flatten it") from None
+    except ValueError as e:  # int('1' * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InputError(f"{where}: a number too long to read ({str(e).split(':')[0]}); no field takes such a "
+                         "number: fix it, or write it as a string") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then is the object walked (rarely)
+
+
+def _lone_surrogate(value, path: str = "the row") -> str | None:
+    """The path (key or index) of the first string or key holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, f"{path}[{key!r}]" if path != "the row" else repr(key))
+        if found:
+            return found
+    return None
+
+
+def read_json_object(path, what: str) -> dict:
+    """A JSON file that must hold one object (config.json, generation_config.json, ...): any failure is an
+    InputError naming the file and `what` it is for."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start + 1}); {what} must be a UTF-8 JSON file") from None
+    obj = _loads(text, path)
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: a JSON {type(obj).__name__}, but {what} must be a JSON object")
+    return obj
+
+
+def regular_file(path, flag: str, why: str) -> None:
+    """`path` must be a regular file: a named pipe or a <(...) process substitution (a pipe too) can be read
+    only once, and `why` says why this program needs more than that."""
+    if not os.path.exists(path):
+        raise InputError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory; pass a JSONL file")
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: not a regular file (a named pipe, or a <(...) process substitution?); "
+                         f"{why}: write it to a file first (e.g. zcat X.jsonl.gz > X.jsonl)")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -708,6 +773,41 @@ def collective_failure(e: BaseException) -> RunStopped | None:
     return RunStopped(f"{who}: a collective waited {waited} (--dist-timeout) for {'it' if len(stuck) == 1 else 'them'}"
                       f"; look at that rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it "
                       f"is only slow ({str(e)[:160]})", EXIT_TIMEOUT, every_rank=d.rank == min(found, default=d.rank))
+
+
+def heartbeat(d: Dist) -> None:
+    """Tell the other ranks this one is making progress (a counter in the rendezvous store), for
+    wait_for_ranks. Costs one round trip to the store; nothing on one process."""
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        dist.distributed_c10d._get_default_store().add(f"heartbeat/{d.rank}", 1)
+
+
+def wait_for_ranks(d: Dist, name: str, silent_s: float) -> None:
+    """A barrier for ranks that arrive far apart (evaluate.py's shards end at different times): it waits as
+    long as every rank not yet arrived keeps beating (heartbeat), and once one has been silent for silent_s
+    it fails, naming that rank (exit 124; said once, by the lowest rank that arrived). `name`: once per run."""
+    import torch.distributed as dist
+
+    if d.world_size == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"{name}/arrived/{d.rank}", "1")
+    seen = {}  # rank -> (its last heartbeat count, when this rank saw it change)
+    while pending := [r for r in range(d.world_size) if not store.check([f"{name}/arrived/{r}"])]:
+        now = time.monotonic()
+        for r in pending:
+            beats = store.add(f"heartbeat/{r}", 0)
+            if seen.get(r, (None,))[0] != beats:
+                seen[r] = (beats, now)
+            elif now - seen[r][1] > silent_s:
+                arrived = [q for q in range(d.world_size) if q not in pending]
+                raise RunStopped(f"rank {r} stopped answering: no progress from it for {silent_s / 60:g} min "
+                                 f"(--dist-timeout) while rank {d.rank} waited for it at '{name}'; look at that "
+                                 "rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it is "
+                                 "only slow", EXIT_TIMEOUT, every_rank=d.rank == min(arrived))
+        time.sleep(min(1.0, silent_s / 10))
 
 
 def print0(*parts) -> None:

@@ -40,7 +40,7 @@ import data
 import losses
 from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, checked, on_main_rank,
                     print0)
-from model import DTYPES, CheckpointError, Qwen2, Qwen2Config, checkpoint_files
+from model import DTYPES, CheckpointError, Qwen2, Qwen2Config, check_tokenizer_files, checkpoint_files
 
 STAGE_FORMATS = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "weighted": "groups"}
 FORMAT_NAMES = {"sft": "SFT (messages or prompt/completion)", "pairs": "preference (prompt/chosen/rejected)",
@@ -144,8 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_inputs(args):
     """What the flags name, checked before any compute or write (cheap: the data's first row, the
     tokenizer). Returns the tokenizer."""
-    if not os.path.exists(args.data):  # a directory: data.py's reader says so
-        raise InputError(f"--data {args.data}: no such file")
+    common.regular_file(args.data, "--data", "train.py reads it more than once (its format, its rows, its "
+                        "sha256 for --resume)")
     for flag, path in (("--model", args.model), ("--resume", args.resume)):
         if path and not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"{flag} {path}: " + ("no config.json" if os.path.isdir(path) else "not a directory")
@@ -164,6 +164,10 @@ def check_inputs(args):
                          + " / ".join(s for s, f in STAGE_FORMATS.items() if f == found) + ")")
     tokenizer = data.load_tokenizer(args.model)  # checked to fit the model's embedding
     data.check_template_tokens(tokenizer, args.template)  # its error names --template
+    # What only the saves read (the generation config; a resumed run's tokenizer files), checked now.
+    data.generation_config(args.model, tokenizer, args.template)
+    if args.resume:
+        check_tokenizer_files(args.resume)
     return tokenizer
 
 
