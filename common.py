@@ -276,7 +276,8 @@ def _loads(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise InputError(f"{where}: not valid JSON ({e.msg} at {at})") from None
     except RecursionError:
         raise InputError(f"{where}: JSON nested too deeply to read; flatten it") from None
     except ValueError as e:  # int('1' * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
@@ -349,6 +350,11 @@ def move_files_into(src_dir, dst_dir, last: str) -> None:
     for name in sorted(os.listdir(src_dir), key=lambda n: n == last):
         os.replace(os.path.join(src_dir, name), os.path.join(dst_dir, name))
     os.rmdir(src_dir)
+
+
+def duration(seconds: float) -> str:
+    """A timeout in words: '90 s', '10 min'."""
+    return f"{seconds:g} s" if seconds < 60 else f"{seconds / 60:g} min"
 
 
 def format_seconds(seconds: float) -> str:
@@ -761,7 +767,7 @@ def collective_failure(e: BaseException) -> RunStopped | None:
     if not _is_collective_timeout(e):
         return None
     d, timeout = _DIST, _DIST_TIMEOUT_S
-    waited = f"{timeout / 60:g} min" if timeout else "the default timeout"
+    waited = duration(timeout) if timeout else "the default timeout"
     found = _ranks_that_timed_out(d, min(30.0, max(2.0, (timeout or 600) / 20)))
     if found is None:
         return RunStopped(f"rank {d.rank}: a collective waited {waited} (--dist-timeout) and the rendezvous store on "
@@ -803,7 +809,7 @@ def wait_for_ranks(d: Dist, name: str, silent_s: float) -> None:
                 seen[r] = (beats, now)
             elif now - seen[r][1] > silent_s:
                 arrived = [q for q in range(d.world_size) if q not in pending]
-                raise RunStopped(f"rank {r} stopped answering: no progress from it for {silent_s / 60:g} min "
+                raise RunStopped(f"rank {r} stopped answering: no progress from it for {duration(silent_s)} "
                                  f"(--dist-timeout) while rank {d.rank} waited for it at '{name}'; look at that "
                                  "rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it is "
                                  "only slow", EXIT_TIMEOUT, every_rank=d.rank == min(arrived))

@@ -109,6 +109,9 @@ class Qwen2Config:
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
         for key, value in values.items():
             check_config_value(key, value, refuse)
+        if values["num_attention_heads"] % values["num_key_value_heads"]:
+            refuse("num_key_value_heads", f"num_attention_heads ({values['num_attention_heads']}) must be a multiple "
+                   f"of num_key_value_heads ({values['num_key_value_heads']})")
         extra = {k: v for k, v in raw.items() if k not in known}
         config = cls(**values, extra=extra)
         if config.head_dim < 2 or config.head_dim % 2:
