@@ -70,11 +70,12 @@ class InputError(ValueError):
 class RunStopped(Exception):
     """A run that stops for a reason outside the input (preemption, a rank that stopped answering): cli()
     prints the message in one line and exits with `exit_code`. every_rank: each rank that raises it prints it
-    (a rank only it knows about), else rank 0 alone (a message all ranks share)."""
+    (a rank only it knows about), else rank 0 alone (a message all ranks share). root_cause False: the stop
+    follows another rank's failure, whose own message torchrun's summary must show (no error file)."""
 
-    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False, root_cause: bool = True):
         super().__init__(message)
-        self.exit_code, self.every_rank = exit_code, every_rank
+        self.exit_code, self.every_rank, self.root_cause = exit_code, every_rank, root_cause
 
 
 # Exit statuses, documented in README (Robustness): 2 bad input; 124 a rank stopped answering (GNU timeout's
@@ -96,21 +97,20 @@ def cli(main: Callable[[], object], prog: str) -> None:
     except KeyboardInterrupt:
         _fail(prog, "interrupted (Ctrl-C); files are written whole or not at all, so a rerun (or --resume from "
               "the last step-N) starts cleanly", EXIT_INTERRUPTED)
-    except RunStopped as e:
-        _fail(prog, str(e), e.exit_code, every_rank=e.every_rank)
     except Exception as e:
-        stopped = collective_failure(e)
+        stopped = e if isinstance(e, RunStopped) else collective_failure(e)
         if stopped is None:
             raise
-        _fail(prog, str(stopped), stopped.exit_code, every_rank=stopped.every_rank)
+        _fail(prog, str(stopped), stopped.exit_code, stopped.every_rank, stopped.root_cause)
     sys.exit(result if isinstance(result, int) else 0)
 
 
-def _fail(prog: str, message: str, code: int, every_rank: bool = False) -> None:
+def _fail(prog: str, message: str, code: int, every_rank: bool = False, root_cause: bool = True) -> None:
     line = f"{prog}: {message}"
     if every_rank or os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)
-    write_torchelastic_error(line)
+    if root_cause:
+        write_torchelastic_error(line)
     sys.exit(code)
 
 
@@ -763,7 +763,7 @@ def collective_failure(e: BaseException) -> RunStopped | None:
     exit 124); a failure after SIGTERM (torchrun stopping the job, a preemption) is the stop, exit 143."""
     if PREEMPTION.signalled is not None and isinstance(e, RuntimeError):
         return RunStopped(f"stopped by {PREEMPTION.signalled} (rank {os.environ.get('RANK', '0')}): {str(e)[:200]}",
-                          EXIT_PREEMPTED)
+                          EXIT_PREEMPTED, root_cause=False)
     if not _is_collective_timeout(e):
         return None
     d, timeout = _DIST, _DIST_TIMEOUT_S
