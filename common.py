@@ -208,6 +208,9 @@ def _umask() -> int:
     return mask
 
 
+ATOMIC_TEMPORARY = re.compile(r"\.tmp-[a-z0-9_]{8}")  # atomic_write's temporaries: mkstemp's 8 random characters
+
+
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary file in the same directory, which then replaces `path` in one rename:
     a crash leaves the old file or the new one, never half of one, and never a stray temporary."""
@@ -445,10 +448,12 @@ def numbered_dirs(parent, prefix: str) -> dict[int, str]:
             if n.startswith(prefix) and n[len(prefix):].isdigit()}
 
 
-def remove_leftovers(out_dir) -> list[str]:
+def remove_leftovers(out_dir, names: re.Pattern | None = None) -> list[str]:
     """Delete the .tmp-* files and directories an interrupted atomic write left in out_dir (atomic_write's
-    prefix; a never-whole save); return their paths. Only for a directory this run owns (OutputLock)."""
-    found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if n.startswith(".tmp-")]
+    prefix; a never-whole save), or only those whose whole name matches `names`; return their paths. Only
+    for a directory this run owns (OutputLock): no live run is writing them."""
+    found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
+             if n.startswith(".tmp-") and (names is None or names.fullmatch(n))]
     for path in found:
         if os.path.isdir(path):
             shutil.rmtree(path)

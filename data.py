@@ -663,7 +663,8 @@ def read_problems(path) -> list[Problem]:
         where, problem, answer = f"{path}:{line_no}", row.get("problem"), row.get("answer")
         if not isinstance(problem, str) or not problem.strip():
             raise InputError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        if (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip()
+                or (isinstance(answer, float) and not math.isfinite(answer))):
             raise InputError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
         problem_id = str(row.get("id", row.get("unique_id", len(problems))))
         if problem_id in seen:
@@ -1240,8 +1241,8 @@ def main(argv=None) -> int:
         if os.path.exists(os.path.join(args.out, "report.json")) and not args.overwrite:
             raise InputError(f"--out {args.out} holds a finished build (report.json); choose another --out or "
                              "pass --overwrite to replace it")
-        # Holding the lock, no live build owns these: temporaries (common.atomic_write's .tmp-*) of a killed one.
-        for path in common.remove_leftovers(args.out):
+        # Holding the lock, no live build owns these: temporaries (common.atomic_write's) of a killed one.
+        for path in common.remove_leftovers(args.out, common.ATOMIC_TEMPORARY):
             print(f"data.py build: removed {path}, left by an interrupted build", file=sys.stderr, flush=True)
         tokenizer = load_tokenizer(args.tokenizer, check_config=False) if args.tokenizer else None
         report = build_from_raw(args.raw, args.out, tokenizer=tokenizer, template=args.template,

@@ -506,7 +506,7 @@ def device_flag(text: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is visible here "
                                          "(torch.cuda.is_available() is False); use --device cpu")
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s), "
                                          f"numbered from 0")
     return str(device)

@@ -40,7 +40,7 @@ import data
 import losses
 from common import (COUNT, FINITE, NON_NEGATIVE, POSITIVE, InputError, all_reduce_sum, checked, on_main_rank,
                     print0)
-from model import DTYPES, CheckpointError, Qwen2, Qwen2Config, check_tokenizer_files, checkpoint_files
+from model import DTYPES, CheckpointError, Qwen2, Qwen2Config, checkpoint_files
 
 STAGE_FORMATS = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "weighted": "groups"}
 FORMAT_NAMES = {"sft": "SFT (messages or prompt/completion)", "pairs": "preference (prompt/chosen/rejected)",
@@ -164,10 +164,11 @@ def check_inputs(args):
                          + " / ".join(s for s, f in STAGE_FORMATS.items() if f == found) + ")")
     tokenizer = data.load_tokenizer(args.model)  # checked to fit the model's embedding
     data.check_template_tokens(tokenizer, args.template)  # its error names --template
-    # What only the saves read (the generation config; a resumed run's tokenizer files), checked now.
+    # What only the saves read, checked now: the generation config, and a resumed run's own tokenizer files
+    # (the final model copies them from --resume's directory).
     data.generation_config(args.model, tokenizer, args.template)
     if args.resume:
-        check_tokenizer_files(args.resume)
+        data.load_tokenizer(args.resume)
     return tokenizer
 
 

@@ -326,8 +326,8 @@ def test_a_killed_worker_ends_the_build_with_a_clear_error(tmp_path, monkeypatch
 def test_a_rerun_removes_a_killed_builds_temporaries_but_never_a_live_ones(tmp_path, capsys):
     raw, out = raw_file(tmp_path / "raw.jsonl", 5), tmp_path / "out"
     out.mkdir()
-    leftovers = [out / ".tmp-k1ll3d00", out / ".tmp-ab_cd123"]
-    for path in leftovers:
+    leftovers = [out / ".tmp-k1ll3d00", out / ".tmp-ab_cd123"]  # common.atomic_write's names
+    for path in leftovers + [out / ".tmp-not-a-build-temporary"]:
         path.write_text("half a file")
     (out / "notes.txt").write_text("mine")
     with common.OutputLock(out, "another build"):  # a live build owns OUT: nothing of it is touched
@@ -337,7 +337,8 @@ def test_a_rerun_removes_a_killed_builds_temporaries_but_never_a_live_ones(tmp_p
     assert data.main(["build", "--raw", raw, "--out", str(out), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert all(f"removed {path}, left by an interrupted build" in err for path in leftovers)
-    assert sorted(os.listdir(out)) == [".lock", "groups.jsonl", "notes.txt", "pairs.jsonl", "report.json", "sft.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", ".tmp-not-a-build-temporary", "groups.jsonl", "notes.txt",
+                                       "pairs.jsonl", "report.json", "sft.jsonl"]
 
 
 def test_build_reads_raw_traces_from_a_pipe_once(tmp_path):
@@ -383,6 +384,14 @@ def test_bad_numbers_and_strings_name_file_and_line(tmp_path, loader, row, messa
     with pytest.raises(InputError) as error:
         loader(path)
     assert str(error.value).startswith(f"{path}:2: ") and message in str(error.value)
+
+
+@pytest.mark.parametrize("answer", ["1e999", "-1e999", "NaN"])
+def test_a_problem_whose_answer_is_not_a_finite_number_is_refused(tmp_path, answer):
+    path = write_jsonl(tmp_path / "problems.jsonl", ['{"problem": "p", "answer": 1}',
+                                                      '{"problem": "q", "answer": ' + answer + "}"])
+    with pytest.raises(InputError, match=f"{path}:2: needs an 'answer'"):
+        data.read_problems(path)
 
 
 def test_an_escaped_surrogate_pair_and_an_escaped_backslash_are_text(tmp_path):
@@ -474,12 +483,19 @@ def test_evaluate_refuses_a_bad_model_directory_before_sampling(ws, tmp_path, na
     assert not out.exists()
 
 
-def test_a_resumed_checkpoints_tokenizer_files_are_checked_too(ws, tmp_path):
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer_config.json", "[]", "step-2/tokenizer_config.json: a JSON list"),
+    ("tokenizer.json", "{", "step-2/tokenizer.json: not a tokenizer.json"),
+    ("config.json", '{"model_type": "qwen2"}', "step-2/config.json: hidden_size, intermediate_size"),
+])
+def test_a_resumed_checkpoints_files_are_checked_too(ws, tmp_path, name, content, message):
+    """The final model copies --resume's tokenizer files: checked before step 1, not at the last save."""
     out = tmp_path / "out"
     train.main(train_args(ws, out, 4, "--save-every", 2))
-    (out / "step-2" / "tokenizer_config.json").write_text("[]")
-    with pytest.raises(InputError, match="step-2/tokenizer_config.json: a JSON list"):
+    (out / "step-2" / name).write_text(content)
+    with pytest.raises(InputError, match=message):
         train.main(train_args(ws, tmp_path / "again", 4, "--resume", out / "step-2"))
+    assert not (tmp_path / "again").exists()
 
 
 # -------------------------------------------------------------------------------------------------- flags
@@ -496,6 +512,8 @@ def test_a_resumed_checkpoints_tokenizer_files_are_checked_too(ws, tmp_path):
     ("evaluate", ["--seed", str(2**32)], "argument --seed: must be an integer in [0, 2**32)"),
     ("evaluate", ["--device", "bogus"], "argument --device: must be cpu, cuda or cuda:N, got 'bogus'"),
     ("evaluate", ["--device", "mps"], "argument --device: must be cpu, cuda or cuda:N, got 'mps'"),
+    ("evaluate", ["--device", "meta"], "argument --device: must be cpu, cuda or cuda:N, got 'meta'"),
+    ("evaluate", ["--device", "cuda:-1"], "argument --device: must be cpu, cuda or cuda:N, got 'cuda:-1'"),
     ("evaluate", ["--device", "cuda:99"], "argument --device: 'cuda:99'"),
     ("evaluate", ["--dist-timeout", "-5"], "argument --dist-timeout: must be a number of minutes"),
 ])
@@ -518,7 +536,7 @@ def test_device_cuda_without_a_gpu_says_so(capsys):
 
 def test_the_extreme_seeds_are_accepted(ws, tmp_path):
     assert train.parse_args(train_args(ws, tmp_path / "o", 12) + ["--seed", str(2**64 - 1)]).seed == 2**64 - 1
-    assert evaluate.parse_args([ws.model, "--data", "p.jsonl", "--seed", str(2**32 - 1), "--device", "cpu"]).seed \
+    assert evaluate.parse_args([ws.model, "--data", "p.jsonl", "--seed", str(2**32 - 1), "--device", "cpu:0"]).seed \
         == 2**32 - 1
 
 
