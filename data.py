@@ -578,7 +578,8 @@ def load_pairs(path) -> list[dict]:
 
 
 def _rewards(obj: dict, n: int, where: str) -> list[float]:
-    """Rewards must be finite and within float32's range: the loss computes in float32, where 1e200 is inf."""
+    """Rewards must be finite and within float32's range, and so must their sum: the advantages are computed
+    in float32 (losses.group_advantages), where 1e200 is inf and 3e38 + 3e38 too."""
     rewards = _require(obj, "rewards", where)
     if not isinstance(rewards, list) or len(rewards) != n:
         raise InputError(f"{where}: 'rewards' must be a list as long as 'completions' ({n})")
@@ -589,6 +590,9 @@ def _rewards(obj: dict, n: int, where: str) -> list[float]:
             r = f"{r:.3g}" if isinstance(r, float) else f"an integer of {len(str(abs(r)))} digits"
             raise InputError(f"{where}: rewards[{i}] = {r} is beyond float32's range (|r| <= {FLOAT32_MAX:.3g}), "
                              "where the loss is computed; rescale the rewards")
+    if sum(abs(float(r)) for r in rewards) > FLOAT32_MAX:  # each fits, but their float32 mean would overflow
+        raise InputError(f"{where}: the rewards' magnitudes sum past float32's range ({FLOAT32_MAX:.3g}), so the "
+                         "group's mean, from which the advantages are computed in float32, overflows; rescale them")
     return [float(r) for r in rewards]
 
 

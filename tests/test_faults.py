@@ -367,6 +367,8 @@ PROMPT = [{"role": "user", "content": "What is 1 + 1?"}]
      "rewards[1] = -4e+38 is beyond float32's range"),
     (data.load_groups, '{"prompt": "p", "completions": ["a", "b"], "rewards": [1, ' + "9" * 400 + "]}",
      "rewards[1] = an integer of 400 digits is beyond float32's range"),
+    (data.load_groups, {"prompt": PROMPT, "completions": ["a", "b", "c"], "rewards": [3e38, 3e38, 0]},
+     "the rewards' magnitudes sum past float32's range"),
     (data.load_groups, '{"prompt": "p", "completions": ["a", "b"], "rewards": [1, 1e999]}',
      "rewards[1] = inf is not a finite number"),
     (data.load_sft, r'{"messages": [{"role": "user", "content": "x\ud800"}, {"role": "assistant", "content": "y"}]}',
@@ -392,6 +394,17 @@ def test_a_problem_whose_answer_is_not_a_finite_number_is_refused(tmp_path, answ
                                                       '{"problem": "q", "answer": ' + answer + "}"])
     with pytest.raises(InputError, match=f"{path}:2: needs an 'answer'"):
         data.read_problems(path)
+
+
+def test_rewards_up_to_the_limits_give_finite_advantages(tmp_path):
+    import losses
+
+    edge = [[1.7e38, -1.7e38], [1.1e38, 1.1e38, 0.0], [3.4e38, 0.0], [-3.4e38, 0.0]]
+    path = write_jsonl(tmp_path / "groups.jsonl", [{"prompt": "p", "completions": ["a"] * len(r), "rewards": r}
+                                                   for r in edge])
+    for row in data.load_groups(path):
+        advantages = losses.group_advantages(torch.tensor(row["rewards"]), len(row["rewards"]))
+        assert torch.isfinite(advantages).all() and advantages.abs().max() > 0.5
 
 
 def test_an_escaped_surrogate_pair_and_an_escaped_backslash_are_text(tmp_path):
