@@ -1,7 +1,7 @@
 """common.py: the plumbing every method file shares, written once (nanochat keeps its common.py the same way).
 
     InputError, cli          one error style for every command line: "PROG: error: MESSAGE", exit 2, no traceback
-    checked, POSITIVE, NON_NEGATIVE, FINITE, COUNT, HelpFormatter, config_defaults
+    checked, POSITIVE, NON_NEGATIVE, FINITE, COUNT, SEED64, SEED32, MINUTES, DEVICE, HelpFormatter, config_defaults
                              argparse types that check values; help with each default once; --config JSON
                              files checked by argparse itself and applied as defaults
     atomic_write, write_text, write_json
@@ -157,6 +157,26 @@ COUNT = checked(int, lambda n: n >= 1, "an integer >= 1")
 SEED64 = checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)")
 SEED32 = checked(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)")
 MINUTES = checked(float, lambda x: 0 < x <= 7 * 24 * 60, "a number of minutes in (0, 10080]")
+
+
+def DEVICE(text: str) -> str:  # noqa: N802 (an argparse type, named like the others)
+    """--device: cpu, cuda or cuda:N that this machine has, checked at parse time, so that a bad value is
+    blamed on the flag (not on the checkpoint that would fail to load onto it, nor on a pin_memory call)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is visible here "
+                                         "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s), "
+                                         "numbered from 0")
+    return str(device)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -773,7 +793,7 @@ def collective_failure(e: BaseException) -> RunStopped | None:
         return None
     d, timeout = _DIST, _DIST_TIMEOUT_S
     waited = duration(timeout) if timeout else "the default timeout"
-    found = _ranks_that_timed_out(d, min(30.0, max(2.0, (timeout or 600) / 20)))
+    found = _ranks_that_timed_out(d, min(30.0, max(1.0, (timeout or 600) / 20)))
     if found is None:
         return RunStopped(f"rank {d.rank}: a collective waited {waited} (--dist-timeout) and the rendezvous store on "
                           f"rank 0 does not answer either: rank 0 (or its host) stopped answering; "

@@ -1051,10 +1051,10 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
     # raw_path is read once, so a pipe (zcat ... |, <(...)) works too; its size is then unknown: no % or ETA.
     size = os.path.getsize(raw_path) if os.path.isfile(raw_path) else None
     counts, contaminated, progress = collections.Counter(), [], common.Progress(max(size or math.inf, 1))
-    names = ("sft", "pairs", "groups")
+    log = log or (lambda line: None)
 
     def report_progress(done: int, final: bool = False) -> None:  # done: bytes of raw_path read
-        if log is not None and progress.due(done, final):
+        if progress.due(done, final):
             log(f"{counts['rows']:,} rows ({f'{100 * done / size:.1f}% of ' if size else ''}{raw_path}), "
                 f"{counts['generations_read']:,} generations, {counts['generations_read'] / progress.elapsed():,.0f}"
                 f" generations/s, elapsed {common.format_seconds(progress.elapsed())}"
@@ -1072,7 +1072,7 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
             raise InputError(f"{raw_path}: no rows")
         report_progress(done, final=True)
 
-    _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in names], fill)
+    _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in ("sft", "pairs", "groups")], fill)
     report = {key: counts[key] for key in REPORT_COUNTS}
     report["contaminated_lines"] = contaminated
     report["settings"] = {
@@ -1084,10 +1084,8 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
                           else "skipped: no tokenizer given"),
     }
     common.write_json(os.path.join(out_dir, "report.json"), report)
-    warnings = [f"warning: {report[k]:,} {REPORT_COUNTS[k]}" for k in REPORT_COUNTS if k.startswith("warning_")
-                and report[k]]
-    for line in warnings if log is not None else ():
-        log(line)
+    for key in (k for k in REPORT_COUNTS if k.startswith("warning_") and report[k]):
+        log(f"warning: {report[key]:,} {REPORT_COUNTS[key]}")
     return report
 
 

@@ -485,31 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--limit", type=common.COUNT, help="only the first K problems (default: all)")
     add("--out", help="output directory, one run at a time (default: runs/eval/<data file name>)")
     add("--dtype", choices=["bf16", "fp32"], help="(default: bf16 on CUDA, fp32 on CPU)")
-    add("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if CUDA is available, "
+    add("--device", type=common.DEVICE, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if CUDA is available, "
         "else cpu)")
     add("--dist-timeout", type=common.MINUTES, default=30, help="under torchrun, minutes a rank may go without "
         "finishing a sample (or a collective wait) before the run stops and names it (default: 30)")
     add("--compile", action=argparse.BooleanOptionalAction, help="decode through torch.compile (CUDA graphs on "
         "CUDA), the same greedy tokens (default: on with CUDA, off on CPU)")
     return p
-
-
-def device_flag(text: str) -> str:
-    """--device, checked at parse time: a device this run can use, so that a bad value is blamed on the flag
-    (not on the checkpoint that would fail to load onto it)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is visible here "
-                                         "(torch.cuda.is_available() is False); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s), "
-                                         f"numbered from 0")
-    return str(device)
 
 
 def parse_args(argv=None):

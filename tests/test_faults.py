@@ -84,11 +84,11 @@ def last_lines(text, n):
 
 def test_sigterm_saves_a_step_that_resumes_bit_exactly(ws, tmp_path):
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "train.py", *train_args(ws, out, 40)], cwd=ROOT, env=ENV, text=True,
+    run = subprocess.Popen([sys.executable, "train.py", *train_args(ws, out, 24)], cwd=ROOT, env=ENV, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for line in run.stdout:
-            if line.startswith("step 2/40"):
+            if line.startswith("step 2/24"):
                 run.send_signal(signal.SIGTERM)
                 break
         stdout, stderr = run.communicate(timeout=120)
@@ -96,15 +96,15 @@ def test_sigterm_saves_a_step_that_resumes_bit_exactly(ws, tmp_path):
         run.kill()
     assert run.returncode == common.EXIT_PREEMPTED and "Traceback" not in stderr
     steps = sorted(int(n[5:]) for n in os.listdir(out) if n.startswith("step-"))
-    assert len(steps) == 1 and 2 <= steps[0] < 40
+    assert len(steps) == 1 and 2 <= steps[0] < 24
     step = out / f"step-{steps[0]}"
-    assert stderr.strip().splitlines()[-1] == (f"train.py: preempted (SIGTERM) after step {steps[0]} of 40: saved "
+    assert stderr.strip().splitlines()[-1] == (f"train.py: preempted (SIGTERM) after step {steps[0]} of 24: saved "
                                                f"{step}; continue with the same command plus --resume {step}")
-    train.main(train_args(ws, out, 40, "--resume", step))  # the command the message gives
-    train.main(train_args(ws, tmp_path / "whole", 40))
+    train.main(train_args(ws, out, 24, "--resume", step))  # the command the message gives
+    train.main(train_args(ws, tmp_path / "whole", 24))
     assert same_weights(out, tmp_path / "whole")
     logged = [json.loads(line) for line in (out / train.METRICS_FILE).read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(1, 41))
+    assert [r["step"] for r in logged] == list(range(1, 25))
 
 
 class SignalAt:
@@ -208,10 +208,10 @@ def worker_pids(parent: int) -> list[int]:
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(ws, tmp_path):
     out = tmp_path / "out"
-    run = torchrun(["train.py", *train_args(ws, out, 40, "--micro-batch-size", 1)])
+    run = torchrun(["train.py", *train_args(ws, out, 24, "--micro-batch-size", 1)])
     try:
         for line in run.stdout:
-            if line.startswith("step 2/40"):
+            if line.startswith("step 2/24"):
                 os.kill(worker_pids(run.pid)[-1], signal.SIGTERM)  # one worker only: rank 0 must follow it
                 break
         stdout, stderr = run.communicate(timeout=120)
@@ -219,7 +219,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(ws, tmp_path):
         run.kill()
     steps = [n for n in os.listdir(out) if n.startswith("step-")]
     assert len(steps) == 1 and (out / steps[0] / train.TRAINER_STATE).exists()
-    assert f"preempted (SIGTERM) after step {steps[0][5:]} of 40: saved {out / steps[0]}" in last_lines(stderr, 3)
+    assert f"preempted (SIGTERM) after step {steps[0][5:]} of 24: saved {out / steps[0]}" in last_lines(stderr, 3)
     logged = [json.loads(line)["step"] for line in (out / train.METRICS_FILE).read_text().splitlines()]
     assert logged == list(range(1, int(steps[0][5:]) + 1))
 
@@ -231,21 +231,21 @@ import os, sys, time
 import torch
 import common
 rank = int(os.environ["RANK"])
-d = common.init_distributed(timeout_s=3)
+d = common.init_distributed(timeout_s=2)
 # 1. A rank slower than the wait's limit but making progress: the others wait for it.
 if rank == 1:
-    for _ in range(5):
+    for _ in range(4):
         common.heartbeat(d)
-        time.sleep(0.4)
-common.wait_for_ranks(d, "progressing", 1.0)
+        time.sleep(0.3)
+common.wait_for_ranks(d, "progressing", 0.8)
 print(f"rank {rank} passed", flush=True)
 # 2. A rank that stops making progress: the waiting rank names it.
 if rank == 1:
     common.heartbeat(d)
-    time.sleep(1.8)
+    time.sleep(1.4)
 else:
     try:
-        common.wait_for_ranks(d, "silent", 1.0)
+        common.wait_for_ranks(d, "silent", 0.8)
     except common.RunStopped as e:
         print(f"rank 0 caught: {e} (exit {e.exit_code})", flush=True)
 common.barrier(d)
@@ -268,11 +268,11 @@ def test_a_stuck_rank_is_named(tmp_path):
         for p in ranks:
             p.kill()
     assert "rank 0 passed" in stdout
-    assert ("rank 0 caught: rank 1 stopped answering: no progress from it for 1 s (--dist-timeout) while "
+    assert ("rank 0 caught: rank 1 stopped answering: no progress from it for 0.8 s (--dist-timeout) while "
             "rank 0 waited for it at 'silent'") in stdout and "(exit 124)" in stdout
     assert ranks[0].returncode == common.EXIT_TIMEOUT and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith(
-        "prog: rank 1 stopped answering: a collective waited 3 s (--dist-timeout) for it")
+        "prog: rank 1 stopped answering: a collective waited 2 s (--dist-timeout) for it")
 
 
 def test_the_dist_timeout_flags_reach_the_process_group(ws, tmp_path, monkeypatch):
