@@ -786,7 +786,7 @@ def collective_failure(e: BaseException) -> RunStopped | None:
     """What cli() says about an exception raised by a collective, or None if it is not one: a collective
     that timed out names the ranks that stopped answering (printed by the lowest rank that saw the timeout,
     exit 124); a failure after SIGTERM (torchrun stopping the job, a preemption) is the stop, exit 143."""
-    if PREEMPTION.signalled is not None and isinstance(e, RuntimeError):
+    if PREEMPTION.signalled is not None and _DIST is not None and isinstance(e, RuntimeError):
         return RunStopped(f"stopped by {PREEMPTION.signalled} (rank {os.environ.get('RANK', '0')}): {str(e)[:200]}",
                           EXIT_PREEMPTED, root_cause=False)
     if not _is_collective_timeout(e):

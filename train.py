@@ -15,7 +15,8 @@ examples go into which forward pass and how the sum over the global batch is nor
   5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     what a resume must match; common.prepare_run_dir: what OUT may already hold.
-  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model.
+  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model; on SIGTERM,
+                    step-N and exit 143 (README: Robustness).
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
 ranks, all micro-steps): loss tokens for sft, pairs for redi/dpo/simpo, completions for weighted. Each
@@ -558,14 +559,15 @@ def train(run) -> None:
     """One global batch per step. The step's one host synchronisation reads the loss and the gradient norm,
     which must be finite before the optimizer applies them; the weights are checked before every save.
     SIGTERM (common.Preemption) stops the run at the end of a step, every rank at the same one, with step-N
-    saved; one process abandons a step that would not end within half of --preempt-grace instead."""
+    saved; one process (without FSDP, whose hooks hold state mid-step) abandons a step that would not end
+    within half of --preempt-grace instead."""
     args, preemption = run.args, common.PREEMPTION
     progress, last, seconds = common.Progress(run.total_steps, done=run.start_step), time.perf_counter(), None
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,
                                                        args.epochs, run.start_step, stop_step=run.total_steps):
         lr = learning_rate(step, run.total_steps, run.warmup_steps, args.lr)
         try:  # nothing is updated inside: abandoning drops only this step's gradients
-            with preemption.may_abandon(seconds, enabled=run.d.world_size == 1):
+            with preemption.may_abandon(seconds, enabled=run.d.world_size == 1 and not args.fsdp):
                 stats, names = train_step(run, batch_indices)
                 # Clip once, the global L2 norm of the summed gradient (under FSDP a DTensor, reduced over ranks).
                 norm = torch.nn.utils.clip_grad_norm_(run.logps_model.parameters(), args.grad_clip or math.inf)
