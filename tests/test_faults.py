@@ -341,6 +341,37 @@ def test_a_rerun_removes_a_killed_builds_temporaries_but_never_a_live_ones(tmp_p
                                        "pairs.jsonl", "report.json", "sft.jsonl"]
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_a_build_killed_mid_way_leaves_no_worker_and_its_rerun_cleans_up(tmp_path, capsys):
+    raw, out = raw_file(tmp_path / "raw.jsonl", 5000), tmp_path / "out"
+    build = subprocess.Popen([sys.executable, "data.py", "build", "--raw", raw, "--out", out, "--workers", "2"],
+                             cwd=ROOT, env=ENV, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := worker_pids(build.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pool starts with the first chunk, after the temporaries are created
+        build.send_signal(signal.SIGKILL)  # the OOM killer's way: no cleanup runs
+        build.wait(timeout=60)
+    finally:
+        build.kill()
+    deadline = time.monotonic() + 20
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == 2 and not any(map(alive, workers))  # the workers died with the build
+    leftovers = sorted(n for n in os.listdir(out) if n.startswith(".tmp-"))
+    assert len(leftovers) == 3 and not (out / "report.json").exists()
+    assert data.main(["build", "--raw", raw, "--out", str(out), "--workers", "1"]) == 0
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    err = capsys.readouterr().err
+    assert all(f"removed {out / n}, left by an interrupted build" in err for n in leftovers)
+
+
 def test_build_reads_raw_traces_from_a_pipe_once(tmp_path):
     fifo, text = tmp_path / "raw.fifo", Path(raw_file(tmp_path / "raw.jsonl", 6)).read_text()
     os.mkfifo(fifo)
