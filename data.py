@@ -932,9 +932,14 @@ _WORKER_SETTINGS = None
 
 
 def _worker_init(settings: BuildSettings, parent: int) -> None:
+    import signal
+
     global _WORKER_SETTINGS
     _WORKER_SETTINGS = settings
     _die_with(parent)
+    # Ctrl-C reaches the whole process group: the build process alone answers it (one line, common.cli) and
+    # shuts the pool down; a worker would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One worker = one core: the tokenizer's own thread pool would make --workers N oversubscribe the CPUs.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 

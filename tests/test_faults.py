@@ -348,18 +348,35 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_build_killed_mid_way_leaves_no_worker_and_its_rerun_cleans_up(tmp_path, capsys):
-    raw, out = raw_file(tmp_path / "raw.jsonl", 5000), tmp_path / "out"
+def start_build(raw, out, stop: signal.Signals) -> tuple[int, str, list[int]]:
+    """A `data.py build --workers 2` sent `stop` once its workers run (to its whole process group, as a
+    terminal's Ctrl-C is); returns its exit status, its stderr and its workers' pids."""
     build = subprocess.Popen([sys.executable, "data.py", "build", "--raw", raw, "--out", out, "--workers", "2"],
-                             cwd=ROOT, env=ENV, stderr=subprocess.DEVNULL)
+                             cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(workers := worker_pids(build.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # the pool starts with the first chunk, after the temporaries are created
-        build.send_signal(signal.SIGKILL)  # the OOM killer's way: no cleanup runs
-        build.wait(timeout=60)
+        os.killpg(build.pid, stop)
+        stderr = build.communicate(timeout=60)[1]
     finally:
         build.kill()
+    return build.returncode, stderr, workers
+
+
+def test_ctrl_c_on_a_build_with_workers_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    code, stderr, _ = start_build(raw_file(tmp_path / "raw.jsonl", 5000), out, signal.SIGINT)
+    assert code == common.EXIT_INTERRUPTED  # the workers ignore it: no traceback of theirs
+    assert stderr.strip().splitlines() == [
+        "data.py: interrupted (Ctrl-C); files are written whole or not at all, so a rerun (or --resume from the "
+        "last step-N) starts cleanly"]
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_a_build_killed_mid_way_leaves_no_worker_and_its_rerun_cleans_up(tmp_path, capsys):
+    raw, out = raw_file(tmp_path / "raw.jsonl", 5000), tmp_path / "out"
+    _, _, workers = start_build(raw, out, signal.SIGKILL)  # the OOM killer's way: no cleanup runs
     deadline = time.monotonic() + 20
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
