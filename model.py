@@ -109,15 +109,9 @@ class Qwen2Config:
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
         for key, value in values.items():
             check_config_value(key, value, refuse)
-        if values["num_attention_heads"] % values["num_key_value_heads"]:
-            refuse("num_key_value_heads", f"num_attention_heads ({values['num_attention_heads']}) must be a multiple "
-                   f"of num_key_value_heads ({values['num_key_value_heads']})")
+        check_config_shape(values, refuse)
         extra = {k: v for k, v in raw.items() if k not in known}
-        config = cls(**values, extra=extra)
-        if config.head_dim < 2 or config.head_dim % 2:
-            refuse("head_dim", f"is {config.head_dim} (hidden_size / num_attention_heads when absent); rotary "
-                   "embeddings rotate pairs of dimensions, so it must be even and >= 2")
-        return config
+        return cls(**values, extra=extra)
 
     @classmethod
     def from_json(cls, path: str) -> "Qwen2Config":
@@ -175,6 +169,18 @@ def check_config_value(key: str, value, refuse) -> None:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         refuse(key, f"is {json.dumps(value)[:40]}; it must be a token id (an integer >= 0)"
                + (" or a list of them" if key == "eos_token_id" else ""))
+
+
+def check_config_shape(values: dict, refuse) -> None:
+    """Query heads that split evenly over the key/value heads, and an even head size (RoPE rotates pairs)."""
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    if heads % kv_heads:
+        refuse("num_key_value_heads", f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+               f"({kv_heads})")
+    head_dim = values.get("head_dim") or values["hidden_size"] // heads
+    if head_dim < 2 or head_dim % 2:
+        refuse("head_dim", f"is {head_dim} (hidden_size / num_attention_heads when absent); rotary embeddings "
+               "rotate pairs of dimensions, so it must be even and >= 2")
 
 
 # ----------------------------------------------------------------------------------------------------------
