@@ -1054,6 +1054,15 @@ REPORT_COUNTS = {
 }
 
 
+def _progress_line(counts, done: int, size: int | None, raw_path, progress: common.Progress) -> str:
+    """Rows and generations so far and their rate; the share of the file read and the time left when its size
+    is known (not for a pipe)."""
+    share, eta = (f"{100 * done / size:.1f}% of ", f", ETA {progress.eta(done)}") if size else ("", "")
+    return (f"{counts['rows']:,} rows ({share}{raw_path}), {counts['generations_read']:,} generations, "
+            f"{counts['generations_read'] / progress.elapsed():,.0f} generations/s, elapsed "
+            f"{common.format_seconds(progress.elapsed())}{eta}")
+
+
 def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_prompt_tokens=800,
                    max_response_tokens=19000, decontaminate=(), ngram=8, labels="auto",
                    exclude_sources=("cn_k12",), remove_contaminated=False, workers=1, log=None) -> dict:
@@ -1075,10 +1084,7 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
 
     def report_progress(done: int, final: bool = False) -> None:  # done: bytes of raw_path read
         if progress.due(done, final):
-            log(f"{counts['rows']:,} rows ({f'{100 * done / size:.1f}% of ' if size else ''}{raw_path}), "
-                f"{counts['generations_read']:,} generations, {counts['generations_read'] / progress.elapsed():,.0f}"
-                f" generations/s, elapsed {common.format_seconds(progress.elapsed())}"
-                + (f", ETA {progress.eta(done)}" if size else ""))
+            log(_progress_line(counts, done, size, raw_path, progress))
 
     def fill(files):
         done = 0
