@@ -1,7 +1,7 @@
 """common.py: the plumbing every method file shares, written once (nanochat keeps its common.py the same way).
 
     InputError, cli          one error style for every command line: "PROG: error: MESSAGE", exit 2, no traceback
-    checked, POSITIVE, NON_NEGATIVE, FINITE, COUNT, HelpFormatter, config_defaults
+    checked, POSITIVE, NON_NEGATIVE, FINITE, COUNT, SEED64, SEED32, MINUTES, DEVICE, HelpFormatter, config_defaults
                              argparse types that check values; help with each default once; --config JSON
                              files checked by argparse itself and applied as defaults
     atomic_write, write_text, write_json
@@ -10,6 +10,8 @@
     read_jsonl               (line number, object) per line; bad lines name FILE:LINE
     read_lines, parse_jsonl_line
                              the same in two steps, for readers that parse in worker processes
+    read_json_object, regular_file
+                             a JSON file holding one object; a file that must be read more than once
     sha256_file, sha256_files
                              content fingerprints (resume checks, run settings)
     move_files_into          publish a finished directory's files into another, one file last
@@ -32,6 +34,10 @@
                              the process group from torchrun's environment, or one process without one;
                              rank 0 does a thing (a write) and every rank learns whether it worked;
                              progress lines printed once, by rank 0 (print0), or by every rank (log)
+    collective_failure, heartbeat, wait_for_ranks
+                             a rank that stops answering: --dist-timeout bounds every wait, the message names it
+    Preemption, PREEMPTION, RunStopped
+                             SIGTERM: stop at a point of the program's choosing, within a grace period
     read_tensor_cache, write_tensor_cache, cached_tensor
                              a computed tensor kept in a safetensors file under a fingerprint of its inputs
     PEAK_BF16_FLOPS, peak_bf16_flops
@@ -69,17 +75,67 @@ class InputError(ValueError):
     what to do. A ValueError, so library callers that catch ValueError keep working."""
 
 
+class RunStopped(Exception):
+    """A run that stops for a reason outside the input (preemption, a rank that stopped answering): cli()
+    prints the message in one line and exits with `exit_code`. every_rank: each rank that raises it prints it
+    (a rank only it knows about), else rank 0 alone (a message all ranks share). root_cause False: the stop
+    follows another rank's failure, whose own message torchrun's summary must show (no error file)."""
+
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False, root_cause: bool = True):
+        super().__init__(message)
+        self.exit_code, self.every_rank, self.root_cause = exit_code, every_rank, root_cause
+
+
+# Exit statuses, documented in README (Robustness): 2 bad input; 124 a rank stopped answering (GNU timeout's
+# status); 130 Ctrl-C and 143 SIGTERM (128 + the signal's number, what a shell reports for a process killed by it).
+EXIT_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED, EXIT_PREEMPTED = 2, 124, 130, 143
+
+
 def cli(main: Callable[[], object], prog: str) -> None:
-    """Run a command's main(); an InputError (or an OSError such as a missing or unreadable file) becomes
-    one line on stderr and exit status 2. Under torchrun every rank finds the same bad input: rank 0 says it.
-    Anything else is a bug and keeps its traceback."""
+    """Run a command's main(); a failure the user can act on becomes one line on stderr and an exit status,
+    no traceback: an InputError (or an OSError such as a missing or unreadable file) exit 2, Ctrl-C 130, a
+    RunStopped its own, a collective that timed out 124 (naming the rank that stopped answering). Under
+    torchrun every rank finds the same bad input: rank 0 says it; every rank also writes the line into the
+    error file torchrun reads (TORCHELASTIC_ERROR_FILE), so torchrun's closing summary shows it as the root
+    cause. Anything else is a bug and keeps its traceback."""
     try:
         result = main()
     except (InputError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(prog, f"error: {e}", EXIT_INPUT)
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted (Ctrl-C); files are written whole or not at all, so a rerun (or --resume from "
+              "the last step-N) starts cleanly", EXIT_INTERRUPTED)
+    except Exception as e:
+        stopped = e if isinstance(e, RunStopped) else collective_failure(e)
+        if stopped is None:
+            raise
+        _fail(prog, str(stopped), stopped.exit_code, stopped.every_rank, stopped.root_cause)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(prog: str, message: str, code: int, every_rank: bool = False, root_cause: bool = True) -> None:
+    line = f"{prog}: {message}"
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    if root_cause:
+        write_torchelastic_error(line)
+    sys.exit(code)
+
+
+def write_torchelastic_error(line: str) -> None:
+    """Under torchrun, the error file that torch.distributed.elastic's @record would write, holding our one
+    line instead of a traceback: torchrun's closing ChildFailedError summary prints it as the root cause
+    ("traceback : LINE"), the last thing a user sees (the format ErrorHandler.record_exception writes, with
+    our line where it puts the traceback: torch/distributed/elastic/multiprocessing/errors/error_handler.py)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # torchrun then shows its generic summary; our line is already on stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,6 +160,31 @@ POSITIVE = checked(float, lambda x: 0 < x < math.inf, "a finite number > 0")
 NON_NEGATIVE = checked(float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
 FINITE = checked(float, math.isfinite, "a finite number")
 COUNT = checked(int, lambda n: n >= 1, "an integer >= 1")
+# Seeds: train.py's feeds numpy's and torch's generators (64 bits); evaluate.py's hash keeps 32 bits, so a
+# larger seed would silently repeat a smaller one's samples.
+SEED64 = checked(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)")
+SEED32 = checked(int, lambda n: 0 <= n < 2**32, "an integer in [0, 2**32)")
+MINUTES = checked(float, lambda x: 0 < x <= 7 * 24 * 60, "a number of minutes in (0, 10080]")
+
+
+def DEVICE(text: str) -> str:  # noqa: N802 (an argparse type, named like the others)
+    """--device: cpu, cuda or cuda:N that this machine has, checked at parse time, so that a bad value is
+    blamed on the flag (not on the checkpoint that would fail to load onto it, nor on a pin_memory call)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} needs a CUDA GPU and none is visible here "
+                                         "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s), "
+                                         "numbered from 0")
+    return str(device)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -155,6 +236,9 @@ def _umask() -> int:
     return mask
 
 
+ATOMIC_TEMPORARY = re.compile(r"\.tmp-[a-z0-9_]{8}")  # atomic_write's temporaries: mkstemp's 8 random characters
+
+
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary file in the same directory, which then replaces `path` in one rename:
     a crash leaves the old file or the new one, never half of one, and never a stray temporary. A write that
@@ -203,7 +287,9 @@ def read_lines(path) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
-    """One JSONL line -> its object, or None for a blank line; `where` (FILE:LINE) starts every error."""
+    """One JSONL line -> its object, or None for a blank line; `where` (FILE:LINE) starts every error: not
+    UTF-8, not JSON, a number past Python's int-string limit (4,300 digits), nesting deeper than the recursion
+    limit, a lone UTF-16 surrogate escape (a string that no tokenizer or UTF-8 file can hold), not an object."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -211,15 +297,72 @@ def parse_jsonl_line(raw: bytes, where: str) -> dict | None:
                          "as UTF-8") from None
     if not line.strip():
         return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise InputError(f"{where}: JSON nested too deeply to read; flatten the row") from None
+    obj = _loads(line, where)
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(line) and (field := _lone_surrogate(obj)) is not None:
+        raise InputError(f"{where}: {field} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                         "pair), which is not a character: no tokenizer or UTF-8 file can hold it; fix the escape")
     return obj
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise InputError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read; flatten it") from None
+    except ValueError as e:  # int('1' * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        raise InputError(f"{where}: a number too long to read ({str(e).split(':')[0]}); no field takes such a "
+                         "number: fix it, or write it as a string") from None
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only then is the object walked (rarely)
+
+
+def _lone_surrogate(value, path: str = "the row") -> str | None:
+    """The path (key or index) of the first string or key holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, f"{path}[{key!r}]" if path != "the row" else repr(key))
+        if found:
+            return found
+    return None
+
+
+def read_json_object(path, what: str) -> dict:
+    """A JSON file that must hold one object (config.json, generation_config.json, ...): any failure is an
+    InputError naming the file and `what` it is for."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start + 1}); {what} must be a UTF-8 JSON file") from None
+    obj = _loads(text, path)
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: a JSON {type(obj).__name__}, but {what} must be a JSON object")
+    return obj
+
+
+def regular_file(path, flag: str, why: str) -> None:
+    """`path` must be a regular file: a named pipe or a <(...) process substitution (a pipe too) can be read
+    only once, and `why` says why this program needs more than that."""
+    if not os.path.exists(path):
+        raise InputError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory; pass a JSONL file")
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: not a regular file (a named pipe, or a <(...) process substitution?); "
+                         f"{why}: write it to a file first (e.g. zcat X.jsonl.gz > X.jsonl)")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -241,6 +384,11 @@ def move_files_into(src_dir, dst_dir, last: str) -> None:
     for name in sorted(os.listdir(src_dir), key=lambda n: n == last):
         os.replace(os.path.join(src_dir, name), os.path.join(dst_dir, name))
     os.rmdir(src_dir)
+
+
+def duration(seconds: float) -> str:
+    """A timeout in words: '90 s', '10 min'."""
+    return f"{seconds:g} s" if seconds < 60 else f"{seconds / 60:g} min"
 
 
 def format_seconds(seconds: float) -> str:
@@ -348,10 +496,12 @@ def numbered_dirs(parent, prefix: str) -> dict[int, str]:
             if n.startswith(prefix) and n[len(prefix):].isdigit()}
 
 
-def remove_leftovers(out_dir) -> list[str]:
+def remove_leftovers(out_dir, names: re.Pattern | None = None) -> list[str]:
     """Delete the .tmp-* files and directories an interrupted atomic write left in out_dir (atomic_write's
-    prefix; a never-whole save); return their paths. Only for a directory this run owns (OutputLock)."""
-    found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if n.startswith(".tmp-")]
+    prefix; a never-whole save), or only those whose whole name matches `names`; return their paths. Only
+    for a directory this run owns (OutputLock): no live run is writing them."""
+    found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
+             if n.startswith(".tmp-") and (names is None or names.fullmatch(n))]
     for path in found:
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -555,7 +705,91 @@ def merge_shards(out_dir, name: str, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Distributed
+# 6. Preemption: SIGTERM is a request to stop soon, not a crash
+
+
+class Abandoned(Exception):
+    """Raised by the SIGTERM handler inside Preemption.may_abandon(): the work in progress is dropped."""
+
+
+class Preemption:
+    """SIGTERM, what Slurm and Kubernetes send before they kill a job (after a grace period: Slurm's KillWait,
+    Kubernetes' terminationGracePeriodSeconds, 30 s by default; torchrun passes it on to its workers and kills
+    them 30 s later). While armed, the signal only records itself: the program stops at a point of its
+    choosing (train.py: the end of a step, after a checkpoint), every rank at the same one
+    (requested_everywhere, one all-reduce of a flag). Two bounds keep the stop within `grace_s` of the signal:
+    inside may_abandon(expected_s) (one process only), work that would not end within half the grace is
+    abandoned at once (Abandoned is raised from the handler); and if the process is still running when the
+    grace ends, a watchdog thread prints `expiry_message()` and exits with status 143."""
+
+    def __init__(self):
+        self.signalled: str | None = None
+        self.watchdog = None
+        self.grace_s, self.prog, self.expiry_message = math.inf, "", None
+        self.window: tuple[float, float | None] | None = None  # may_abandon's (start, expected seconds)
+
+    @contextlib.contextmanager
+    def armed(self, grace_s: float, prog: str, expiry_message: Callable[[], str]):
+        import signal
+
+        self.grace_s, self.prog, self.expiry_message = grace_s, prog, expiry_message
+        self.signalled, self.watchdog = None, None
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:  # the program has stopped (or ended) by itself: no watchdog is needed any more
+            signal.signal(signal.SIGTERM, previous)
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+
+    def _handle(self, signum, frame) -> None:
+        import threading
+
+        if self.signalled is not None:  # a second SIGTERM changes nothing: the stop is under way
+            return
+        self.signalled, now = "SIGTERM", time.monotonic()
+        self.watchdog = threading.Timer(self.grace_s, self._expire)
+        self.watchdog.daemon = True  # a run that stops in time exits at once, without waiting for it
+        self.watchdog.start()
+        if self.window is not None:
+            start, expected = self.window
+            if expected is None or start + expected - now > self.grace_s / 2:
+                raise Abandoned()
+
+    def _expire(self) -> None:
+        line = (f"{self.prog}: preempted (SIGTERM): the grace period ({self.grace_s:g} s, --preempt-grace) ran "
+                f"out before the run could stop cleanly; {self.expiry_message()}")
+        print(line, file=sys.stderr, flush=True)
+        write_torchelastic_error(line)
+        os._exit(EXIT_PREEMPTED)
+
+    @contextlib.contextmanager
+    def may_abandon(self, expected_s: float | None, enabled: bool = True):
+        """A signal inside this block raises Abandoned unless the block is expected (expected_s: its duration
+        last time; None: unknown) to end within half the grace period. enabled False: never (several ranks,
+        which must all stop at the same step)."""
+        if self.signalled is not None and enabled:
+            raise Abandoned()
+        self.window = (time.monotonic(), expected_s) if enabled else None
+        try:
+            yield
+        finally:
+            self.window = None
+
+    def requested_everywhere(self, d: Dist) -> bool:
+        """Whether any rank has been signalled: the same answer on every rank (one all-reduce of a flag)."""
+        import torch
+
+        if d.world_size == 1:
+            return self.signalled is not None
+        return all_reduce_sum(torch.tensor([float(self.signalled is not None)], device=d.device), d).item() > 0
+
+
+PREEMPTION = Preemption()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Distributed
 
 
 @dataclass
@@ -570,13 +804,20 @@ class Dist:
         return self.rank == 0
 
 
+_DIST: Dist | None = None  # this process's group, for collective_failure's message
+_DIST_TIMEOUT_S: float | None = None
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> Dist:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous address; multi-node runs use its
     --nnodes/--rdzv-* flags, nothing here changes). Without them this is one process and no process group.
-    backend: NCCL on CUDA and gloo on CPU unless given (evaluation only waits at barriers: gloo suffices)."""
+    backend: NCCL on CUDA and gloo on CPU unless given (evaluation only waits at barriers: gloo suffices).
+    timeout_s: how long any collective waits for every rank (the --dist-timeout flags) before it fails;
+    collective_failure then names the rank that stopped answering."""
     import torch
     import torch.distributed as dist
 
+    global _DIST, _DIST_TIMEOUT_S
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return Dist(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
@@ -593,7 +834,97 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         if backend == "nccl":
             kwargs["device_id"] = device
     dist.init_process_group(backend, **kwargs)
-    return Dist(rank, world_size, local_rank, device)
+    _DIST, _DIST_TIMEOUT_S = Dist(rank, world_size, local_rank, device), timeout_s
+    return _DIST
+
+
+def _is_collective_timeout(e: BaseException) -> bool:
+    """gloo raises a RuntimeError 'Timed out waiting ...ms for recv/send'; c10d's own waits (barrier, the
+    store) raise DistError subclasses saying 'timed out' / 'Timeout'. (NCCL's watchdog aborts the process
+    itself after the timeout, with its own message naming the collective: nothing reaches Python there.)"""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and _DIST is not None and ("timed out" in text or "timeout" in text)
+
+
+def _ranks_that_timed_out(d: Dist, wait_s: float) -> list[int] | None:
+    """Post this rank's timeout to the rendezvous store, then give the others wait_s to post theirs: a
+    rank that stopped answering never does, so the ranks missing from the list are the stuck ones. None if
+    the store (served by rank 0's process) cannot be reached either."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1)))
+        store.set(f"timed_out/{d.rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = [r for r in range(d.world_size) if store.check([f"timed_out/{r}"])]
+            if len(found) == d.world_size or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+    except Exception:  # the store is gone or frozen too: nothing more to learn
+        return None
+
+
+def collective_failure(e: BaseException) -> RunStopped | None:
+    """What cli() says about an exception raised by a collective, or None if it is not one: a collective
+    that timed out names the ranks that stopped answering (printed by the lowest rank that saw the timeout,
+    exit 124); a failure after SIGTERM (torchrun stopping the job, a preemption) is the stop, exit 143."""
+    if PREEMPTION.signalled is not None and _DIST is not None and isinstance(e, RuntimeError):
+        return RunStopped(f"stopped by {PREEMPTION.signalled} (rank {os.environ.get('RANK', '0')}): {str(e)[:200]}",
+                          EXIT_PREEMPTED, root_cause=False)
+    if not _is_collective_timeout(e):
+        return None
+    d, timeout = _DIST, _DIST_TIMEOUT_S
+    waited = duration(timeout) if timeout else "the default timeout"
+    found = _ranks_that_timed_out(d, min(30.0, max(1.0, (timeout or 600) / 20)))
+    if found is None:
+        return RunStopped(f"rank {d.rank}: a collective waited {waited} (--dist-timeout) and the rendezvous store on "
+                          f"rank 0 does not answer either: rank 0 (or its host) stopped answering; "
+                          f"{str(e)[:200]}", EXIT_TIMEOUT, every_rank=True)
+    stuck = [r for r in range(d.world_size) if r not in found]
+    who = (f"rank{'s' if len(stuck) > 1 else ''} {', '.join(map(str, stuck))} stopped answering" if stuck
+           else "every rank timed out waiting for another")
+    return RunStopped(f"{who}: a collective waited {waited} (--dist-timeout) for {'it' if len(stuck) == 1 else 'them'}"
+                      f"; look at that rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it "
+                      f"is only slow ({str(e)[:160]})", EXIT_TIMEOUT, every_rank=d.rank == min(found, default=d.rank))
+
+
+def heartbeat(d: Dist) -> None:
+    """Tell the other ranks this one is making progress (a counter in the rendezvous store), for
+    wait_for_ranks. Costs one round trip to the store; nothing on one process."""
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        dist.distributed_c10d._get_default_store().add(f"heartbeat/{d.rank}", 1)
+
+
+def wait_for_ranks(d: Dist, name: str, silent_s: float) -> None:
+    """A barrier for ranks that arrive far apart (evaluate.py's shards end at different times): it waits as
+    long as every rank not yet arrived keeps beating (heartbeat), and once one has been silent for silent_s
+    it fails, naming that rank (exit 124; said once, by the lowest rank that arrived). `name`: once per run."""
+    import torch.distributed as dist
+
+    if d.world_size == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"{name}/arrived/{d.rank}", "1")
+    seen = {}  # rank -> (its last heartbeat count, when this rank saw it change)
+    while pending := [r for r in range(d.world_size) if not store.check([f"{name}/arrived/{r}"])]:
+        now = time.monotonic()
+        for r in pending:
+            beats = store.add(f"heartbeat/{r}", 0)
+            if seen.get(r, (None,))[0] != beats:
+                seen[r] = (beats, now)
+            elif now - seen[r][1] > silent_s:
+                arrived = [q for q in range(d.world_size) if q not in pending]
+                raise RunStopped(f"rank {r} stopped answering: no progress from it for {duration(silent_s)} "
+                                 f"(--dist-timeout) while rank {d.rank} waited for it at '{name}'; look at that "
+                                 "rank's host (a frozen GPU, a hung filesystem), or raise --dist-timeout if it is "
+                                 "only slow", EXIT_TIMEOUT, every_rank=d.rank == min(arrived))
+        time.sleep(min(1.0, silent_s / 10))
 
 
 def print0(*parts) -> None:
@@ -713,7 +1044,7 @@ def cached_tensor(path, name: str, fingerprint: str, shape, d: Dist, compute: Ca
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Hardware
+# 8. Hardware
 
 # Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (sparsity figures halved). First match wins.
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),

@@ -190,14 +190,44 @@ def generation_config(model_dir, tokenizer, template) -> dict:
     trained to end its answer."""
     path, config = os.path.join(model_dir, "generation_config.json"), {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = common.read_json_object(path, "generation_config.json")
+        check_generation_config(config, path)
     # "_from_model_config" would let transformers rebuild these settings from config.json's single EOS.
     config = {k: v for k, v in config.items() if k not in ("_from_model_config", "transformers_version")}
     config["eos_token_id"] = generation_eos(tokenizer, template)["eos_token_id"]
     pad = tokenizer.token_to_id("<|endoftext|>")
     config.setdefault("pad_token_id", config["eos_token_id"][0] if pad is None else pad)
     return config
+
+
+# generation_config.json keys whose values transformers and vLLM check when they load a saved model: a bad one
+# copied from --model would make the trained model unloadable, found only after all training.
+GENERATION_KEYS = {
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "max_length": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "max_new_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "bos_token_id": (lambda v: _integer(v) and v >= 0, "a token id (an integer >= 0)"),
+    "pad_token_id": (lambda v: _integer(v) and v >= 0, "a token id (an integer >= 0)"),
+}
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return (isinstance(v, float) and math.isfinite(v)) or _integer(v)
+
+
+def check_generation_config(config: dict, path) -> None:
+    """The keys of GENERATION_KEYS that a generation_config.json sets (null: unset) must be valid."""
+    for key, (ok, what) in GENERATION_KEYS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise InputError(f"{path}: {key} is {json.dumps(config[key])[:40]}; it must be {what}: fix or remove it")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,19 +245,25 @@ class Example(NamedTuple):
 def load_tokenizer(model_dir, check_config: bool = True):
     """Read `model_dir/tokenizer.json` (the `tokenizers` library; no transformers needed). check_config: the
     directory is a checkpoint to run, so its config.json, where there is one, must be a Qwen2 config whose
-    embedding holds every token id (model.check_vocab; an IndexError deep in a forward otherwise). `data.py
-    build --tokenizer` only counts tokens, so it takes the tokenizer of any model."""
+    embedding holds every token id (model.check_vocab; an IndexError deep in a forward otherwise), and the
+    tokenizer files a save copies must be readable (model.check_tokenizer_files): a bad one found before step
+    1, not after training. `data.py build --tokenizer` only counts tokens, so it takes any model's tokenizer."""
     from tokenizers import Tokenizer
 
-    from model import Qwen2Config, check_vocab  # here: model.py is only needed for a checkpoint's tokenizer
+    from model import Qwen2Config, check_tokenizer_files, check_vocab  # model.py: only for a checkpoint
 
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --tokenizer / the model directory must hold the "
                                 "checkpoint's tokenizer.json")
-    tokenizer = Tokenizer.from_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for bad JSON or a wrong layout
+        raise InputError(f"{path}: not a tokenizer.json the tokenizers library can read ({str(e)[:200]}); use "
+                         "the checkpoint's own tokenizer.json") from None
     if check_config and os.path.isfile(config := os.path.join(model_dir, "config.json")):
         check_vocab(Qwen2Config.from_json(config), tokenizer, where=path)
+        check_tokenizer_files(model_dir)
     return tokenizer
 
 
@@ -356,8 +392,19 @@ def tokenize_pairs(rows, tokenizer, template, max_length: int | None):
             continue
         pairs.append((chosen, rejected))
     report = {"rows": len(rows), "kept": len(pairs), "dropped_too_long": too_long,
-              "max_length": max_length}
+              "max_length": max_length, **pair_warnings(pairs)}
     return pairs, report
+
+
+def pair_warnings(pairs: list[tuple[Example, Example]]) -> dict:
+    """Kept pairs that teach no preference: chosen and rejected are the same tokens (DPO's and SimPO's margin
+    is then 0 whatever the weights, so their gradient vanishes; REDI's reduces to (1 - α) x SFT)."""
+    return {"warning_chosen_equals_rejected": sum(c.input_ids == r.input_ids for c, r in pairs)}
+
+
+def group_warnings(rewards: list[list[float]]) -> dict:
+    """Kept groups whose rewards are all equal: every advantage r - mean(r) is 0, so they train to nothing."""
+    return {"warning_groups_equal_rewards": sum(len(set(r)) == 1 for r in rewards)}
 
 
 def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group_size: int = 2):
@@ -387,7 +434,8 @@ def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group
             continue
         groups.append((examples, rewards))
     report = {"rows": len(rows), "kept": len(groups), "dropped_completions_too_long": too_long,
-              "dropped_groups_too_small": too_small, "max_length": max_length}
+              "dropped_groups_too_small": too_small, "max_length": max_length,
+              **group_warnings([rewards for _, rewards in groups])}
     return groups, report
 
 
@@ -530,16 +578,21 @@ def load_pairs(path) -> list[dict]:
 
 
 def _rewards(obj: dict, n: int, where: str) -> list[float]:
-    """Rewards must be finite and within float32's range: the loss computes in float32, where 1e200 is inf."""
+    """Rewards must be finite and within float32's range, and so must their sum: the advantages are computed
+    in float32 (losses.group_advantages), where 1e200 is inf and 3e38 + 3e38 too."""
     rewards = _require(obj, "rewards", where)
     if not isinstance(rewards, list) or len(rewards) != n:
         raise InputError(f"{where}: 'rewards' must be a list as long as 'completions' ({n})")
     for i, r in enumerate(rewards):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
-            raise InputError(f"{where}: rewards[{i}] = {r!r} is not a finite number")
-        if abs(r) > FLOAT32_MAX:
-            raise InputError(f"{where}: rewards[{i}] = {r!r} is beyond float32's range (|r| <= {FLOAT32_MAX:.3g}), "
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not math.isfinite(r)):
+            raise InputError(f"{where}: rewards[{i}] = {r!r:.40} is not a finite number")
+        if abs(r) > FLOAT32_MAX:  # an int past float's range too (math.isfinite would raise OverflowError)
+            r = f"{r:.3g}" if isinstance(r, float) else f"an integer of {len(str(abs(r)))} digits"
+            raise InputError(f"{where}: rewards[{i}] = {r} is beyond float32's range (|r| <= {FLOAT32_MAX:.3g}), "
                              "where the loss is computed; rescale the rewards")
+    if sum(abs(float(r)) for r in rewards) > FLOAT32_MAX:  # each fits, but their float32 mean would overflow
+        raise InputError(f"{where}: the rewards' magnitudes sum past float32's range ({FLOAT32_MAX:.3g}), so the "
+                         "group's mean, from which the advantages are computed in float32, overflows; rescale them")
     return [float(r) for r in rewards]
 
 
@@ -614,7 +667,8 @@ def read_problems(path) -> list[Problem]:
         where, problem, answer = f"{path}:{line_no}", row.get("problem"), row.get("answer")
         if not isinstance(problem, str) or not problem.strip():
             raise InputError(f"{where}: needs a non-empty string 'problem' (has {sorted(row)})")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        if (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip()
+                or (isinstance(answer, float) and not math.isfinite(answer))):
             raise InputError(f"{where}: needs an 'answer' (the gold final answer, a string) (has {sorted(row)})")
         problem_id = str(row.get("id", row.get("unique_id", len(problems))))
         if problem_id in seen:
@@ -805,6 +859,7 @@ def _select_row(obj: dict, where: str, s: BuildSettings, counts) -> tuple:
         counts["pairs_skipped_condition"] += 1
     if len(generations) >= 2:
         group = {"prompt": prompt, "completions": generations, "rewards": [1.0 if ok else 0.0 for ok in labels]}
+        counts["warning_groups_equal_rewards"] += len(set(labels)) == 1
     else:
         counts["groups_too_small"] += 1
     return sft, pair, group, contaminated
@@ -868,18 +923,39 @@ def process_chunk(s: BuildSettings, path, chunk: list[tuple[int, bytes]]) -> tup
             pairs.append(pair)
     if s.tokenizer is not None and pairs:
         pairs = _length_filter(pairs, s, counts)
-    counts.update(sft_rows=sum(map(bool, sft)), pairs_rows=len(pairs), groups_rows=sum(map(bool, groups)))
+    counts.update(sft_rows=sum(map(bool, sft)), pairs_rows=len(pairs), groups_rows=sum(map(bool, groups)),
+                  warning_chosen_equals_rejected=sum(p["chosen"] == p["rejected"] for p in pairs))
     return counts, contaminated, "".join(sft), "".join(_dumps(p) for p in pairs), "".join(groups)
 
 
 _WORKER_SETTINGS = None
 
 
-def _worker_init(settings: BuildSettings) -> None:
+def _worker_init(settings: BuildSettings, parent: int) -> None:
+    import signal
+
     global _WORKER_SETTINGS
     _WORKER_SETTINGS = settings
+    _die_with(parent)
+    # Ctrl-C reaches the whole process group: the build process alone answers it (one line, common.cli) and
+    # shuts the pool down; a worker would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One worker = one core: the tokenizer's own thread pool would make --workers N oversubscribe the CPUs.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the build process dies, however it dies (SIGKILL too), so a
+    killed build leaves no idle worker holding memory (prctl PR_SET_PDEATHSIG; elsewhere nothing is done)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the build died before prctl took effect
+        os._exit(1)
 
 
 def _worker_chunk(path, chunk):
@@ -903,21 +979,33 @@ def _chunks(path, max_rows: int = 32, max_bytes: int = 8 << 20) -> Iterator[tupl
 def _ordered_results(s: BuildSettings, path, workers: int) -> Iterator[tuple[int, tuple]]:
     """(bytes read, process_chunk result) in file order. With workers > 1 the chunks go to a process pool
     with at most 2 per worker in flight, so memory stays flat whatever the file's size; the results are
-    taken back in submission order, so the output is the same bytes whatever the number of workers."""
+    taken back in submission order, so the output is the same bytes whatever the number of workers. A worker
+    that dies (the out-of-memory killer's SIGKILL) breaks the pool: concurrent.futures then fails every
+    pending result at once (BrokenProcessPool) instead of waiting forever, and the build stops saying so."""
     if workers == 1:
         for done, chunk in _chunks(path):
             yield done, process_chunk(s, path, chunk)
         return
-    with multiprocessing.get_context("fork").Pool(workers, _worker_init, (s,)) as pool:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _worker_init, (s, os.getpid()))
+    try:
         pending = collections.deque()
         for done, chunk in _chunks(path):
-            pending.append((done, pool.apply_async(_worker_chunk, (path, chunk))))
+            pending.append((done, pool.submit(_worker_chunk, path, chunk)))
             if len(pending) >= 2 * workers:
                 done, result = pending.popleft()
-                yield done, result.get()
+                yield done, result.result()
         while pending:
             done, result = pending.popleft()
-            yield done, result.get()
+            yield done, result.result()
+    except BrokenProcessPool:
+        raise common.RunStopped(f"error: a worker process died while building from {path} (killed: by the "
+                                "out-of-memory killer, or a signal); no output was written; run again with fewer "
+                                "--workers or more memory", 1) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_together(paths: list, fill) -> None:
@@ -961,7 +1049,18 @@ REPORT_COUNTS = {
     "groups_rows": "groups written (every generation of a kept problem)",
     "groups_too_small": "kept problems with one generation (no group)",
     "generations_read": "generations in all rows read",
+    "warning_chosen_equals_rejected": "written pairs whose chosen text equals the rejected (no preference to learn)",
+    "warning_groups_equal_rewards": "written groups whose rewards are all equal (advantages 0: they train to nothing)",
 }
+
+
+def _progress_line(counts, done: int, size: int | None, raw_path, progress: common.Progress) -> str:
+    """Rows and generations so far and their rate; the share of the file read and the time left when its size
+    is known (not for a pipe)."""
+    share, eta = (f"{100 * done / size:.1f}% of ", f", ETA {progress.eta(done)}") if size else ("", "")
+    return (f"{counts['rows']:,} rows ({share}{raw_path}), {counts['generations_read']:,} generations, "
+            f"{counts['generations_read'] / progress.elapsed():,.0f} generations/s, elapsed "
+            f"{common.format_seconds(progress.elapsed())}{eta}")
 
 
 def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_prompt_tokens=800,
@@ -978,14 +1077,14 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
                       max_response_tokens, tokenizer, LengthBound(tokenizer) if tokenizer is not None else None,
                       Decontaminator(decontaminate, ngram) if decontaminate else None, remove_contaminated)
     os.makedirs(out_dir, exist_ok=True)
-    counts, contaminated, progress = collections.Counter(), [], common.Progress(max(os.path.getsize(raw_path), 1))
-    names = ("sft", "pairs", "groups")
+    # raw_path is read once, so a pipe (zcat ... |, <(...)) works too; its size is then unknown: no % or ETA.
+    size = os.path.getsize(raw_path) if os.path.isfile(raw_path) else None
+    counts, contaminated, progress = collections.Counter(), [], common.Progress(max(size or math.inf, 1))
+    log = log or (lambda line: None)
 
     def report_progress(done: int, final: bool = False) -> None:  # done: bytes of raw_path read
-        if log is not None and progress.due(done, final):
-            log(f"{counts['rows']:,} rows ({100 * done / progress.total:.1f}% of {raw_path}), "
-                f"{counts['generations_read']:,} generations, {counts['generations_read'] / progress.elapsed():,.0f}"
-                f" generations/s, elapsed {common.format_seconds(progress.elapsed())}, ETA {progress.eta(done)}")
+        if progress.due(done, final):
+            log(_progress_line(counts, done, size, raw_path, progress))
 
     def fill(files):
         done = 0
@@ -999,7 +1098,7 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
             raise InputError(f"{raw_path}: no rows")
         report_progress(done, final=True)
 
-    _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in names], fill)
+    _write_together([os.path.join(out_dir, f"{name}.jsonl") for name in ("sft", "pairs", "groups")], fill)
     report = {key: counts[key] for key in REPORT_COUNTS}
     report["contaminated_lines"] = contaminated
     report["settings"] = {
@@ -1011,6 +1110,8 @@ def build_from_raw(raw_path, out_dir, tokenizer=None, template="qwen", max_promp
                           else "skipped: no tokenizer given"),
     }
     common.write_json(os.path.join(out_dir, "report.json"), report)
+    for key in (k for k in REPORT_COUNTS if k.startswith("warning_") and report[k]):
+        log(f"warning: {report[key]:,} {REPORT_COUNTS[key]}")
     return report
 
 
@@ -1168,6 +1269,9 @@ def main(argv=None) -> int:
         if os.path.exists(os.path.join(args.out, "report.json")) and not args.overwrite:
             raise InputError(f"--out {args.out} holds a finished build (report.json); choose another --out or "
                              "pass --overwrite to replace it")
+        # Holding the lock, no live build owns these: temporaries (common.atomic_write's) of a killed one.
+        for path in common.remove_leftovers(args.out, common.ATOMIC_TEMPORARY):
+            print(f"data.py build: removed {path}, left by an interrupted build", file=sys.stderr, flush=True)
         tokenizer = load_tokenizer(args.tokenizer, check_config=False) if args.tokenizer else None
         report = build_from_raw(args.raw, args.out, tokenizer=tokenizer, template=args.template,
                                 max_prompt_tokens=args.max_prompt_tokens,

@@ -481,11 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-new-tokens", type=common.COUNT, help="new tokens per sample at most (default: 32768)")
     add("--max-seq-len", type=common.COUNT, help="KV cache positions (default: longest prompt + --max-new-tokens)")
     add("--batch-size", type=common.COUNT, help="KV cache slots (default: min(#samples, 64))")
-    add("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add("--seed", type=common.SEED32, default=0, help="sampling seed (default: 0)")
     add("--limit", type=common.COUNT, help="only the first K problems (default: all)")
     add("--out", help="output directory, one run at a time (default: runs/eval/<data file name>)")
     add("--dtype", choices=["bf16", "fp32"], help="(default: bf16 on CUDA, fp32 on CPU)")
-    add("--device", help="(default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
+    add("--device", type=common.DEVICE, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if CUDA is available, "
+        "else cpu)")
+    add("--dist-timeout", type=common.MINUTES, default=30, help="under torchrun, minutes a rank may go without "
+        "finishing a sample (or a collective wait) before the run stops and names it (default: 30)")
     add("--compile", action=argparse.BooleanOptionalAction, help="decode through torch.compile (CUDA graphs on "
         "CUDA), the same greedy tokens (default: on with CUDA, off on CPU)")
     return p
@@ -547,6 +550,7 @@ def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None
             row = sample_row(*sources[done.request], done, tokenizer, args.strict_think)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
+            common.heartbeat(d)  # the ranks that have finished wait as long as this one makes progress
             count, tokens = count + 1, tokens + len(done.tokens)
             if progress.due(count):
                 common.log(d, f"samples {count}/{total} | {tokens / progress.elapsed():.1f} tok/s | ETA "
@@ -556,12 +560,15 @@ def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None
 def main(argv=None) -> dict | None:
     """Evaluate; returns the summary on rank 0 (None on other ranks)."""
     args = parse_args(argv)
+    common.regular_file(args.data, "--data", "evaluate.py reads it twice (the problems, and its sha256 that a "
+                        "resumed evaluation must match)")
     all_problems = data.read_problems(args.data)
     problems = all_problems[:args.limit]
     tokenizer = load_tokenizer(args.checkpoint)
     template = data.TEMPLATES[args.template]
     stop_ids = template.stop_ids(tokenizer)
-    d = common.init_distributed(backend="gloo", timeout_s=7 * 24 * 3600)  # shards finish at different times
+    # Shards end at different times: the wait after sampling is wait_for_ranks' (progress, not a deadline).
+    d = common.init_distributed(backend="gloo", timeout_s=args.dist_timeout * 60)
     device = f"cuda:{d.local_rank}" if args.device == "cuda" else args.device or str(d.device)  # a GPU per rank
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     summary = None
@@ -584,7 +591,7 @@ def main(argv=None) -> dict | None:
         if d.is_main and not had_run_file:
             common.write_json(os.path.join(args.out, "run.json"), fingerprint)
         draw_samples(args, d, model, requests, sources, tokenizer, stop_ids)
-        common.barrier(d)
+        common.wait_for_ranks(d, "sampled", args.dist_timeout * 60)
         if d.is_main:
             rows = merge_samples(args.out, all_problems)
             summary = summarize(problems, rows, args.num_samples, ddof=args.stderr_ddof)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import InputError, atomic_write, write_json
+from common import InputError, atomic_write, read_json_object, write_json
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Config
@@ -75,6 +75,9 @@ class Qwen2Config:
         def refuse(key, why):
             raise CheckpointError(f"{source}: {key}: {why}")
 
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: a JSON {type(raw).__name__}; config.json must be a JSON object of "
+                                  "the model's settings")
         if raw.get("model_type", "qwen2") != "qwen2":
             refuse("model_type", f"is {raw['model_type']!r}; this implementation computes only 'qwen2'")
         if raw.get("use_sliding_window"):
@@ -87,6 +90,8 @@ class Qwen2Config:
         if raw.get("rope_scaling") not in (None, {}):
             refuse("rope_scaling", f"is {raw['rope_scaling']!r}; only default RoPE is implemented")
         rope_parameters = raw.get("rope_parameters") or {}
+        if not isinstance(rope_parameters, dict):
+            refuse("rope_parameters", f"is {rope_parameters!r:.40}; expected an object {{rope_theta, rope_type}}")
         if rope_parameters.get("rope_type", "default") != "default":
             refuse("rope_parameters.rope_type", f"is {rope_parameters['rope_type']!r}; only 'default' is implemented")
         extra_rope_keys = set(rope_parameters) - {"rope_theta", "rope_type"}
@@ -102,19 +107,22 @@ class Qwen2Config:
         if missing:
             refuse(", ".join(sorted(missing)), "missing; a Qwen2 config.json must give the model's shape")
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
+        for key, value in values.items():
+            check_config_value(key, value, refuse)
+        check_config_shape(values, refuse)
         extra = {k: v for k, v in raw.items() if k not in known}
         return cls(**values, extra=extra)
 
     @classmethod
     def from_json(cls, path: str) -> "Qwen2Config":
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json")
         try:
-            with open(path) as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: not found; a checkpoint directory needs config.json") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=path)
+            return cls.from_dict(read_json_object(path, "config.json"), source=path)
+        except CheckpointError:
+            raise
+        except InputError as e:  # not JSON, not UTF-8, not an object: a damaged checkpoint
+            raise CheckpointError(str(e)) from None
 
     def to_dict(self, dtype: torch.dtype | None = None) -> dict:
         """config.json contents: the unused keys as read, then our fields. rope_theta and the dtype are
@@ -138,6 +146,41 @@ class Qwen2Config:
     def stored_dtype(self) -> torch.dtype:
         """The dtype config.json says the weights are stored in (bf16 for Qwen2.5-Math); fp32 if unsaid."""
         return DTYPES.get(self.extra.get("dtype") or self.extra.get("torch_dtype"), torch.float32)
+
+
+# config.json's value checks: an impossible value (0 heads, a string for a size) would otherwise fail deep in
+# the model's construction or its first forward, as a ZeroDivisionError or a TypeError.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_config_value(key: str, value, refuse) -> None:
+    """Refuse (refuse(key, why)) a config.json value of the wrong type or range."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if key in _POSITIVE_INTS and not (integer and value >= 1):
+        refuse(key, f"is {json.dumps(value)[:40]}; it must be an integer >= 1")
+    if key in ("rms_norm_eps", "rope_theta") and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+        refuse(key, f"is {json.dumps(value)[:40]}; it must be a finite number > 0")
+    if key == "tie_word_embeddings" and not isinstance(value, bool):
+        refuse(key, f"is {json.dumps(value)[:40]}; it must be true or false")
+    ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+    if key in ("bos_token_id", "eos_token_id") and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        refuse(key, f"is {json.dumps(value)[:40]}; it must be a token id (an integer >= 0)"
+               + (" or a list of them" if key == "eos_token_id" else ""))
+
+
+def check_config_shape(values: dict, refuse) -> None:
+    """Query heads that split evenly over the key/value heads, and an even head size (RoPE rotates pairs)."""
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    if heads % kv_heads:
+        refuse("num_key_value_heads", f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+               f"({kv_heads})")
+    head_dim = values.get("head_dim") or values["hidden_size"] // heads
+    if head_dim < 2 or head_dim % 2:
+        refuse("head_dim", f"is {head_dim} (hidden_size / num_attention_heads when absent); rotary embeddings "
+               "rotate pairs of dimensions, so it must be even and >= 2")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -647,6 +690,17 @@ def _eos_token_id(tokenizer_dir, eos_token: str) -> int:
     return token_id
 
 
+JSON_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json")  # the tokenizer files a save rewrites
+
+
+def check_tokenizer_files(source_dir) -> None:
+    """The tokenizer settings a save reads and rewrites (JSON_SETTINGS; generation_config.json: data.py) must
+    be JSON objects: checked when a run starts, not when it saves after all training."""
+    for name in JSON_SETTINGS:
+        if os.path.exists(os.path.join(source_dir, name)):
+            read_json_object(os.path.join(source_dir, name), name)
+
+
 def _copy_tokenizer_files(source_dir, path, eos_token: str | None) -> None:
     """Copy the source checkpoint's tokenizer files; with eos_token, set it as `eos_token` in
     tokenizer_config.json and special_tokens_map.json (their other keys kept), which AutoTokenizer reads."""
@@ -654,9 +708,8 @@ def _copy_tokenizer_files(source_dir, path, eos_token: str | None) -> None:
         src = os.path.join(source_dir, name)
         if not os.path.exists(src):
             continue
-        if eos_token is not None and name in ("tokenizer_config.json", "special_tokens_map.json"):
-            with open(src, encoding="utf-8") as f:
-                settings = json.load(f)
+        if eos_token is not None and name in JSON_SETTINGS:
+            settings = read_json_object(src, name)
             write_json(os.path.join(path, name), {**settings, "eos_token": eos_token})
         elif os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
             atomic_write(os.path.join(path, name), lambda tmp, src=src: shutil.copyfile(src, tmp))

@@ -16,7 +16,8 @@ examples go into which forward pass and how the sum over the global batch is nor
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     which step-N to resume from, what it must match, AdamW state read back rank by rank;
                     common.prepare_run_dir: what OUT may already hold.
-  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model.
+  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model; on SIGTERM,
+                    step-N and exit 143 (README: Robustness).
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
 ranks, all micro-steps): loss tokens for sft, pairs for redi/dpo/simpo, completions for weighted. Each
@@ -101,7 +102,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         help="fraction of steps of linear warmup")
     add("--weight-decay", type=NON_NEGATIVE, default=1e-4, help="AdamW weight decay (not on biases, norms)")
     add("--grad-clip", type=NON_NEGATIVE, default=1.0, help="max global gradient norm (0: no clipping)")
-    add("--seed", type=int, default=0, help="seeds the data order (and torch)")
+    add("--seed", type=common.SEED64, default=0, help="seeds the data order (and torch)")
     add("--save-every", type=checked(int, lambda n: n >= 0, "an integer >= 0"), default=0,
         help="write OUT/step-N every this many steps (0: never)")
     add("--resume", help="continue exactly from a checkpoint OUT/step-N, or from OUT (its newest whole step-N)")
@@ -117,6 +118,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--fsdp", action="store_true", help="shard weights, gradients and AdamW state over ranks (FSDP2)")
     add("--peak-flops", type=POSITIVE, help="peak bf16 FLOP/s of one device, for MFU (default: by GPU name)")
     add("--ref-cache", help="dpo: file caching the reference log-probs (default: DATA.ref_logps.safetensors)")
+    add("--preempt-grace", type=NON_NEGATIVE, default=25, help="on SIGTERM, seconds to save step-N and exit 143")
+    add("--dist-timeout", type=common.MINUTES, default=10, help="minutes a collective waits for a silent rank")
     return p
 
 
@@ -148,8 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_inputs(args):
     """What the flags name, checked before any compute or write (cheap: the data's first row, the
     tokenizer). Returns the tokenizer."""
-    if not os.path.exists(args.data):  # a directory: data.py's reader says so
-        raise InputError(f"--data {args.data}: no such file")
+    common.regular_file(args.data, "--data", "train.py reads it more than once (its format, its rows, its "
+                        "sha256 for --resume)")
     args.resume = args.resume and find_resume_checkpoint(args.resume)  # OUT: its newest whole step-N
     for flag, path in (("--model", args.model), ("--resume", args.resume)):
         if path and not os.path.isfile(os.path.join(path, "config.json")):
@@ -164,6 +167,11 @@ def check_inputs(args):
                          + " / ".join(s for s, f in STAGE_FORMATS.items() if f == found) + ")")
     tokenizer = data.load_tokenizer(args.model)  # checked to fit the model's embedding
     data.check_template_tokens(tokenizer, args.template)  # its error names --template
+    # What only the saves read, checked now: the generation config; and a resumed step-N's tokenizer files,
+    # so that a damaged checkpoint directory is refused before step 1 (the saves copy --model's).
+    data.generation_config(args.model, tokenizer, args.template)
+    if args.resume:
+        data.load_tokenizer(args.resume)
     return tokenizer
 
 
@@ -736,17 +744,25 @@ def log_step(run, step: int, batch_indices: list[int], values: list[float], name
 
 def train(run) -> None:
     """One global batch per step. The step's one host synchronisation reads the loss and the gradient norm,
-    which must be finite before the optimizer applies them; the weights are checked before every save."""
-    args = run.args
-    progress, last = common.Progress(run.total_steps, done=run.start_step), time.perf_counter()
+    which must be finite before the optimizer applies them; the weights are checked before every save.
+    SIGTERM (common.Preemption) stops the run at the end of a step, every rank at the same one, with step-N
+    saved; one process (without FSDP, whose hooks hold state mid-step) abandons a step that would not end
+    within half of --preempt-grace instead."""
+    args, preemption = run.args, common.PREEMPTION
+    progress, last, seconds = common.Progress(run.total_steps, done=run.start_step), time.perf_counter(), None
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,
                                                        args.epochs, run.start_step, stop_step=run.total_steps):
         lr = learning_rate(step, run.total_steps, run.warmup_steps, args.lr)
-        stats, names = train_step(run, batch_indices)
-        # Clip once, the global L2 norm of the summed gradient (under FSDP a DTensor, reduced over ranks).
-        norm = torch.nn.utils.clip_grad_norm_(run.logps_model.parameters(), args.grad_clip or math.inf)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        values = torch.cat([stats, norm.detach().float().view(1).to(stats.device)]).tolist()
+        try:  # nothing is updated inside: abandoning drops only this step's gradients
+            with preemption.may_abandon(seconds, enabled=run.d.world_size == 1 and not args.fsdp):
+                stats, names = train_step(run, batch_indices)
+                # Clip once, the global L2 norm of the summed gradient (under FSDP a DTensor, reduced over ranks).
+                norm = torch.nn.utils.clip_grad_norm_(run.logps_model.parameters(), args.grad_clip or math.inf)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                values = torch.cat([stats, norm.detach().float().view(1).to(stats.device)]).tolist()
+        except common.Abandoned:
+            run.optimizer.zero_grad(set_to_none=True)
+            stop_preempted(run, step)
         if not (math.isfinite(values[0]) and math.isfinite(values[-1])):
             raise NonFiniteLossError(f"step {step + 1}: the loss is {values[0]} and the gradient norm "
                                      f"{values[-1]}; stopping before the update; {common.last_good(args.out, step)}; "
@@ -757,18 +773,36 @@ def train(run) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
         log_step(run, step + 1, batch_indices, values, names, lr, now - last, progress.eta(step + 1))
-        last = now
+        seconds, last = now - last, now
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps:
             save_checkpoint(run, step + 1, final=False)
+        if preemption.requested_everywhere(run.d) and step + 1 < run.total_steps:  # the last step: just finish
+            stop_preempted(run, step + 1)
     save_checkpoint(run, run.total_steps, final=True)
+
+
+def stop_preempted(run, done: int) -> None:
+    """After SIGTERM: save step-`done` (unless --save-every just did, or no step ended since the start), then
+    stop with exit status 143 and a line saying how to continue."""
+    args, path = run.args, os.path.join(run.args.out, f"step-{done}")
+    if done == run.start_step:
+        raise common.RunStopped(f"preempted (SIGTERM) before step {done + 1} ended; nothing new to save: " + (
+            f"continue with the same command (its --resume {args.resume})" if args.resume else
+            "no step had ended: run the same command again"), common.EXIT_PREEMPTED)
+    if not (args.save_every and done % args.save_every == 0):
+        save_checkpoint(run, done, final=False)
+    raise common.RunStopped(f"preempted (SIGTERM) after step {done} of {run.total_steps}: saved {path}; continue "
+                            f"with the same command plus --resume {path}", common.EXIT_PREEMPTED)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     tokenizer = check_inputs(args)
-    d = common.init_distributed()
+    d = common.init_distributed(timeout_s=args.dist_timeout * 60)
     try:
         with contextlib.ExitStack() as stack:  # rank 0 holds OUT's lock for the whole run
+            stack.enter_context(common.PREEMPTION.armed(args.preempt_grace, "train.py",
+                                                        lambda: common.last_good(args.out, math.inf)))
             on_main_rank(d, f"locking {args.out}", lambda: stack.enter_context(common.OutputLock(args.out, "train.py")))
             train(setup(args, d, tokenizer))
             common.barrier(d)  # every rank finishes its last collective before any tears the group down
