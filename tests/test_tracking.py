@@ -272,3 +272,28 @@ def test_results_table_holds_each_summarys_pass_at_1_and_sem(ws, runs, tmp_path)
         assert cells[3].split(" ± ")[0] == f"{100 * mean:.1f}"
     with pytest.raises(InputError, match="two evaluations of"):
         results_table.build_table([results_table.read_summary(d) for d in dirs[:1] * 2])
+
+
+def test_a_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoint(tmp_path):
+    """Steps 1-4 logged, the run killed after its step-2 checkpoint, resumed from step 2: TensorBoard shows
+    the resumed run's steps 3 and 4, as metrics.jsonl (prepare_run_dir trims it to step 2)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = common.Tracker("tensorboard", tmp_path, {}, 0, True)
+    for step in range(1, 5):
+        first.log({"step": step, "loss": float(step)})
+    first.close()
+    resumed = common.Tracker("tensorboard", tmp_path, {}, 2, True)
+    for step in (3, 4):
+        resumed.log({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    # What TensorBoard's readers act on: the resumed file opens with a SessionLog START at step 3 (purge_step).
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TIME.HOST.PID.COUNTER: in order
+    starts = [[e.step for e in EventFileLoader(str(f)).Load() if e.session_log.status == SessionLog.START]
+              for f in files]
+    assert starts == [[1], [3]]
