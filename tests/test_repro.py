@@ -67,3 +67,15 @@ def test_the_tracked_run_and_the_plot(toy):
     rows = [json.loads(line) for line in (redi / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["stage"] == "redi" and "eval/pass@1" in rows[-1]
     assert (work / "runs" / "plots" / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("text, message", [("{\"problem\": 1}", "expected a non-empty JSON list"),
+                                           ("[]", "expected a non-empty JSON list"),
+                                           ("[{\"problem\": \"p\"}]", "item 0 lacks 'problem' or 'answer'"),
+                                           ("[1, 2", "not JSON")])
+def test_a_downloaded_benchmark_of_another_shape_is_refused(text, message):
+    from common import InputError
+    from scripts import fetch_data
+
+    with pytest.raises(InputError, match=message):
+        fetch_data.problems_jsonl(text, "URL")
