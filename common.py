@@ -28,7 +28,7 @@
                              progress lines printed once, by rank 0 (print0), or by every rank (log)
     read_tensor_cache, write_tensor_cache, cached_tensor
                              a computed tensor kept in a safetensors file under a fingerprint of its inputs
-    REPORT_TO, check_tracker, tracker_key, Tracker
+    REPORT_TO, check_tracker, tracker_key, Tracker, open_tracker
                              experiment tracking (--report-to): metrics.jsonl rows also sent to TensorBoard or
                              Weights & Biases, from rank 0, the library imported only when asked
     PEAK_BF16_FLOPS, peak_bf16_flops
@@ -671,20 +671,21 @@ def tracker_key(key: str) -> str:
 class Tracker:
     """Sends metrics.jsonl rows to TensorBoard (event files in OUT/tensorboard: `tensorboard --logdir runs`)
     or W&B (project $WANDB_PROJECT, default reinforcement-distillation; run name: OUT's name; the flags as its
-    config). On other ranks, and with --report-to none, a Tracker that does nothing. log(row): every number
-    of the row except its step, under tracker_key, at that step; flushed at once, so a killed run loses
-    nothing that metrics.jsonl has. Events an interrupted run wrote after the step this run starts from are
-    hidden (SummaryWriter's purge_step), as prepare_run_dir trims metrics.jsonl."""
+    config); made by open_tracker. Without a writer (other ranks, --report-to none) it does nothing. log(row):
+    every number of the row except its step, under tracker_key, at that step; flushed at once, so a killed run
+    loses nothing that metrics.jsonl has."""
 
-    def __init__(self, report_to: str, out_dir, config: dict, start_step: int, is_main: bool):
+    def __init__(self):
         self.writer = self.wandb = None
-        if not is_main or report_to == "none":
-            return
+
+    def open(self, report_to: str, out_dir, config: dict, start_step: int) -> None:
+        """Events an interrupted run wrote after the step this run starts from are hidden (SummaryWriter's
+        purge_step), as prepare_run_dir trims metrics.jsonl."""
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
-        else:
+        elif report_to == "wandb":
             import wandb
 
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "reinforcement-distillation"),
@@ -705,6 +706,16 @@ class Tracker:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def open_tracker(report_to: str, out_dir, config: dict, start_step: int, d: Dist) -> Tracker:
+    """The --report-to tracker, opened on rank 0 (a Tracker that does nothing elsewhere); if opening fails
+    there (wandb not logged in, OUT not writable), every rank stops instead of waiting for rank 0."""
+    tracker = Tracker()
+    if report_to != "none":
+        on_main_rank(d, f"starting --report-to {report_to}", lambda: tracker.open(report_to, out_dir, config,
+                                                                                   start_step))
+    return tracker
 
 
 # ----------------------------------------------------------------------------------------------------------

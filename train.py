@@ -626,7 +626,7 @@ def train(run) -> None:
     """One global batch per step. The step's one host synchronisation reads the loss and the gradient norm,
     which must be finite before the optimizer applies them; the weights are checked before every save."""
     args = run.args
-    tracker = common.Tracker(args.report_to, args.out, vars(args), run.start_step, run.d.is_main)
+    tracker = common.open_tracker(args.report_to, args.out, vars(args), run.start_step, run.d)
     eval_set = make_eval_set(args, data.load_tokenizer(args.model), run.d.rank, run.d.world_size)
     progress, last = common.Progress(run.total_steps, done=run.start_step), time.perf_counter()
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,

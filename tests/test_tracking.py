@@ -55,8 +55,8 @@ def ws(tmp_path_factory):
     ns.root = root
     ns.model = tiny.make_checkpoint(root / "ckpt")
     question = lambda i: [{"role": "user", "content": f"What is {i} + {i + 3}?"}]  # noqa: E731
-    ns.sft = write_jsonl(root / "sft.jsonl", [{"messages": question(i) + [{"role": "assistant", "content": solution(i)}]}
-                                              for i in range(8)])
+    answer = lambda i: [{"role": "assistant", "content": solution(i)}]  # noqa: E731
+    ns.sft = write_jsonl(root / "sft.jsonl", [{"messages": question(i) + answer(i)} for i in range(8)])
     ns.pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": question(i), "chosen": solution(i),
                                                    "rejected": solution(i, False)} for i in range(8)])
     ns.problems = write_jsonl(root / "problems.jsonl", [{"problem": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)}
@@ -279,11 +279,12 @@ def test_a_resumed_run_hides_what_the_interrupted_one_logged_after_its_checkpoin
     the resumed run's steps 3 and 4, as metrics.jsonl (prepare_run_dir trims it to step 2)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    first = common.Tracker("tensorboard", tmp_path, {}, 0, True)
+    one = common.Dist(0, 1, 0, torch.device("cpu"))
+    first = common.open_tracker("tensorboard", tmp_path, {}, 0, one)
     for step in range(1, 5):
         first.log({"step": step, "loss": float(step)})
     first.close()
-    resumed = common.Tracker("tensorboard", tmp_path, {}, 2, True)
+    resumed = common.open_tracker("tensorboard", tmp_path, {}, 2, one)
     for step in (3, 4):
         resumed.log({"step": step, "loss": 10.0 * step})
     resumed.close()

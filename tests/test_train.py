@@ -195,7 +195,7 @@ def test_two_processes_match_one_process_with_accumulation(ws, one, ddp):
     assert len(m1) == len(m2) == 6
     for a, b in zip(m1, m2):  # the logged global loss and metrics agree step by step
         for key in a:
-            if key not in ("tokens_per_s", "mfu"):
+            if key not in ("tokens_per_s", "mfu", "stage"):  # stage: the same string in both
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
