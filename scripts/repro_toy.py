@@ -91,10 +91,11 @@ def write_raw_traces(path, problems: int, seed: int = 0) -> None:
     common.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_benchmark_sources(directory, per_benchmark: int) -> None:
-    """DeepScaleR-shaped JSON lists (what fetch_data benchmarks downloads) from ../shared/data subsets."""
-    math500 = [row for _, row in common.read_jsonl(os.path.join(SHARED, "math500.jsonl"))]
-    aime24 = [row for _, row in common.read_jsonl(os.path.join(SHARED, "aime24.jsonl"))]
+def write_benchmark_sources(directory, per_benchmark: int, shared: str = SHARED) -> None:
+    """DeepScaleR-shaped JSON lists (what fetch_data benchmarks downloads) from subsets of `shared`'s
+    math500.jsonl and aime24.jsonl."""
+    math500 = [row for _, row in common.read_jsonl(os.path.join(shared, "math500.jsonl"))]
+    aime24 = [row for _, row in common.read_jsonl(os.path.join(shared, "aime24.jsonl"))]
     k = per_benchmark
     sources = {"math.json": math500[:k], "aime.json": aime24[:k], "amc.json": math500[k:2 * k],
                "minerva.json": math500[2 * k:3 * k], "olympiad_bench.json": math500[3 * k:4 * k]}
@@ -104,7 +105,7 @@ def write_benchmark_sources(directory, per_benchmark: int) -> None:
                                                           for r in rows])
 
 
-def make_workspace(work, problems: int, per_benchmark: int) -> None:
+def make_workspace(work, problems: int, per_benchmark: int, shared: str = SHARED) -> None:
     """The repository root as the README's commands expect it, with the downloads substituted."""
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(work, "recipes")):
@@ -114,7 +115,7 @@ def make_workspace(work, problems: int, per_benchmark: int) -> None:
         corpus = tiny.DEFAULT_CORPUS + ["<think>\nAdd 12 and 35: 47.\n</think>\nThe answer is \\boxed{47}."]
         tiny.make_checkpoint(model, texts=corpus, vocab_size=600)
     write_raw_traces(os.path.join(work, "openr1_raw.jsonl"), problems)
-    write_benchmark_sources(os.path.join(work, "deepscaler_test"), per_benchmark)
+    write_benchmark_sources(os.path.join(work, "deepscaler_test"), per_benchmark, shared)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,9 +173,10 @@ def run_command(command: str, steps: int, torchrun: int) -> None:
     main(rest)
 
 
-def run_readme(work, steps: int = 2, problems: int = 28, per_benchmark: int = 3, torchrun: int = 0) -> list[str]:
+def run_readme(work, steps: int = 2, problems: int = 28, per_benchmark: int = 3, torchrun: int = 0,
+               shared: str = SHARED) -> list[str]:
     """Run every command of the README's section in `work`; returns them, substituted ones included."""
-    make_workspace(work, problems, per_benchmark)
+    make_workspace(work, problems, per_benchmark, shared)
     commands = readme_commands()
     with contextlib.chdir(work):
         for command in commands:
@@ -191,10 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/repro_toy", help="work directory (fresh: it must not exist)")
     p.add_argument("--steps", type=common.COUNT, default=2, help="optimizer steps of every training run")
     p.add_argument("--torchrun", type=common.COUNT, help="run the torchrun commands under torchrun with N processes")
+    p.add_argument("--shared", default=SHARED, help="directory holding math500.jsonl and aime24.jsonl")
     args = p.parse_args(argv)
     if os.path.exists(args.out):
         raise InputError(f"--out {args.out} exists; the toy run starts from nothing: pick another or delete it")
-    run_readme(os.path.abspath(args.out), args.steps, torchrun=args.torchrun or 0)
+    run_readme(os.path.abspath(args.out), args.steps, torchrun=args.torchrun or 0, shared=os.path.abspath(args.shared))
     return 0
 
 
