@@ -1,25 +1,29 @@
 # Two commands do all the set-up: `make demo` runs the method end to end, `make test` runs the tests.
-# Both create .venv on a fresh machine. TORCH pins the build: 2.13.0 is the CPU wheel on CI machines
-# and PyPI's CUDA build elsewhere; override with `make test TORCH=torch==X.Y.Z`.
+# Both create .venv on a fresh machine. `make install` makes the venv a researcher runs the paper with
+# (README, "Reproducing the paper"): the tests' packages plus the download clients. TORCH pins the build:
+# 2.13.0 is the CPU wheel on CI machines and PyPI's CUDA build elsewhere; override with `make test TORCH=torch==X.Y.Z`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-verify gpu-check clean
+.PHONY: install test demo bench bench-verify gpu-check clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-demo.txt requirements-tracking.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
+install: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-download.txt
+	@echo "installed: activate with '. $(VENV)/bin/activate' (or call $(VENV)/bin/python)"
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-demo.txt
 	$(PY) -m scripts.demo --out runs/demo --fresh
 
 bench: $(STAMP)

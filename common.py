@@ -30,7 +30,8 @@
     check_run_settings       OUT/run.json: the settings a run continuing OUT must share with the one that began it
     open_shard, shard_files, read_shards, merge_shards
                              a results table every rank appends to in its own file; read back on resume, merged
-    Dist, init_distributed, barrier, broadcast, all_reduce_sum, on_main_rank, close_distributed, print0, log
+    Dist, init_distributed, barrier, broadcast, all_reduce_sum, gather_to_main, on_main_rank, close_distributed,
+    print0, log
                              the process group from torchrun's environment, or one process without one;
                              rank 0 does a thing (a write) and every rank learns whether it worked;
                              progress lines printed once, by rank 0 (print0), or by every rank (log)
@@ -40,6 +41,9 @@
                              SIGTERM: stop at a point of the program's choosing, within a grace period
     read_tensor_cache, write_tensor_cache, cached_tensor
                              a computed tensor kept in a safetensors file under a fingerprint of its inputs
+    REPORT_TO, check_tracker, tracker_key, Tracker, open_tracker
+                             experiment tracking (--report-to): metrics.jsonl rows also sent to TensorBoard or
+                             Weights & Biases, from rank 0, the library imported only when asked
     PEAK_BF16_FLOPS, peak_bf16_flops
                              a GPU's peak bf16 FLOP/s, for MFU
 
@@ -963,6 +967,17 @@ def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     return tensor
 
 
+def gather_to_main(obj, d: Dist) -> list | None:
+    """Every rank's picklable `obj` (small: a few rows), as a list in rank order on rank 0; None elsewhere."""
+    import torch.distributed as dist
+
+    if d.world_size == 1:
+        return [obj]
+    gathered = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def on_main_rank(d: Dist, what: str, fn: Callable[[], object]) -> None:
     """Run fn() on rank 0 only, then tell every rank whether it worked (a broadcast that doubles as a
     barrier): if rank 0 fails (a write, a lock), every rank raises instead of waiting for it forever."""
@@ -1044,7 +1059,86 @@ def cached_tensor(path, name: str, fingerprint: str, shape, d: Dist, compute: Ca
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Hardware
+# 8. Experiment tracking: each metrics.jsonl row also sent to TensorBoard or Weights & Biases (--report-to)
+#
+# TRL's flag and values (transformers.TrainingArguments.report_to), as nanoGPT's wandb_log and torchtitan's
+# enable_tensorboard: off by default, the library imported only when asked, rank 0 only. metrics.jsonl stays
+# the record; a tracker is a view of it.
+
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # value -> the package it needs
+
+
+def check_tracker(report_to: str) -> None:
+    """--report-to's package importable, checked before any work; else one line saying how to get it."""
+    package = REPORT_TO[report_to]
+    if package is None:
+        return
+    try:
+        __import__(package)
+    except ImportError as e:
+        raise InputError(f"--report-to {report_to}: the {package} package is not installed ({e}); install it "
+                         f"(.venv/bin/pip install {package}) or pass --report-to none") from None
+
+
+def tracker_key(key: str) -> str:
+    """A metrics.jsonl key as TRL runs show it in TensorBoard and W&B: transformers' rewrite_logs
+    (integrations/integration_utils.py) puts training values under train/ (train/loss, train/logps/chosen);
+    our eval/ keys keep their name, as its eval_ keys become eval/."""
+    return key if key.startswith("eval/") else "train/" + key
+
+
+class Tracker:
+    """Sends metrics.jsonl rows to TensorBoard (event files in OUT/tensorboard: `tensorboard --logdir runs`)
+    or W&B (project $WANDB_PROJECT, default reinforcement-distillation; run name: OUT's name; the flags as its
+    config); made by open_tracker. Without a writer (other ranks, --report-to none) it does nothing. log(row):
+    every number of the row except its step, under tracker_key, at that step; flushed at once, so a killed run
+    loses nothing that metrics.jsonl has."""
+
+    def __init__(self):
+        self.writer = self.wandb = None
+
+    def open(self, report_to: str, out_dir, config: dict, start_step: int) -> None:
+        """Events an interrupted run wrote after the step this run starts from are hidden (SummaryWriter's
+        purge_step), as prepare_run_dir trims metrics.jsonl."""
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
+        elif report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "reinforcement-distillation"),
+                                    name=os.path.basename(os.path.abspath(out_dir)), dir=out_dir, config=config)
+
+    def log(self, row: dict) -> None:
+        values = {tracker_key(k): v for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def open_tracker(report_to: str, out_dir, config: dict, start_step: int, d: Dist) -> Tracker:
+    """The --report-to tracker, opened on rank 0 (a Tracker that does nothing elsewhere); if opening fails
+    there (wandb not logged in, OUT not writable), every rank stops instead of waiting for rank 0."""
+    tracker = Tracker()
+    if report_to != "none":
+        on_main_rank(d, f"starting --report-to {report_to}", lambda: tracker.open(report_to, out_dir, config,
+                                                                                   start_step))
+    return tracker
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Hardware
 
 # Dense bf16 tensor-core peak per GPU, from NVIDIA's datasheets (sparsity figures halved). First match wins.
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),

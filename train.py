@@ -16,8 +16,8 @@ examples go into which forward pass and how the sum over the global batch is nor
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     which step-N to resume from, what it must match, AdamW state read back rank by rank;
                     common.prepare_run_dir: what OUT may already hold.
-  7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model; on SIGTERM,
-                    step-N and exit 143 (README: Robustness).
+  7. Main           setup, then the loop: clip, update, optional evaluation, logging (and --report-to),
+                    checkpoints, the final model; on SIGTERM, step-N and exit 143 (README: Robustness).
 
 The one idea to take away (section 4): every loss is Σ_i ℓ_i / N where N counts the *global* batch (all
 ranks, all micro-steps): loss tokens for sft, pairs for redi/dpo/simpo, completions for weighted. Each
@@ -102,7 +102,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         help="fraction of steps of linear warmup")
     add("--weight-decay", type=NON_NEGATIVE, default=1e-4, help="AdamW weight decay (not on biases, norms)")
     add("--grad-clip", type=NON_NEGATIVE, default=1.0, help="max global gradient norm (0: no clipping)")
-    add("--seed", type=common.SEED64, default=0, help="seeds the data order (and torch)")
+    add("--seed", type=common.SEED64, default=42, help="seeds the data order (and torch); the paper's 42")
     add("--save-every", type=checked(int, lambda n: n >= 0, "an integer >= 0"), default=0,
         help="write OUT/step-N every this many steps (0: never)")
     add("--resume", help="continue exactly from a checkpoint OUT/step-N, or from OUT (its newest whole step-N)")
@@ -120,6 +120,15 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--ref-cache", help="dpo: file caching the reference log-probs (default: DATA.ref_logps.safetensors)")
     add("--preempt-grace", type=NON_NEGATIVE, default=25, help="on SIGTERM, seconds to save step-N and exit 143")
     add("--dist-timeout", type=common.MINUTES, default=10, help="minutes a collective waits for a silent rank")
+    add("--report-to", choices=list(common.REPORT_TO), default="none", help="also send metrics.jsonl to "
+        "TensorBoard (OUT/tensorboard) or Weights & Biases, from rank 0; the package must be installed")
+    add("--eval-steps", type=COUNT, help="every this many steps, evaluate on --eval-data (pass@1 etc. logged as "
+                                         "eval/...; off by default); not with --fsdp")
+    add("--eval-data", help="problems JSONL for --eval-steps, as evaluate.py reads (problem, answer)")
+    add("--eval-samples", type=COUNT, default=4, help="samples per problem at T 0.6, top-p 0.95 (the paper's "
+                                                      "intermediate evaluations: 4)")
+    add("--eval-max-new-tokens", type=COUNT, default=2048, help="new tokens per evaluation sample at most")
+    add("--eval-limit", type=COUNT, help="evaluate only the first K problems of --eval-data (default: all)")
     return p
 
 
@@ -145,6 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise InputError(f"--batch-size {args.batch_size} must be a multiple of world size ({world}) x "
                          f"--micro-batch-size ({args.micro_batch_size}) = {world * args.micro_batch_size}, so "
                          "that every rank runs the same full micro-batches; change either")
+    if bool(args.eval_steps) != bool(args.eval_data):
+        raise InputError("--eval-steps and --eval-data go together: give both to evaluate during training, "
+                         "or neither")
+    if args.eval_steps and args.fsdp:  # FSDP's per-block all-gathers would need every rank to decode in step
+        raise InputError("--eval-steps does not work with --fsdp; evaluate the saved step-N checkpoints with "
+                         "evaluate.py instead")
     return args
 
 
@@ -172,6 +187,8 @@ def check_inputs(args):
     data.generation_config(args.model, tokenizer, args.template)
     if args.resume:
         data.load_tokenizer(args.resume)
+    common.check_tracker(args.report_to)
+    make_eval_set(args, tokenizer, 0, 1)  # the problems and their prompts, checked before any work
     return tokenizer
 
 
@@ -721,9 +738,62 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     return run
 
 
+@dataclass
+class EvalSet:
+    """--eval-data as the sampler's requests, made once before step 1 (evaluate.py's prompts and grading)."""
+    problems: list  # every problem evaluated, all ranks' (the scores are over these)
+    requests: list  # this rank's share: problem i goes to rank i mod world size
+    sources: list  # per request: (problem, prompt text), what evaluate.sample_row needs
+    tokenizer: object
+    stop_ids: list
+
+
+def make_eval_set(args, tokenizer, rank: int, world_size: int) -> EvalSet | None:
+    """The first --eval-limit problems of --eval-data, each --eval-samples times, under the training template;
+    None without --eval-steps. Every prompt is encoded and checked here (a bad row names FILE:LINE)."""
+    if not args.eval_steps:
+        return None
+    import evaluate  # verify.py and sympy: imported only when asked
+
+    if not os.path.isfile(args.eval_data):
+        raise InputError(f"--eval-data {args.eval_data}: no such file; pass a problems JSONL (problem, answer)")
+    problems = data.read_problems(args.eval_data)[:args.eval_limit]
+    template = data.TEMPLATES[args.template]
+    settings = argparse.Namespace(num_samples=args.eval_samples, data=args.eval_data, max_seq_len=None)
+    requests, sources = evaluate.make_requests(settings, problems[rank::world_size], set(), tokenizer, template)
+    return EvalSet(problems, requests, sources, tokenizer, template.stop_ids(tokenizer))
+
+
+def evaluate_during_training(run, eval_set: EvalSet | None, step: int) -> dict:
+    """At every --eval-steps-th step, the eval/ scores of the weights after that step on rank 0 ({} elsewhere
+    and at other steps). Every rank samples its share of the problems (evaluate.stream_samples, seeded by
+    --seed: the same samples whatever the number of ranks) and grades them (evaluate.sample_row); rank 0
+    gathers the rows and scores them (evaluate.summarize). The ranks work in parallel and meet once, at the
+    gather, so none stalls for a whole evaluation: the fastest waits for the slowest share (keep that within
+    the process group's timeout: few problems, short generations). Sampling reads the fp32 master weights (no
+    autocast) and no torch random state: training goes on exactly as without it."""
+    if eval_set is None or step % run.args.eval_steps:
+        return {}
+    import evaluate
+
+    args, n = run.args, run.args.eval_samples
+    rows = [evaluate.sample_row(*eval_set.sources[done.request], done, eval_set.tokenizer, False)
+            for done in evaluate.stream_samples(run.model, eval_set.requests, args.eval_max_new_tokens,
+                                               temperature=0.6, top_p=0.95, stop_ids=eval_set.stop_ids,
+                                               seed=args.seed)]
+    keep = ("id", "sample", "answer", "correct", "num_tokens", "finish_reason")  # not the texts: a small gather
+    gathered = common.gather_to_main([{k: r[k] for k in keep} for r in rows], run.d)
+    if gathered is None:
+        return {}
+    summary = evaluate.summarize(eval_set.problems, [r for part in gathered for r in part], n)
+    return {f"eval/{k}": summary[k] for k in ("pass@1", "pass@1_stderr", f"maj@{n}", "mean_response_tokens",
+                                              "truncated", "no_answer")}
+
+
 def log_step(run, step: int, batch_indices: list[int], values: list[float], names: list[str], lr: float,
-             seconds: float, eta: str) -> None:
-    """One metrics.jsonl row (TRL's names) and one printed line. MFU counts the step's training FLOPs as
+             seconds: float, eta: str, evaluation: dict | None = None, tracker: common.Tracker | None = None) -> None:
+    """One metrics.jsonl row (TRL's names, the stage, and evaluate_during_training's eval/ scores when there
+    are any), also sent to the --report-to tracker, and one printed line. MFU counts the step's training FLOPs as
         6·N·T + 12·L·H·d·Σ_i n_i²      (T tokens in documents of n_i tokens; L layers, H heads of size d)
     6N per token for the matmuls forward and backward, plus attention scores and values over each document's
     context: PaLM's estimate (appendix B), as nanoGPT's estimate_mfu, not halved for causality."""
@@ -733,13 +803,17 @@ def log_step(run, step: int, batch_indices: list[int], values: list[float], name
     mfu = flops / seconds / (run.peak_flops * run.d.world_size) if run.peak_flops else None
     record = {"step": step, "epoch": step / run.steps_per_epoch, "loss": loss, "learning_rate": lr, "grad_norm": norm,
               "tokens": tokens, "loss_tokens": sum(run.dataset.loss_tokens[i] for i in batch_indices),
-              "tokens_per_s": tokens / seconds, "mfu": mfu, **dict(zip(names, values[1:-1]))}
+              "tokens_per_s": tokens / seconds, "mfu": mfu, **dict(zip(names, values[1:-1])),
+              "stage": run.args.stage, **(evaluation or {})}
     if run.d.is_main:
         with open(os.path.join(run.args.out, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if tracker is not None:
+            tracker.log(record)
         print(f"step {step}/{run.total_steps} | epoch {record['epoch']:.2f} | loss {loss:.4f} | lr {lr:.2e} | "
               f"grad {norm:.3f} | {tokens / seconds:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-              + f" | eta {eta}", flush=True)
+              + (f" | eval pass@1 {evaluation['eval/pass@1']:.1%}" if evaluation else "") + f" | eta {eta}",
+              flush=True)
 
 
 def train(run) -> None:
@@ -749,6 +823,8 @@ def train(run) -> None:
     saved; one process (without FSDP, whose hooks hold state mid-step) abandons a step that would not end
     within half of --preempt-grace instead."""
     args, preemption = run.args, common.PREEMPTION
+    tracker = common.open_tracker(args.report_to, args.out, vars(args), run.start_step, run.d)
+    eval_set = make_eval_set(args, data.load_tokenizer(args.model), run.d.rank, run.d.world_size)
     progress, last, seconds = common.Progress(run.total_steps, done=run.start_step), time.perf_counter(), None
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,
                                                        args.epochs, run.start_step, stop_step=run.total_steps):
@@ -762,7 +838,7 @@ def train(run) -> None:
                 values = torch.cat([stats, norm.detach().float().view(1).to(stats.device)]).tolist()
         except common.Abandoned:
             run.optimizer.zero_grad(set_to_none=True)
-            stop_preempted(run, step)
+            stop_preempted(run, step, tracker)
         if not (math.isfinite(values[0]) and math.isfinite(values[-1])):
             raise NonFiniteLossError(f"step {step + 1}: the loss is {values[0]} and the gradient norm "
                                      f"{values[-1]}; stopping before the update; {common.last_good(args.out, step)}; "
@@ -772,19 +848,24 @@ def train(run) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
-        log_step(run, step + 1, batch_indices, values, names, lr, now - last, progress.eta(step + 1))
-        seconds, last = now - last, now
+        seconds = now - last
+        evaluation = evaluate_during_training(run, eval_set, step + 1)
+        log_step(run, step + 1, batch_indices, values, names, lr, seconds, progress.eta(step + 1), evaluation,
+                 tracker)
+        last = time.perf_counter()  # the next step's time and tokens/s leave the evaluation out
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < run.total_steps:
             save_checkpoint(run, step + 1, final=False)
         if preemption.requested_everywhere(run.d) and step + 1 < run.total_steps:  # the last step: just finish
-            stop_preempted(run, step + 1)
+            stop_preempted(run, step + 1, tracker)
     save_checkpoint(run, run.total_steps, final=True)
+    tracker.close()
 
 
-def stop_preempted(run, done: int) -> None:
+def stop_preempted(run, done: int, tracker) -> None:
     """After SIGTERM: save step-`done` (unless --save-every just did, or no step ended since the start), then
-    stop with exit status 143 and a line saying how to continue."""
+    stop with exit status 143 and a line saying how to continue. The tracker is flushed first."""
     args, path = run.args, os.path.join(run.args.out, f"step-{done}")
+    tracker.close()
     if done == run.start_step:
         raise common.RunStopped(f"preempted (SIGTERM) before step {done + 1} ended; nothing new to save: " + (
             f"continue with the same command (its --resume {args.resume})" if args.resume else
