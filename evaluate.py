@@ -236,16 +236,12 @@ class ContinuousBatch:
 
     def step(self) -> Iterator[Finished]:
         """Decode every slot once (a free one too: it writes only its own row, past its prompt, and its output
-        is ignored) over kv_len = 1 + the largest busy position; compiled, kv_len is rounded up to a power of
-        two (at least 256, at most the cache: attending over a few masked positions costs next to nothing,
-        a graph per length would cost a compilation each) so that few graphs serve the whole run."""
-        kv_len = max(slot.position for slot in self.slots if slot.request is not None) + 1
-        if self.compiled:
-            kv_len = min(self.cache_len, 1 << (max(kv_len, 256) - 1).bit_length())
-            if self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        is ignored). Each row attends over its own length only (Qwen2.decode_step groups rows by length; the
+        compiled step masks by blocks), so one long sample does not make every row read its length."""
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(torch.tensor([s.tokens[-1] if s.tokens else 0 for s in self.slots], device=self.device),
-                             torch.tensor([s.position for s in self.slots], device=self.device), kv_len)
+                             torch.tensor([s.position for s in self.slots], device=self.device))
         yield from self.record(logits, self.slots)
 
     def shrink(self) -> None:

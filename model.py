@@ -198,6 +198,11 @@ class KVCache(nn.Module):
         """Shrink to the slots `index` (in that order): a finished batch's tail stops paying for idle rows."""
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
+    def read(self, group: "DecodeGroup"):
+        """The keys and values a decode group attends over: its rows' first kv_len positions. A slice of
+        rows is a view (nothing copied); scattered rows are gathered, which copies only what they read."""
+        return self.k[group.rows, :, :group.kv_len], self.v[group.rows, :, :group.kv_len]
+
 
 class Attention(nn.Module):
     """Grouped-query attention: q/k/v projections with bias, o without; each group of
@@ -213,11 +218,11 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_len=None):
+    def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_groups=None):
         """Three uses. Training / full forward: attend over x itself (causal, or `mask`). Prefill
         (`cache_slots`, `cache_positions` [S, T]): the same, and also store k/v in those cache slots. Decode
-        (`kv_len` too, one new token per slot): store k/v at each slot's position, then attend over the cache
-        up to `kv_len`."""
+        (`kv_groups` too, one new token per slot): store k/v at each slot's position, then let each group of
+        rows attend over the cache up to its own length (DecodeGroup)."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -225,15 +230,24 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:
             self.cache.update(cache_slots, cache_positions, k, v)
-        if kv_len is not None:
-            k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
+        if kv_groups is None:
+            y = self.attend(q, k, v, mask)
+        elif len(kv_groups) == 1:  # every row in one group (a compiled step, or rows of similar lengths)
+            y = self.attend(q, *self.cache.read(kv_groups[0]), kv_groups[0].mask)
+        else:
+            y = torch.empty_like(q)
+            for group in kv_groups:  # rows gathered by length; each group's output put back in its rows
+                y[group.rows] = self.attend(q[group.rows], *self.cache.read(group), group.mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(d) + mask) v: SDPA with a boolean `mask` (causal if None and T > 1), or
+        FlexAttention when `mask` is a BlockMask."""
         gqa = self.n_heads != self.n_kv_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            y = flex_attention(q, k, v, mask, gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            return flex_attention(q, k, v, mask, gqa)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                              is_causal=mask is None and q.shape[2] > 1, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -275,6 +289,52 @@ def document_block_mask(document_ids):
 
     B, T = document_ids.shape
     return create_block_mask(document_causal, B, None, T, T, device=document_ids.device)
+
+
+@dataclass
+class DecodeGroup:
+    """Rows of a decode step that attend together: `rows` (a slice, or an index tensor of scattered rows)
+    over the cache's first `kv_len` positions, `mask` hiding each row's positions past its own (a boolean
+    [rows, 1, 1, kv_len], or a FlexAttention BlockMask)."""
+    rows: slice | torch.Tensor
+    kv_len: int
+    mask: object
+
+
+def length_groups(positions: list[int], max_read: float = 2.0) -> list[list[int]]:
+    """Decode rows grouped so that none reads more than `max_read` times its own keys and values: longest
+    first, a group opens at its longest row (length L = position + 1) and takes every row longer than
+    L / max_read. Attending each group over its own L, a step reads at most max_read * Σ_i (p_i + 1)
+    positions, not slots * (max_i p_i + 1): one 12k-token row among 63 of 200 tokens reads
+    12k + 63 * 200 rather than 64 * 12k. With max_read = 2 there are at most log2(longest / shortest) + 1
+    groups; max_read = inf makes one group over the longest row (every row reads that far)."""
+    groups = []
+    for i in sorted(range(len(positions)), key=lambda i: -positions[i]):
+        if groups and max_read * (positions[i] + 1) > positions[groups[-1][0]] + 1:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
+
+
+def decode_block_mask(positions, kv_len: int, block: int = 128):
+    """A FlexAttention BlockMask for one query per row, row b at positions[b], over kv_len cache positions:
+    row b sees positions 0..positions[b]. Built from block counts (static shapes and no mask evaluation
+    over the cache, so it lives inside a compiled CUDA-graph step): row b lists its first
+    positions[b] // block + 1 key blocks and the kernel skips the rest, so a step reads Σ_b (p_b + 1) keys
+    rounded up to blocks, not B * kv_len; the mask_mod trims each row's last block. (gpt-fast decodes
+    through a block mask too, with one position for the whole batch: generate.py, model_forward.)"""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, num_blocks = positions.shape[0], -(-kv_len // block)
+    kv_num_blocks = (positions // block + 1).to(torch.int32).view(B, 1, 1)
+    kv_indices = torch.arange(num_blocks, dtype=torch.int32, device=positions.device).repeat(B, 1, 1, 1)
+
+    def up_to_own_position(b, h, q, kv):
+        return kv <= positions[b]
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=up_to_own_position,
+                                    seq_lengths=(1, kv_len), compute_q_blocks=False)
 
 
 _compiled_flex_attention = None
@@ -435,30 +495,52 @@ class Qwen2(nn.Module):
         return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
 
     @torch.no_grad()
-    def decode_step(self, tokens, positions, kv_len: int | None = None):
+    def decode_step(self, tokens, positions, max_read: float = 2.0):
         """One new token per cache slot: tokens [slots] at positions [slots] (each slot's own position).
-        Attends over cache positions < kv_len (default: the whole cache; pass max(positions) + 1 to skip
-        the empty tail). Returns logits [slots, vocab]. Shapes depend only on (slots, kv_len), so a compiled
-        step (torch.compile, dynamic=False) is reused for every call with the same pair."""
-        kv_len = kv_len or self.layers[0].attn.cache.k.shape[2]
-        key_positions = torch.arange(kv_len, device=tokens.device)
-        mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [slots, 1, 1, kv_len]
+        Returns logits [slots, vocab]. Each row attends over its own positions 0..positions[i], and the
+        rows are grouped by length (length_groups) so that a row reads at most `max_read` times its own
+        keys and values: one long row among short ones no longer makes every row read the long row's
+        length. Shapes follow the groups, so this is the eager step; static_decode_step is the compiled one."""
+        host, groups = positions.tolist(), []
+        for rows in length_groups(host, max_read):
+            kv_len = max(host[i] for i in rows) + 1
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=tokens.device)
+            mask = None  # rows of one length see every position up to kv_len
+            if min(host[i] for i in rows) + 1 < kv_len:
+                mask = (torch.arange(kv_len, device=tokens.device) <= positions[index, None])[:, None, None, :]
+            groups.append(DecodeGroup(index, kv_len, mask))
+        return self.decode_over(tokens, positions, groups)
+
+    @torch.no_grad()
+    def static_decode_step(self, tokens, positions):
+        """decode_step with shapes that depend on the slot count alone, for torch.compile and CUDA graphs: one
+        group of every row over the whole cache, whose FlexAttention block mask (decode_block_mask) skips
+        the key blocks past each row's position, so each row still reads only its own length."""
+        kv_len = self.layers[0].attn.cache.k.shape[2]
+        return self.decode_over(tokens, positions, [DecodeGroup(slice(None), kv_len,
+                                                                decode_block_mask(positions, kv_len))])
+
+    def decode_over(self, tokens, positions, groups: list[DecodeGroup]):
+        """The decode forward: write each slot's new k/v at its position, attend each group over the cache."""
         x = self.embed(tokens[:, None])
         cos, sin = self.rope_table[0][positions, None], self.rope_table[1][positions, None]  # [slots, 1, d]
         slots = torch.arange(len(tokens), device=tokens.device)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache_slots=slots, cache_positions=positions[:, None], kv_len=kv_len)
+            x = block(x, cos, sin, cache_slots=slots, cache_positions=positions[:, None], kv_groups=groups)
         return F.linear(self.norm(x[:, 0]), self.lm_head_weight)
 
     def compiled_decode_step(self):
-        """decode_step through torch.compile, made once per model. dynamic=False: one graph per (slots,
-        kv_len), both kept to powers of two by the sampler, so a 32k-token run compiles a few dozen graphs at
-        most (hence the raised recompile limit; past it dynamo would silently run eager). On CUDA,
-        mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of hundreds."""
+        """static_decode_step through torch.compile, made once per model. dynamic=False: one graph per slot
+        count, kept to powers of two by the sampler (the cache shrinks by halves), so a run compiles a
+        handful of graphs (the recompile limit is raised anyway: past it dynamo would silently run eager).
+        On CUDA, mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of
+        hundreds."""
         if getattr(self, "_compiled_decode_step", None) is None:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.embed.weight.is_cuda else None
-            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, dynamic=False, fullgraph=True)
+            self._compiled_decode_step = torch.compile(self.static_decode_step, mode=mode, dynamic=False,
+                                                       fullgraph=True)
         return self._compiled_decode_step
 
     # --- checkpoints (section 4) ---

@@ -287,7 +287,7 @@ def test_cache_shrinks_when_nothing_waits_and_results_are_unchanged(checkpoint, 
     widths = []
     real_step = ours.decode_step
     monkeypatch.setattr(ours, "decode_step",
-                        lambda t, p, kv_len: widths.append(len(t)) or real_step(t, p, kv_len))
+                        lambda t, p: widths.append(len(t)) or real_step(t, p))
     assert evaluate.generate(ours, prompts, 16, stop_ids=stops, batch_size=6) == expected
     assert widths[0] == 6 and widths[-1] < 3 and widths == sorted(widths, reverse=True)
 

@@ -1,6 +1,7 @@
 """model.py against transformers' Qwen2ForCausalLM: logits, checkpoints, KV cache, packing, errors."""
 
 import json
+import math
 import os
 
 import pytest
@@ -12,7 +13,8 @@ import data
 from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
-from model import CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, to_hf_name
+from model import (CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, length_groups,
+                   to_hf_name)
 
 transformers.logging.set_verbosity_error()
 
@@ -205,12 +207,18 @@ def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
     assert not any(b.is_meta for b in ours.buffers())
 
 
-def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path):
+@pytest.mark.parametrize("step", ["grouped", "one_group", "static"])
+def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path, step):
+    """Every decode path against transformers' full forward: rows grouped by length (the eager step), every row
+    in one group over the longest length (the step before length groups), and the compiled step's static
+    shapes (FlexAttention block mask over the whole cache, run uncompiled here but for flex_attention)."""
     hf = make_hf_model(tie_word_embeddings=False)
     model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
-    seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13)]  # three rows of different lengths
-    prompt_lens = [2, 6, 1]
-    model.setup_cache(slots=3, max_seq_len=32)
+    decode = {"grouped": model.decode_step, "one_group": lambda t, p: model.decode_step(t, p, max_read=math.inf),
+              "static": model.static_decode_step}[step]
+    seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13, 300, 4)]  # rows of different lengths, one long
+    prompt_lens = [2, 6, 1, 290, 3]
+    model.setup_cache(slots=5, max_seq_len=320)  # 3 key blocks of 128: the short rows' block mask lists 1
     with torch.no_grad():
         for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
             last = model.prefill(s[:p], [slot])
@@ -219,11 +227,24 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path):
         for t in range(steps):
             positions = torch.tensor([min(p + t, len(s) - 1) for s, p in zip(seqs, prompt_lens)])
             tokens = torch.stack([s[pos] for s, pos in zip(seqs, positions)])
-            logits = model.decode_step(tokens, positions, kv_len=int(positions.max()) + 1)
+            logits = decode(tokens, positions)
             for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
                 if p + t < len(s):
                     full = hf(s[None, : p + t + 1]).logits[0, -1]
                     assert (logits[slot] - full).abs().max().item() <= 1e-5, (slot, t)
+
+
+def test_length_groups_read_at_most_twice_each_rows_length():
+    # lengths (position + 1) 100, 5, 12001, 151, 8, 81: groups 12001 | 151, 100, 81 | 8, 5
+    assert length_groups([99, 4, 12000, 150, 7, 80]) == [[2], [0, 3, 5], [1, 4]]
+    assert length_groups([99, 4, 12000], max_read=math.inf) == [[0, 1, 2]]  # one group: every row reads 12001
+    positions = torch.randint(0, 5000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    groups = length_groups(positions)
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    for g in groups:
+        longest = max(positions[i] + 1 for i in g)
+        assert all(longest < 2 * (positions[i] + 1) for i in g)
+    assert len(groups) <= math.log2(max(positions) + 1) - math.log2(min(positions) + 1) + 1
 
 
 def test_prefill_shares_one_prompt_across_slots(tmp_path):
