@@ -16,6 +16,7 @@ Conventions worth knowing:
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field, fields
@@ -199,8 +200,7 @@ class KVCache(nn.Module):
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
     def read(self, group: "DecodeGroup"):
-        """The keys and values a decode group attends over: its rows' first kv_len positions. A slice of
-        rows is a view (nothing copied); scattered rows are gathered, which copies only what they read."""
+        """The keys and values a decode group attends over, its rows' first kv_len positions: a view."""
         return self.k[group.rows, :, :group.kv_len], self.v[group.rows, :, :group.kv_len]
 
 
@@ -232,12 +232,8 @@ class Attention(nn.Module):
             self.cache.update(cache_slots, cache_positions, k, v)
         if kv_groups is None:
             y = self.attend(q, k, v, mask)
-        elif len(kv_groups) == 1:  # every row in one group (a compiled step, or rows of similar lengths)
-            y = self.attend(q, *self.cache.read(kv_groups[0]), kv_groups[0].mask)
-        else:
-            y = torch.empty_like(q)
-            for group in kv_groups:  # rows gathered by length; each group's output put back in its rows
-                y[group.rows] = self.attend(q[group.rows], *self.cache.read(group), group.mask)
+        else:  # the groups are runs of slots in order: their outputs, concatenated, are the rows'
+            y = torch.cat([self.attend(q[g.rows], *self.cache.read(g), g.mask) for g in kv_groups])
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, q, k, v, mask):
@@ -293,28 +289,43 @@ def document_block_mask(document_ids):
 
 @dataclass
 class DecodeGroup:
-    """Rows of a decode step that attend together: `rows` (a slice, or an index tensor of scattered rows)
-    over the cache's first `kv_len` positions, `mask` hiding each row's positions past its own (a boolean
-    [rows, 1, 1, kv_len], or a FlexAttention BlockMask)."""
-    rows: slice | torch.Tensor
+    """Neighbouring rows of a decode step that attend together: `rows` (a slice of slots) over the cache's
+    first `kv_len` positions, `mask` hiding each row's positions past its own (a boolean [rows, 1, 1, kv_len],
+    a FlexAttention BlockMask, or None when every row sees all kv_len)."""
+    rows: slice
     kv_len: int
     mask: object
 
 
-def length_groups(positions: list[int], max_read: float = 2.0) -> list[list[int]]:
-    """Decode rows grouped so that none reads more than `max_read` times its own keys and values: longest
-    first, a group opens at its longest row (length L = position + 1) and takes every row longer than
-    L / max_read. Attending each group over its own L, a step reads at most max_read * Σ_i (p_i + 1)
-    positions, not slots * (max_i p_i + 1): one 12k-token row among 63 of 200 tokens reads
-    12k + 63 * 200 rather than 64 * 12k. With max_read = 2 there are at most log2(longest / shortest) + 1
-    groups; max_read = inf makes one group over the longest row (every row reads that far)."""
-    groups = []
-    for i in sorted(range(len(positions)), key=lambda i: -positions[i]):
-        if groups and max_read * (positions[i] + 1) > positions[groups[-1][0]] + 1:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return [sorted(g) for g in groups]
+# One more attention call, priced in key positions read (per row and layer): on the 2-core CPU VM an SDPA
+# call costs ~55 us and a position ~0.5 us (measured, 2026-12-05); on a GPU a few launches (~10-20 us) buy
+# thousands of positions at its bandwidth (an estimate, not measured).
+RUN_COST = {"cpu": 128, "cuda": 4096}
+
+
+def slot_runs(lengths: list[int], run_cost: float) -> list[tuple[int, int]]:
+    """Split the slots 0..n-1 into runs of neighbours [start, end), each to attend over its longest row's
+    length through a view of the cache (nothing copied), minimising what the step reads plus `run_cost` per
+    run:  best[j] = min_i best[i] + (j - i) * max(lengths[i:j]) + run_cost  (dynamic programming, O(n^2)).
+    One long row among short ones becomes a run of its own, so the others no longer read its length; rows
+    of similar lengths stay one run. run_cost = inf: one run, every row over the longest (the step before
+    runs existed)."""
+    n = len(lengths)
+    if run_cost == math.inf:
+        return [(0, n)]
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = 0
+        for start in range(end - 1, -1, -1):
+            longest = max(longest, lengths[start])
+            cost = best[start] + (end - start) * longest + run_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    runs, end = [], n
+    while end:
+        runs.append((cut[end], end))
+        end = cut[end]
+    return runs[::-1]
 
 
 def decode_block_mask(positions, kv_len: int, block: int = 128):
@@ -495,21 +506,21 @@ class Qwen2(nn.Module):
         return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
 
     @torch.no_grad()
-    def decode_step(self, tokens, positions, max_read: float = 2.0):
+    def decode_step(self, tokens, positions, run_cost: float | None = None):
         """One new token per cache slot: tokens [slots] at positions [slots] (each slot's own position).
-        Returns logits [slots, vocab]. Each row attends over its own positions 0..positions[i], and the
-        rows are grouped by length (length_groups) so that a row reads at most `max_read` times its own
-        keys and values: one long row among short ones no longer makes every row read the long row's
-        length. Shapes follow the groups, so this is the eager step; static_decode_step is the compiled one."""
-        host, groups = positions.tolist(), []
-        for rows in length_groups(host, max_read):
-            kv_len = max(host[i] for i in rows) + 1
-            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-            index = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=tokens.device)
-            mask = None  # rows of one length see every position up to kv_len
-            if min(host[i] for i in rows) + 1 < kv_len:
-                mask = (torch.arange(kv_len, device=tokens.device) <= positions[index, None])[:, None, None, :]
-            groups.append(DecodeGroup(index, kv_len, mask))
+        Returns logits [slots, vocab]. Row i attends over its own positions 0..positions[i]; the rows attend
+        in runs of neighbouring slots (slot_runs), each over a view of the cache up to its longest row, so
+        one long row among short ones no longer makes every row read its length. run_cost: RUN_COST of the
+        device unless given (inf: one run). Shapes follow the runs, so this is the eager step;
+        static_decode_step is the compiled one."""
+        lengths = [p + 1 for p in positions.tolist()]
+        run_cost = RUN_COST.get(tokens.device.type, RUN_COST["cuda"]) if run_cost is None else run_cost
+        groups = []
+        for start, end in slot_runs(lengths, run_cost):
+            kv_len, mask = max(lengths[start:end]), None  # rows of one length see every position up to kv_len
+            if min(lengths[start:end]) < kv_len:
+                mask = (torch.arange(kv_len, device=tokens.device) <= positions[start:end, None])[:, None, None, :]
+            groups.append(DecodeGroup(slice(start, end), kv_len, mask))
         return self.decode_over(tokens, positions, groups)
 
     @torch.no_grad()

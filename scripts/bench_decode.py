@@ -113,11 +113,76 @@ def compare(name, batch, runners: dict, repeats) -> dict:
     return r
 
 
+def decode_loop_ms(start, steps: int, decode, repeats: int) -> float:
+    """Wall time per step of `steps` greedy decode steps from `start` = (first tokens, their positions: each
+    row's position after its prompt), best of `repeats`; each run restarts there, so each overwrites the same
+    cache entries. `decode(tokens, positions)` is one decode step."""
+    tokens0, start_positions = start
+    cuda = start_positions.is_cuda
+    best = math.inf
+    for _ in range(repeats):
+        positions, tokens = start_positions.clone(), tokens0.clone()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            if cuda and getattr(decode, "cudagraph", False):
+                torch.compiler.cudagraph_mark_step_begin()
+            tokens = decode(tokens, positions).argmax(dim=-1)
+            positions = positions + 1
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / steps
+
+
+def fill_cache(model, contexts: list[int], steps: int, vocab: int, seed: int):
+    """A cache of len(contexts) slots, slot i prefilled with a random prompt of contexts[i] tokens; returns
+    the first decode step's (tokens, positions)."""
+    model.setup_cache(len(contexts), max(contexts) + steps + 1)
+    g = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    for slot, n in enumerate(contexts):
+        model.prefill(torch.randint(10, vocab, (n,), generator=g).tolist(), [slot])
+    return torch.randint(10, vocab, (len(contexts),), generator=g).to(device), torch.tensor(contexts, device=device)
+
+
+def long_row(args, model) -> dict:
+    """The decode loop's cost with one long row among short ones against an all-short batch (issue 21): time
+    per greedy step (decode step + argmax) with rows attending in runs of neighbouring slots (decode_step:
+    the long row, in the middle slot, becomes a run of its own), with every row over the longest row's length
+    (run_cost=inf: one run, the step before runs existed), and with --compile the compiled block-mask step."""
+    low, high = map(int, args.short_context.split(","))
+    g = torch.Generator().manual_seed(7)
+    short = torch.randint(low, high + 1, (args.long_batch,), generator=g).tolist()
+    with_long = short[:]
+    with_long[args.long_batch // 2] = args.long_row
+    runners = {"runs": model.decode_step, "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf)}
+    if args.compile:
+        runners["compiled"] = model.compiled_decode_step()
+        runners["compiled"].cudagraph = model.embed.weight.is_cuda
+    ms = {}
+    for name, contexts in (("all_short", short), ("one_long", with_long)):
+        start = fill_cache(model, contexts, args.long_steps, args.vocab, seed=len(name))
+        if args.compile:
+            decode_loop_ms(start, 2, runners["compiled"], 1)  # compiles this cache's graph, untimed
+        for who, decode in runners.items():
+            ms[f"{name}_{who}_ms"] = decode_loop_ms(start, args.long_steps, decode, args.repeats)
+    model.free_cache()
+    r = {"workload": "long_row", "batch": args.long_batch, "long_context": args.long_row, "short_context": [low, high],
+         "steps": args.long_steps, **ms,
+         **{f"ratio_{who}": ms[f"one_long_{who}_ms"] / ms[f"all_short_{who}_ms"] for who in runners}}
+    print(f"long row: 1 x {args.long_row} tokens among {args.long_batch - 1} of {low}-{high}, per decode step: "
+          + " | ".join(f"{who} {ms[f'all_short_{who}_ms']:.1f} ms all short, {ms[f'one_long_{who}_ms']:.1f} ms "
+                       f"with the long row ({r[f'ratio_{who}']:.2f}x)" for who in runners), flush=True)
+    return r
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__.splitlines()[0],
                                 formatter_class=common.HelpFormatter)
     add = p.add_argument
-    add("--batches", default="1,16,64", help="batch sizes (KV cache slots), comma-separated")
+    add("--batches", default="1,16,64", help="batch sizes (KV cache slots), comma-separated; '' for none")
     add("--max-new-tokens", type=common.COUNT, default=128, help="new tokens per row at most")
     add("--prompt-len", default="16,64", help="min,max prompt length (uniform)")
     add("--hidden", type=common.COUNT, default=256, help="model width")
@@ -133,6 +198,10 @@ def parse_args(argv=None):
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="also time the compiled decode step (default: on with CUDA, off on CPU)")
     add("--compile-ragged", action="store_true", help="the compiled step on the ragged workload too")
+    add("--long-row", type=int, default=12000, help="long-row workload: the long row's context, 0 = skip it")
+    add("--short-context", default="256,1024", help="long-row workload: min,max context of the short rows")
+    add("--long-batch", type=common.COUNT, default=64, help="long-row workload: rows (one of them long)")
+    add("--long-steps", type=common.COUNT, default=16, help="long-row workload: decode steps timed")
     add("--threads", type=common.COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     add("--out", default="bench_results/decode.json", help="JSON report")
     args = p.parse_args(argv)
@@ -145,7 +214,8 @@ def load_models(args, dtype):
     end at spread-out stop ids), loaded by ours and by transformers."""
     shape = {"vocab_size": args.vocab, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
              "intermediate_size": args.intermediate or 4 * args.hidden, "num_attention_heads": args.heads,
-             "num_key_value_heads": args.kv_heads, "max_position_embeddings": 4096}
+             "num_key_value_heads": args.kv_heads,
+             "max_position_embeddings": max(4096, args.long_row + args.long_steps + 1)}
     with tempfile.TemporaryDirectory() as tmp:
         tiny.make_checkpoint(tmp, dtype=dtype, **shape)
         hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
@@ -166,7 +236,7 @@ def main(argv=None):
         warm = ragged_prompts(2, args.vocab, low, high, seed=12345)  # first-call costs out of the timings
         evaluate.generate(ours, warm, 4)
         hf_generate(hf, warm, 4, args.device)
-        for batch in map(int, args.batches.split(",")):
+        for batch in [int(b) for b in args.batches.split(",") if b]:
             prompts = ragged_prompts(batch, args.vocab, low, high, seed=batch)
             fixed = {"ours": lambda: evaluate.generate(ours, prompts, args.max_new_tokens, batch_size=batch),
                      "transformers": lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device)}
@@ -187,6 +257,8 @@ def main(argv=None):
                                                                     stop_ids=stops, batch_size=batch, compile=True)
                 ragged["ours_compiled"]()
             results.append(compare("ragged", batch, ragged, args.repeats))
+        if args.long_row:
+            results.append(long_row(args, ours))
 
     cuda = torch.cuda.is_available() and args.device.startswith("cuda")
     report = {"device": torch.cuda.get_device_name() if cuda else

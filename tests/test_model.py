@@ -13,7 +13,7 @@ import data
 from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
-from model import (CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, length_groups,
+from model import (CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, slot_runs,
                    to_hf_name)
 
 transformers.logging.set_verbosity_error()
@@ -207,14 +207,16 @@ def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
     assert not any(b.is_meta for b in ours.buffers())
 
 
-@pytest.mark.parametrize("step", ["grouped", "one_group", "static"])
+@pytest.mark.parametrize("step", ["runs", "per_row", "one_run", "static"])
 def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path, step):
-    """Every decode path against transformers' full forward: rows grouped by length (the eager step), every row
-    in one group over the longest length (the step before length groups), and the compiled step's static
-    shapes (FlexAttention block mask over the whole cache, run uncompiled here but for flex_attention)."""
+    """Every decode path against transformers' full forward: rows in runs of neighbouring slots (the eager
+    step: here the long row is a run of its own), every row alone, every row in one run over the longest
+    length (the step before runs), and the compiled step's static shapes (FlexAttention block mask over the
+    whole cache; run uncompiled here but for flex_attention)."""
     hf = make_hf_model(tie_word_embeddings=False)
     model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
-    decode = {"grouped": model.decode_step, "one_group": lambda t, p: model.decode_step(t, p, max_read=math.inf),
+    decode = {"runs": model.decode_step, "per_row": lambda t, p: model.decode_step(t, p, run_cost=0),
+              "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf),
               "static": model.static_decode_step}[step]
     seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13, 300, 4)]  # rows of different lengths, one long
     prompt_lens = [2, 6, 1, 290, 3]
@@ -234,17 +236,21 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path, step):
                     assert (logits[slot] - full).abs().max().item() <= 1e-5, (slot, t)
 
 
-def test_length_groups_read_at_most_twice_each_rows_length():
-    # lengths (position + 1) 100, 5, 12001, 151, 8, 81: groups 12001 | 151, 100, 81 | 8, 5
-    assert length_groups([99, 4, 12000, 150, 7, 80]) == [[2], [0, 3, 5], [1, 4]]
-    assert length_groups([99, 4, 12000], max_read=math.inf) == [[0, 1, 2]]  # one group: every row reads 12001
-    positions = torch.randint(0, 5000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-    groups = length_groups(positions)
-    assert sorted(i for g in groups for i in g) == list(range(64))
-    for g in groups:
-        longest = max(positions[i] + 1 for i in g)
-        assert all(longest < 2 * (positions[i] + 1) for i in g)
-    assert len(groups) <= math.log2(max(positions) + 1) - math.log2(min(positions) + 1) + 1
+def test_slot_runs_minimise_reads_plus_calls():
+    cost = lambda lengths, runs, run_cost: sum((e - b) * max(lengths[b:e]) + run_cost for b, e in runs)
+    lengths = [200, 180, 12000, 150, 190, 210]
+    assert slot_runs(lengths, 128) == [(0, 2), (2, 3), (3, 6)]  # the long row alone: 13,414 read, not 72,768
+    assert slot_runs(lengths, math.inf) == [(0, 6)]  # one run: every row reads 12,000
+    assert cost(lengths, slot_runs(lengths, 0), 0) == sum(lengths)  # free calls: each row reads its own length
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):  # the dynamic programme against every split of 8 slots into runs
+        lengths = torch.randint(1, 3000, (8,), generator=g).tolist()
+        run_cost = [0, 100, 5000][trial % 3]
+        splits = [[b for b in range(1, 8) if mask >> b & 1] for mask in range(0, 256, 2)]
+        brute = min(cost(lengths, list(zip([0] + cut, cut + [8])), run_cost) for cut in splits)
+        runs = slot_runs(lengths, run_cost)
+        assert [b for b, _ in runs] == [0] + [e for _, e in runs[:-1]] and runs[-1][1] == 8
+        assert cost(lengths, runs, run_cost) == brute
 
 
 def test_prefill_shares_one_prompt_across_slots(tmp_path):
