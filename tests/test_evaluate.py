@@ -16,6 +16,7 @@ import transformers
 
 import data
 import evaluate
+import model as model_module
 from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
@@ -200,6 +201,24 @@ def test_greedy_equals_transformers_for_ragged_prompts(checkpoint):
     expected = [hf_greedy(hf, p, 20) for p in prompts]
     assert evaluate.generate(ours, prompts, 20) == expected
     assert all(len(e) == 20 for e in expected)
+
+
+def test_one_long_row_among_short_ones_runs_apart_with_the_same_greedy_tokens(checkpoint, monkeypatch):
+    """A long prompt in the middle of short ones: the decode step attends the long row in a run of its own
+    (the short rows do not read its length), and greedy tokens equal transformers' and those of one run over
+    the longest row (the step before runs, run_cost = inf)."""
+    _, hf, ours = checkpoint
+    prompts = random_prompts([3, 9, 5, 7, 250, 4, 12, 6], seed=9)
+    runs = []
+    real_runs = model_module.slot_runs
+    monkeypatch.setattr(model_module, "slot_runs", lambda lengths, cost: runs.append(real_runs(lengths, cost))
+                        or runs[-1])
+    got = evaluate.generate(ours, prompts, 12)
+    assert runs[0] == [(0, 4), (4, 5), (5, 8)]  # the long row alone
+    assert got == [hf_greedy(hf, p, 12) for p in prompts]
+    monkeypatch.setitem(model_module.RUN_COST, "cpu", math.inf)
+    runs.clear()
+    assert evaluate.generate(ours, prompts, 12) == got and runs[0] == [(0, 8)]
 
 
 def test_greedy_stops_where_transformers_stops(checkpoint):
@@ -461,6 +480,27 @@ def test_cli_end_to_end(checkpoint, full_run, capsys):
     assert set(summary["by_subject"]) == {"Prealgebra", "Algebra"} and set(summary["by_level"]) == {"1", "2"}
     assert summary["settings"]["seed"] == 0
     assert json.loads((out / "run.json").read_text()) == summary["settings"]
+
+
+def test_progress_lines_come_between_decode_steps_before_any_sample_finishes(checkpoint, data_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    """With the interval at 0 a line follows every decode step: the first ones come while no sample has
+    finished (samples 0/3, with tokens/s and the worst-case ETA), the last one when all have."""
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 0.0)
+    err, finished_at = [], []  # stderr so far; how many progress lines it held when each sample finished
+    progress_lines = lambda: [line for line in "".join(err).splitlines() if line.startswith("samples ")]
+    real_finished = evaluate.SamplingProgress.finished
+    monkeypatch.setattr(evaluate.SamplingProgress, "finished", lambda self: err.append(capsys.readouterr().err)
+                        or finished_at.append(len(progress_lines())) or real_finished(self))
+    evaluate.main([checkpoint[0], "--data", data_file, "--num-samples", "1", "--max-new-tokens", "6",
+                   "--temperature", "0", "--out", str(tmp_path / "out")])
+    err.append(capsys.readouterr().err)
+    lines = progress_lines()
+    assert finished_at[0] >= 1  # a progress line was printed before the first sample finished
+    assert re.fullmatch(r"samples 0/3 \| \d+ new tokens, [\d.]+ tok/s \| worst-case ETA \d+:\d\d:\d\d", lines[0])
+    assert re.fullmatch(r"samples 3/3 \| \d+ new tokens, [\d.]+ tok/s \| ETA 0:00:00", lines[-1])
+    rows = read_rows(tmp_path / "out" / "samples.jsonl")
+    assert int(lines[-1].split()[3]) == sum(r["num_tokens"] for r in rows)  # every drawn token counted
 
 
 def test_cli_grades_and_scores_what_the_sampler_returns(checkpoint, data_file, tmp_path, monkeypatch):
