@@ -19,6 +19,11 @@ batches with an attention mask. `agree` is the share of rows whose greedy tokens
 transformers' (left padding may move its logits by rounding, so a near-tie could flip a row);
 `compiled_agree` the share identical between our eager and compiled steps. On a machine shared with other
 work, pass --threads 1: parallel regions that wait for a busy core otherwise dominate both timings.
+
+A third workload, long_row (--long-row, 0 to skip): the decode loop's time per step with one --long-row-token
+context among --long-batch - 1 short ones (--short-context) against an all-short batch, with each row reading
+its own length (decode_step's runs of slots; with --compile the compiled block-mask step) and with every row
+reading the longest row's length (run_cost=inf, the step before runs existed), side by side.
 """
 
 import argparse
@@ -113,10 +118,10 @@ def compare(name, batch, runners: dict, repeats) -> dict:
     return r
 
 
-def decode_loop_ms(start, steps: int, decode, repeats: int) -> float:
+def decode_loop_ms(start, steps: int, decode, repeats: int, cuda_graphs: bool = False) -> float:
     """Wall time per step of `steps` greedy decode steps from `start` = (first tokens, their positions: each
     row's position after its prompt), best of `repeats`; each run restarts there, so each overwrites the same
-    cache entries. `decode(tokens, positions)` is one decode step."""
+    cache entries. `decode(tokens, positions)` is one decode step (cuda_graphs: a compiled one on CUDA)."""
     tokens0, start_positions = start
     cuda = start_positions.is_cuda
     best = math.inf
@@ -124,22 +129,22 @@ def decode_loop_ms(start, steps: int, decode, repeats: int) -> float:
         positions, tokens = start_positions.clone(), tokens0.clone()
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        began = time.perf_counter()
         for _ in range(steps):
-            if cuda and getattr(decode, "cudagraph", False):
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             tokens = decode(tokens, positions).argmax(dim=-1)
             positions = positions + 1
         if cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.perf_counter() - began)
     return 1000 * best / steps
 
 
-def fill_cache(model, contexts: list[int], steps: int, vocab: int, seed: int):
-    """A cache of len(contexts) slots, slot i prefilled with a random prompt of contexts[i] tokens; returns
-    the first decode step's (tokens, positions)."""
-    model.setup_cache(len(contexts), max(contexts) + steps + 1)
+def fill_cache(model, contexts: list[int], cache_len: int, vocab: int, seed: int):
+    """A cache of len(contexts) slots x cache_len positions, slot i prefilled with a random prompt of
+    contexts[i] tokens; returns the first decode step's (tokens, positions)."""
+    model.setup_cache(len(contexts), cache_len)
     g = torch.Generator().manual_seed(seed)
     device = model.embed.weight.device
     for slot, n in enumerate(contexts):
@@ -160,14 +165,16 @@ def long_row(args, model) -> dict:
     runners = {"runs": model.decode_step, "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf)}
     if args.compile:
         runners["compiled"] = model.compiled_decode_step()
-        runners["compiled"].cudagraph = model.embed.weight.is_cuda
+    cuda_graphs = args.compile and model.embed.weight.is_cuda
     ms = {}
     for name, contexts in (("all_short", short), ("one_long", with_long)):
-        start = fill_cache(model, contexts, args.long_steps, args.vocab, seed=len(name))
+        # One cache shape for both batches: the compiled step is one graph per (slots, cache length).
+        start = fill_cache(model, contexts, args.long_row + args.long_steps + 1, args.vocab, seed=len(name))
         if args.compile:
-            decode_loop_ms(start, 2, runners["compiled"], 1)  # compiles this cache's graph, untimed
+            decode_loop_ms(start, 2, runners["compiled"], 1, cuda_graphs)  # compiles the graph (once), untimed
         for who, decode in runners.items():
-            ms[f"{name}_{who}_ms"] = decode_loop_ms(start, args.long_steps, decode, args.repeats)
+            ms[f"{name}_{who}_ms"] = decode_loop_ms(start, args.long_steps, decode, args.repeats,
+                                                    cuda_graphs and who == "compiled")
     model.free_cache()
     r = {"workload": "long_row", "batch": args.long_batch, "long_context": args.long_row, "short_context": [low, high],
          "steps": args.long_steps, **ms,
