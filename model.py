@@ -13,6 +13,8 @@ Conventions worth knowing:
     attention to the document (a document-causal mask). Per-document logits equal separate forwards.
   - The KV cache has one row ("slot") per sequence being decoded. Every slot has its own position, so rows
     of different prompt lengths decode together; a finished slot is simply prefilled again with a new prompt.
+    A decode step reads each row's own keys, not the longest row's: runs of neighbouring slots (eager), or a
+    FlexAttention block mask (compiled).
 """
 
 import json
@@ -297,10 +299,10 @@ class DecodeGroup:
     mask: object
 
 
-# One more attention call, priced in key positions read (per row and layer): on the 2-core CPU VM an SDPA
-# call costs ~55 us and a position ~0.5 us (measured, 2026-12-05); on a GPU a few launches (~10-20 us) buy
-# thousands of positions at its bandwidth (an estimate, not measured).
-RUN_COST = {"cpu": 128, "cuda": 4096}
+# One more attention call, priced in key positions read (one row, one layer): on the 2-core CPU VM an SDPA
+# call costs ~55 us and a position ~0.5 us (measured, 2026-12-05); on a GPU a call's launches (~15 us) buy
+# tens of thousands of positions (1 KiB each at the 1.5B shape in bf16, ~3 TB/s): an estimate, not measured.
+RUN_COST = {"cpu": 128, "cuda": 32768}
 
 
 def slot_runs(lengths: list[int], run_cost: float) -> list[tuple[int, int]]:
@@ -318,6 +320,8 @@ def slot_runs(lengths: list[int], run_cost: float) -> list[tuple[int, int]]:
         longest = 0
         for start in range(end - 1, -1, -1):
             longest = max(longest, lengths[start])
+            if (end - start) * longest + run_cost >= best[end]:
+                break  # an earlier start only makes this run dearer; best[start] >= 0 cannot win it back
             cost = best[start] + (end - start) * longest + run_cost
             if cost < best[end]:
                 best[end], cut[end] = cost, start

@@ -896,8 +896,9 @@ def test_help_documents_every_flag_with_its_default_once():
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens_for_ragged_prompts(tmp_path):
-    """torch.compile (inductor, on CPU here) of the decode step. The lengths keep every step in one (slots,
-    kv_len) bucket, so this compiles a single graph (tens of seconds on a small CPU)."""
+    """torch.compile (inductor, on CPU here) of the decode step (static shapes: a FlexAttention block mask over
+    the whole cache). One slot count throughout, so this compiles a single graph (tens of seconds on a small
+    CPU)."""
     hf = make_hf_model(seed=3)
     hf.save_pretrained(tmp_path)
     model = Qwen2.from_pretrained(str(tmp_path))
@@ -912,8 +913,8 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_for_ragged_prompts(tmp_pa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled decode with CUDA graphs")
 def test_compiled_decode_with_cuda_graphs_gives_the_eager_greedy_tokens(checkpoint, ragged_stop):
-    """On CUDA (fp32: cuBLAS without TF32, as eager), with ragged stops: several (slots, kv_len) graphs, slot
-    refills and the cache shrinking at the tail."""
+    """On CUDA (fp32: cuBLAS without TF32, as eager), with ragged stops: a graph per slot count, slot refills
+    and the cache shrinking at the tail."""
     model = Qwen2.from_pretrained(checkpoint[0], device="cuda")
     prompts, stops = ragged_stop
     for batch_size in (2, 6):
