@@ -299,10 +299,12 @@ class DecodeGroup:
     mask: object
 
 
-# One more attention call, priced in key positions read (one row, one layer): on the 2-core CPU VM an SDPA
-# call costs ~55 us and a position ~0.5 us (measured, 2026-12-05); on a GPU a call's launches (~15 us) buy
-# tens of thousands of positions (1 KiB each at the 1.5B shape in bf16, ~3 TB/s): an estimate, not measured.
-RUN_COST = {"cpu": 128, "cuda": 32768}
+# One more attention call, priced in key positions read (one row, one layer). On the 2-core CPU VM an SDPA call
+# alone costs ~55 us and a position ~0.5 us, but a run's slices, mask and concatenation cost more, the more so
+# under load: split into 45 runs (at a price of 128), an all-short batch of 64 took 1.4x one run's time
+# (2026-12-05), so a run must save thousands of positions. On a GPU a call's launches (~15 us) buy tens of
+# thousands of positions (1 KiB each at the 1.5B shape in bf16, ~3 TB/s): an estimate, not measured.
+RUN_COST = {"cpu": 4096, "cuda": 32768}
 
 
 def slot_runs(lengths: list[int], run_cost: float) -> list[tuple[int, int]]:

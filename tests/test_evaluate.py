@@ -208,7 +208,7 @@ def test_one_long_row_among_short_ones_runs_apart_with_the_same_greedy_tokens(ch
     (the short rows do not read its length), and greedy tokens equal transformers' and those of one run over
     the longest row (the step before runs, run_cost = inf)."""
     _, hf, ours = checkpoint
-    prompts = random_prompts([3, 9, 5, 7, 250, 4, 12, 6], seed=9)
+    prompts = random_prompts([3, 9, 5, 7, 1500, 4, 12, 6], seed=9)
     runs = []
     real_runs = model_module.slot_runs
     monkeypatch.setattr(model_module, "slot_runs", lambda lengths, cost: runs.append(real_runs(lengths, cost))

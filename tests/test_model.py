@@ -207,15 +207,17 @@ def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
     assert not any(b.is_meta for b in ours.buffers())
 
 
-@pytest.mark.parametrize("step", ["runs", "per_row", "one_run", "static"])
+@pytest.mark.parametrize("step", ["default", "runs", "per_row", "one_run", "static"])
 def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path, step):
-    """Every decode path against transformers' full forward: rows in runs of neighbouring slots (the eager
-    step: here the long row is a run of its own), every row alone, every row in one run over the longest
-    length (the step before runs), and the compiled step's static shapes (FlexAttention block mask over the
-    whole cache; run uncompiled here but for flex_attention)."""
+    """Every decode path against transformers' full forward: the eager step as configured, rows in runs of
+    neighbouring slots (a small run_cost: the long row is a run of its own, the short rows before it one run
+    with a mask), every row alone, every row in one run over the longest length (the step before runs), and
+    the compiled step's static shapes (FlexAttention block mask over the whole cache; run uncompiled here but
+    for flex_attention)."""
     hf = make_hf_model(tie_word_embeddings=False)
     model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
-    decode = {"runs": model.decode_step, "per_row": lambda t, p: model.decode_step(t, p, run_cost=0),
+    decode = {"default": model.decode_step, "runs": lambda t, p: model.decode_step(t, p, run_cost=64),
+              "per_row": lambda t, p: model.decode_step(t, p, run_cost=0),
               "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf),
               "static": model.static_decode_step}[step]
     seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13, 300, 4)]  # rows of different lengths, one long
