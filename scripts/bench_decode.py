@@ -172,9 +172,10 @@ def long_row(args, model) -> dict:
         start = fill_cache(model, contexts, args.long_row + args.long_steps + 1, args.vocab, seed=len(name))
         if args.compile:
             decode_loop_ms(start, 2, runners["compiled"], 1, cuda_graphs)  # compiles the graph (once), untimed
-        for who, decode in runners.items():
-            ms[f"{name}_{who}_ms"] = decode_loop_ms(start, args.long_steps, decode, args.repeats,
-                                                    cuda_graphs and who == "compiled")
+        for _ in range(args.repeats):  # alternated, so that a change in load hits every runner alike
+            for who, decode in runners.items():
+                step_ms = decode_loop_ms(start, args.long_steps, decode, 1, cuda_graphs and who == "compiled")
+                ms[f"{name}_{who}_ms"] = min(ms.get(f"{name}_{who}_ms", math.inf), step_ms)
     model.free_cache()
     r = {"workload": "long_row", "batch": args.long_batch, "long_context": args.long_row, "short_context": [low, high],
          "steps": args.long_steps, **ms,
