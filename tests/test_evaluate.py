@@ -206,7 +206,7 @@ def test_greedy_equals_transformers_for_ragged_prompts(checkpoint):
 def test_one_long_row_among_short_ones_runs_apart_with_the_same_greedy_tokens(checkpoint, monkeypatch):
     """A long prompt in the middle of short ones: the decode step attends the long row in a run of its own
     (the short rows do not read its length), and greedy tokens equal transformers' and those of one run over
-    the longest row (the step before runs, run_cost = inf)."""
+    the longest row (the step before runs, run_cost = inf), as do seeded samples."""
     _, hf, ours = checkpoint
     prompts = random_prompts([3, 9, 5, 7, 1500, 4, 12, 6], seed=9)
     runs = []
@@ -216,9 +216,12 @@ def test_one_long_row_among_short_ones_runs_apart_with_the_same_greedy_tokens(ch
     got = evaluate.generate(ours, prompts, 12)
     assert runs[0] == [(0, 4), (4, 5), (5, 8)]  # the long row alone
     assert got == [hf_greedy(hf, p, 12) for p in prompts]
+    sampled = dict(temperature=0.8, top_p=0.9, n=2, seed=3)
+    samples = evaluate.generate(ours, prompts, 12, **sampled)
     monkeypatch.setitem(model_module.RUN_COST, "cpu", math.inf)
     runs.clear()
     assert evaluate.generate(ours, prompts, 12) == got and runs[0] == [(0, 8)]
+    assert evaluate.generate(ours, prompts, 12, **sampled) == samples  # seeded samples unchanged too
 
 
 def test_greedy_stops_where_transformers_stops(checkpoint):
