@@ -239,8 +239,8 @@ class ContinuousBatch:
 
     def step(self) -> Iterator[Finished]:
         """Decode every slot once (a free one too: it writes only its own row, past its prompt, and its output
-        is ignored). Each row attends over its own length only (Qwen2.decode_step groups rows by length; the
-        compiled step masks by blocks), so one long sample does not make every row read its length."""
+        is ignored). Each row attends over its own length only (Qwen2.decode_step: runs of slots; compiled: a
+        block mask), so one long sample does not make every row read its length."""
         if self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(torch.tensor([s.tokens[-1] if s.tokens else 0 for s in self.slots], device=self.device),
@@ -538,47 +538,33 @@ def make_requests(args, mine: list[data.Problem], done: set, tokenizer, template
 PROGRESS_EVERY = 10.0  # seconds between progress lines while sampling
 
 
-class SamplingProgress:
-    """evaluate's progress line, every PROGRESS_EVERY seconds and once at the end, between decode steps too (at
-    32k tokens the first sample can take minutes): samples done, new tokens drawn per second, and the time
-    left, from the samples' rate once one has finished, before that the worst case (every sample drawing
-    --max-new-tokens at the tokens' rate so far)."""
-
-    def __init__(self, d, total: int, max_new_tokens: int):
-        self.d, self.total, self.budget = d, total, total * max_new_tokens
-        self.samples, self.tokens, self.clock = 0, 0, common.Progress(total, every=PROGRESS_EVERY)
-
-    def finished(self) -> None:
-        self.samples += 1
-
-    def step(self, new_tokens: int) -> None:
-        """stream_samples' on_step: print a line if one is due."""
-        self.tokens = new_tokens
-        if not self.clock.due(self.samples):
-            return
-        rate = self.tokens / self.clock.elapsed()
-        eta = (f"ETA {self.clock.eta(self.samples)}" if self.samples else
-               f"worst-case ETA {common.format_seconds((self.budget - self.tokens) / max(rate, 1e-9))}")
-        common.log(self.d, f"samples {self.samples}/{self.total} | {self.tokens} new tokens, {rate:.1f} tok/s | "
-                           f"{eta}")
-
-
 def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None:
-    """Sample this rank's requests, appending each finished sample to its own samples file at once, with
-    progress lines (SamplingProgress)."""
+    """Sample this rank's requests, appending each finished sample to its own samples file at once. Every
+    PROGRESS_EVERY seconds, between decode steps too (at 32k tokens the first sample can take minutes), and at
+    the end, a line: samples done, new tokens drawn per second, and the time left, from the samples' rate once
+    one has finished, before that the worst case (every sample drawing --max-new-tokens at that rate)."""
     if not requests:
         return
     compile_decode = model.embed.weight.is_cuda if args.compile is None else args.compile
-    progress = SamplingProgress(d, sum(len(r.samples) for r in requests), args.max_new_tokens)
+    total, count = sum(len(r.samples) for r in requests), 0
+    progress = common.Progress(total, every=PROGRESS_EVERY)
+
+    def report(tokens: int) -> None:  # stream_samples' on_step
+        if progress.due(count):
+            rate = tokens / progress.elapsed()
+            eta = (f"ETA {progress.eta(count)}" if count else "worst-case ETA "
+                   + common.format_seconds((total * args.max_new_tokens - tokens) / max(rate, 1e-9)))
+            common.log(d, f"samples {count}/{total} | {tokens} new tokens, {rate:.1f} tok/s | {eta}")
+
     with common.open_shard(args.out, "samples", d) as f:  # samples.jsonl, or samples.rankR.jsonl under torchrun
         for done in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids, seed=args.seed,
                                    batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode,
-                                   on_step=progress.step):
+                                   on_step=report):
             row = sample_row(*sources[done.request], done, tokenizer, args.strict_think)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-            progress.finished()
+            count += 1
 
 
 def main(argv=None) -> dict | None:

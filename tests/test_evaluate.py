@@ -492,9 +492,9 @@ def test_progress_lines_come_between_decode_steps_before_any_sample_finishes(che
     monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 0.0)
     err, finished_at = [], []  # stderr so far; how many progress lines it held when each sample finished
     progress_lines = lambda: [line for line in "".join(err).splitlines() if line.startswith("samples ")]
-    real_finished = evaluate.SamplingProgress.finished
-    monkeypatch.setattr(evaluate.SamplingProgress, "finished", lambda self: err.append(capsys.readouterr().err)
-                        or finished_at.append(len(progress_lines())) or real_finished(self))
+    real_row = evaluate.sample_row  # called once per finished sample
+    monkeypatch.setattr(evaluate, "sample_row", lambda *args: err.append(capsys.readouterr().err)
+                        or finished_at.append(len(progress_lines())) or real_row(*args))
     evaluate.main([checkpoint[0], "--data", data_file, "--num-samples", "1", "--max-new-tokens", "6",
                    "--temperature", "0", "--out", str(tmp_path / "out")])
     err.append(capsys.readouterr().err)
