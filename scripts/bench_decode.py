@@ -4,6 +4,7 @@ same random model and the same ragged-length prompts, at several batch sizes. Pr
     python -m scripts.bench_decode --threads 1                     # CPU: batches 1, 16, 64, eager only
     python -m scripts.bench_decode --device cuda --dtype bf16 --hidden 1536 --intermediate 8960 --layers 28 \\
         --heads 12 --kv-heads 2 --vocab 151936 --out bench_results/decode.json      # Qwen2.5-1.5B shape
+    python -m scripts.bench_decode --threads 1 --batches ''       # the long-row workload alone (README)
 
 Two workloads per batch size B:
   fixed   B prompts, no stop ids: every row generates exactly --max-new-tokens (pure decode speed).
