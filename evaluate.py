@@ -201,13 +201,16 @@ class ContinuousBatch:
         self.waiting = deque((i, list(r.samples)) for i, r in enumerate(requests) if r.samples)
         self.slots, self.head_logits = [Slot() for _ in range(num_slots)], None
         self.decode = model.compiled_decode_step() if compile else model.decode_step
+        self.new_tokens = 0  # drawn so far, for progress lines
 
     def record(self, logits, slots: list[Slot]) -> Iterator[Finished]:
         """Sample each busy slot's next token from its logits row; yield the samples that end there (their
         slots are then free)."""
         keys = torch.tensor([s.key for s in slots], device=self.device)
         steps = torch.tensor([len(s.tokens) for s in slots], device=self.device)
-        for slot, token in zip(slots, sample_next(logits, *self.sampling, keys, steps).tolist()):
+        tokens = sample_next(logits, *self.sampling, keys, steps).tolist()
+        self.new_tokens += sum(slot.request is not None for slot in slots)
+        for slot, token in zip(slots, tokens):
             if slot.request is not None and (reason := slot.add(token, self.stop_ids)):
                 request, slot.request = slot.request, None
                 yield Finished(request, slot.sample, slot.tokens, reason)
@@ -236,16 +239,12 @@ class ContinuousBatch:
 
     def step(self) -> Iterator[Finished]:
         """Decode every slot once (a free one too: it writes only its own row, past its prompt, and its output
-        is ignored) over kv_len = 1 + the largest busy position; compiled, kv_len is rounded up to a power of
-        two (at least 256, at most the cache: attending over a few masked positions costs next to nothing,
-        a graph per length would cost a compilation each) so that few graphs serve the whole run."""
-        kv_len = max(slot.position for slot in self.slots if slot.request is not None) + 1
-        if self.compiled:
-            kv_len = min(self.cache_len, 1 << (max(kv_len, 256) - 1).bit_length())
-            if self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        is ignored). Each row attends over its own length only (Qwen2.decode_step: runs of slots; compiled: a
+        block mask), so one long sample does not make every row read its length."""
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         logits = self.decode(torch.tensor([s.tokens[-1] if s.tokens else 0 for s in self.slots], device=self.device),
-                             torch.tensor([s.position for s in self.slots], device=self.device), kv_len)
+                             torch.tensor([s.position for s in self.slots], device=self.device))
         yield from self.record(logits, self.slots)
 
     def shrink(self) -> None:
@@ -262,13 +261,15 @@ class ContinuousBatch:
 
 def stream_samples(model, requests: list[Request], max_new_tokens: int, *, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, stop_ids=(), seed: int = 0, batch_size: int | None = None,
-                   max_seq_len: int | None = None, compile: bool = False) -> Iterator[Finished]:
+                   max_seq_len: int | None = None, compile: bool = False, on_step=None) -> Iterator[Finished]:
     """Draw every (request, sample) and yield each one as soon as it finishes. The cache has `batch_size`
     slots (default min(#samples, 64)) of max_seq_len positions; requests are admitted in order as slots free
     up (ContinuousBatch); every step decodes all slots, each at its own position. A sample has at most
     min(max_new_tokens, max_seq_len - prompt length) new tokens; every prompt must leave room for one. Host
     syncs per step: the sampled tokens' .tolist(), and at temperature > 0 the candidate check. compile: the
-    decode step compiled (the same tokens)."""
+    decode step compiled (the same tokens). on_step(new_tokens): called after every decode step, once the
+    samples it finished have been yielded and their slots refilled, with the number of new tokens drawn so
+    far (progress lines between finished samples)."""
     check_sampling_args(temperature, top_p, top_k)
     if max_new_tokens < 1 or (batch_size is not None and batch_size < 1):
         raise InputError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
@@ -289,6 +290,8 @@ def stream_samples(model, requests: list[Request], max_new_tokens: int, *, tempe
     try:
         while True:
             yield from batch.admit()
+            if on_step is not None:
+                on_step(batch.new_tokens)
             if all(slot.request is None for slot in batch.slots):
                 break
             batch.shrink()
@@ -535,26 +538,37 @@ def make_requests(args, mine: list[data.Problem], done: set, tokenizer, template
     return requests, sources
 
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines while sampling
+
+
 def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None:
-    """Sample this rank's requests, appending each finished sample to its own samples file at once; every 10 s
-    a line with the samples done, new tokens per second and the estimated time left."""
+    """Sample this rank's requests, appending each finished sample to its own samples file at once. Every
+    PROGRESS_EVERY seconds, between decode steps too (at 32k tokens the first sample can take minutes), and at
+    the end, a line: samples done, new tokens drawn per second, and the time left, from the samples' rate once
+    one has finished, before that the worst case (every sample drawing --max-new-tokens at that rate)."""
     if not requests:
         return
     compile_decode = model.embed.weight.is_cuda if args.compile is None else args.compile
-    total, count, tokens = sum(len(r.samples) for r in requests), 0, 0
-    progress = common.Progress(total)
+    total, count = sum(len(r.samples) for r in requests), 0
+    progress = common.Progress(total, every=PROGRESS_EVERY)
+
+    def report(tokens: int) -> None:  # stream_samples' on_step
+        if progress.due(count):
+            rate = tokens / progress.elapsed()
+            eta = (f"ETA {progress.eta(count)}" if count else "worst-case ETA "
+                   + common.format_seconds((total * args.max_new_tokens - tokens) / max(rate, 1e-9)))
+            common.log(d, f"samples {count}/{total} | {tokens} new tokens, {rate:.1f} tok/s | {eta}")
+
     with common.open_shard(args.out, "samples", d) as f:  # samples.jsonl, or samples.rankR.jsonl under torchrun
         for done in stream_samples(model, requests, args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids, seed=args.seed,
-                                   batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode):
+                                   batch_size=args.batch_size, max_seq_len=args.max_seq_len, compile=compile_decode,
+                                   on_step=report):
             row = sample_row(*sources[done.request], done, tokenizer, args.strict_think)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             common.heartbeat(d)  # the ranks that have finished wait as long as this one makes progress
-            count, tokens = count + 1, tokens + len(done.tokens)
-            if progress.due(count):
-                common.log(d, f"samples {count}/{total} | {tokens / progress.elapsed():.1f} tok/s | ETA "
-                           f"{progress.eta(count)}")
+            count += 1
 
 
 def main(argv=None) -> dict | None:

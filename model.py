@@ -13,9 +13,12 @@ Conventions worth knowing:
     attention to the document (a document-causal mask). Per-document logits equal separate forwards.
   - The KV cache has one row ("slot") per sequence being decoded. Every slot has its own position, so rows
     of different prompt lengths decode together; a finished slot is simply prefilled again with a new prompt.
+    A decode step reads each row's own keys, not the longest row's: runs of neighbouring slots (eager), or a
+    FlexAttention block mask (compiled).
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field, fields
@@ -241,6 +244,10 @@ class KVCache(nn.Module):
         """Shrink to the slots `index` (in that order): a finished batch's tail stops paying for idle rows."""
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
+    def read(self, group: "DecodeGroup"):
+        """The keys and values a decode group attends over, its rows' first kv_len positions: a view."""
+        return self.k[group.rows, :, :group.kv_len], self.v[group.rows, :, :group.kv_len]
+
 
 class Attention(nn.Module):
     """Grouped-query attention: q/k/v projections with bias, o without; each group of
@@ -256,11 +263,11 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_len=None):
+    def forward(self, x, cos, sin, mask=None, cache_slots=None, cache_positions=None, kv_groups=None):
         """Three uses. Training / full forward: attend over x itself (causal, or `mask`). Prefill
         (`cache_slots`, `cache_positions` [S, T]): the same, and also store k/v in those cache slots. Decode
-        (`kv_len` too, one new token per slot): store k/v at each slot's position, then attend over the cache
-        up to `kv_len`."""
+        (`kv_groups` too, one new token per slot): store k/v at each slot's position, then let each group of
+        rows attend over the cache up to its own length (DecodeGroup)."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -268,15 +275,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slots is not None:
             self.cache.update(cache_slots, cache_positions, k, v)
-        if kv_len is not None:
-            k, v = self.cache.k[:, :, :kv_len], self.cache.v[:, :, :kv_len]
+        if kv_groups is None:
+            y = self.attend(q, k, v, mask)
+        else:  # the groups are runs of slots in order: their outputs, concatenated, are the rows'
+            y = torch.cat([self.attend(q[g.rows], *self.cache.read(g), g.mask) for g in kv_groups])
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(d) + mask) v: SDPA with a boolean `mask` (causal if None and T > 1), or
+        FlexAttention when `mask` is a BlockMask."""
         gqa = self.n_heads != self.n_kv_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            y = flex_attention(q, k, v, mask, gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            return flex_attention(q, k, v, mask, gqa)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                              is_causal=mask is None and q.shape[2] > 1, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -318,6 +330,71 @@ def document_block_mask(document_ids):
 
     B, T = document_ids.shape
     return create_block_mask(document_causal, B, None, T, T, device=document_ids.device)
+
+
+@dataclass
+class DecodeGroup:
+    """Neighbouring rows of a decode step that attend together: `rows` (a slice of slots) over the cache's
+    first `kv_len` positions, `mask` hiding each row's positions past its own (a boolean [rows, 1, 1, kv_len],
+    a FlexAttention BlockMask, or None when every row sees all kv_len)."""
+    rows: slice
+    kv_len: int
+    mask: object
+
+
+# One more attention call, priced in key positions read (one row, one layer). On the 2-core CPU VM an SDPA call
+# alone costs ~55 us and a position ~0.5 us, but a run's slices, mask and concatenation cost more, the more so
+# under load: split into 45 runs (at a price of 128), an all-short batch of 64 took 1.4x one run's time
+# (2026-12-05), so a run must save thousands of positions. On a GPU a call's launches (~15 us) buy tens of
+# thousands of positions (1 KiB each at the 1.5B shape in bf16, ~3 TB/s): an estimate, not measured.
+RUN_COST = {"cpu": 4096, "cuda": 32768}
+
+
+def slot_runs(lengths: list[int], run_cost: float) -> list[tuple[int, int]]:
+    """Split the slots 0..n-1 into runs of neighbours [start, end), each to attend over its longest row's
+    length through a view of the cache (nothing copied), minimising what the step reads plus `run_cost` per
+    run:  best[j] = min_i best[i] + (j - i) * max(lengths[i:j]) + run_cost  (dynamic programming, O(n^2)).
+    One long row among short ones becomes a run of its own, so the others no longer read its length; rows
+    of similar lengths stay one run. run_cost = inf: one run, every row over the longest (the step before
+    runs existed)."""
+    n = len(lengths)
+    if run_cost == math.inf:
+        return [(0, n)]
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = 0
+        for start in range(end - 1, -1, -1):
+            longest = max(longest, lengths[start])
+            if (end - start) * longest + run_cost >= best[end]:
+                break  # an earlier start only makes this run dearer; best[start] >= 0 cannot win it back
+            cost = best[start] + (end - start) * longest + run_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    runs, end = [], n
+    while end:
+        runs.append((cut[end], end))
+        end = cut[end]
+    return runs[::-1]
+
+
+def decode_block_mask(positions, kv_len: int, block: int = 128):
+    """A FlexAttention BlockMask for one query per row, row b at positions[b], over kv_len cache positions:
+    row b sees positions 0..positions[b]. Built from block counts (static shapes and no mask evaluation
+    over the cache, so it lives inside a compiled CUDA-graph step): row b lists its first
+    positions[b] // block + 1 key blocks and the kernel skips the rest, so a step reads Σ_b (p_b + 1) keys
+    rounded up to blocks, not B * kv_len; the mask_mod trims each row's last block. (gpt-fast decodes
+    through a block mask too, with one position for the whole batch: generate.py, model_forward.)"""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, num_blocks = positions.shape[0], -(-kv_len // block)
+    kv_num_blocks = (positions // block + 1).to(torch.int32).view(B, 1, 1)
+    kv_indices = torch.arange(num_blocks, dtype=torch.int32, device=positions.device).repeat(B, 1, 1, 1)
+
+    def up_to_own_position(b, h, q, kv):
+        return kv <= positions[b]
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=up_to_own_position,
+                                    seq_lengths=(1, kv_len), compute_q_blocks=False)
 
 
 _compiled_flex_attention = None
@@ -478,30 +555,52 @@ class Qwen2(nn.Module):
         return F.linear(self.norm(x[:, -1]), self.lm_head_weight)[0]
 
     @torch.no_grad()
-    def decode_step(self, tokens, positions, kv_len: int | None = None):
+    def decode_step(self, tokens, positions, run_cost: float | None = None):
         """One new token per cache slot: tokens [slots] at positions [slots] (each slot's own position).
-        Attends over cache positions < kv_len (default: the whole cache; pass max(positions) + 1 to skip
-        the empty tail). Returns logits [slots, vocab]. Shapes depend only on (slots, kv_len), so a compiled
-        step (torch.compile, dynamic=False) is reused for every call with the same pair."""
-        kv_len = kv_len or self.layers[0].attn.cache.k.shape[2]
-        key_positions = torch.arange(kv_len, device=tokens.device)
-        mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]  # [slots, 1, 1, kv_len]
+        Returns logits [slots, vocab]. Row i attends over its own positions 0..positions[i]; the rows attend
+        in runs of neighbouring slots (slot_runs), each over a view of the cache up to its longest row, so
+        one long row among short ones no longer makes every row read its length. run_cost: RUN_COST of the
+        device unless given (inf: one run). Shapes follow the runs, so this is the eager step;
+        static_decode_step is the compiled one."""
+        lengths = [p + 1 for p in positions.tolist()]
+        run_cost = RUN_COST.get(tokens.device.type, RUN_COST["cuda"]) if run_cost is None else run_cost
+        groups = []
+        for start, end in slot_runs(lengths, run_cost):
+            kv_len, mask = max(lengths[start:end]), None  # rows of one length see every position up to kv_len
+            if min(lengths[start:end]) < kv_len:
+                mask = (torch.arange(kv_len, device=tokens.device) <= positions[start:end, None])[:, None, None, :]
+            groups.append(DecodeGroup(slice(start, end), kv_len, mask))
+        return self.decode_over(tokens, positions, groups)
+
+    @torch.no_grad()
+    def static_decode_step(self, tokens, positions):
+        """decode_step with shapes that depend on the slot count alone, for torch.compile and CUDA graphs: one
+        group of every row over the whole cache, whose FlexAttention block mask (decode_block_mask) skips
+        the key blocks past each row's position, so each row still reads only its own length."""
+        kv_len = self.layers[0].attn.cache.k.shape[2]
+        return self.decode_over(tokens, positions, [DecodeGroup(slice(None), kv_len,
+                                                                decode_block_mask(positions, kv_len))])
+
+    def decode_over(self, tokens, positions, groups: list[DecodeGroup]):
+        """The decode forward: write each slot's new k/v at its position, attend each group over the cache."""
         x = self.embed(tokens[:, None])
         cos, sin = self.rope_table[0][positions, None], self.rope_table[1][positions, None]  # [slots, 1, d]
         slots = torch.arange(len(tokens), device=tokens.device)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache_slots=slots, cache_positions=positions[:, None], kv_len=kv_len)
+            x = block(x, cos, sin, cache_slots=slots, cache_positions=positions[:, None], kv_groups=groups)
         return F.linear(self.norm(x[:, 0]), self.lm_head_weight)
 
     def compiled_decode_step(self):
-        """decode_step through torch.compile, made once per model. dynamic=False: one graph per (slots,
-        kv_len), both kept to powers of two by the sampler, so a 32k-token run compiles a few dozen graphs at
-        most (hence the raised recompile limit; past it dynamo would silently run eager). On CUDA,
-        mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of hundreds."""
+        """static_decode_step through torch.compile, made once per model. dynamic=False: one graph per slot
+        count, kept to powers of two by the sampler (the cache shrinks by halves), so a run compiles a
+        handful of graphs (the recompile limit is raised anyway: past it dynamo would silently run eager).
+        On CUDA, mode="reduce-overhead" replays each graph as a CUDA graph: one launch per token instead of
+        hundreds."""
         if getattr(self, "_compiled_decode_step", None) is None:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.embed.weight.is_cuda else None
-            self._compiled_decode_step = torch.compile(self.decode_step, mode=mode, dynamic=False, fullgraph=True)
+            self._compiled_decode_step = torch.compile(self.static_decode_step, mode=mode, dynamic=False,
+                                                       fullgraph=True)
         return self._compiled_decode_step
 
     # --- checkpoints (section 4) ---

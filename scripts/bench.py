@@ -9,7 +9,8 @@ Sections (--sections, default all):
            forward+backward on the same model and batch, side by side.
   logprob  peak memory of losses.token_logps forward+backward against tokens and vocabulary size: it must grow
            with tokens and not with the vocabulary (beyond one chunk).
-  decode   evaluate.generate tokens/s against transformers' generate at batch 1, 16 and 64 (bench_decode.py).
+  decode   evaluate.generate tokens/s against transformers' generate at batch 1, 16 and 64, and the decode
+           step's time with one 12,000-token row among 63 short ones (bench_decode.py).
   verify   verify.grade pairs/s against Math-Verify when it is installed (bench_verify.py).
 Prints a table per section and writes everything to --out as JSON.
 """
@@ -200,7 +201,7 @@ def bench_decode_section(args, device):
     from scripts import bench_decode
     argv = ["--device", device.type, "--out", os.path.join(os.path.dirname(args.out) or ".", "decode.json")]
     if args.quick:
-        argv += ["--max-new-tokens", "64", "--repeats", "2"]
+        argv += ["--max-new-tokens", "64", "--repeats", "2", "--long-steps", "8"]
     return bench_decode.main(argv)
 
 

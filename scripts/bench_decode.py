@@ -4,6 +4,7 @@ same random model and the same ragged-length prompts, at several batch sizes. Pr
     python -m scripts.bench_decode --threads 1                     # CPU: batches 1, 16, 64, eager only
     python -m scripts.bench_decode --device cuda --dtype bf16 --hidden 1536 --intermediate 8960 --layers 28 \\
         --heads 12 --kv-heads 2 --vocab 151936 --out bench_results/decode.json      # Qwen2.5-1.5B shape
+    python -m scripts.bench_decode --threads 1 --batches ''       # the long-row workload alone (README)
 
 Two workloads per batch size B:
   fixed   B prompts, no stop ids: every row generates exactly --max-new-tokens (pure decode speed).
@@ -19,6 +20,11 @@ batches with an attention mask. `agree` is the share of rows whose greedy tokens
 transformers' (left padding may move its logits by rounding, so a near-tie could flip a row);
 `compiled_agree` the share identical between our eager and compiled steps. On a machine shared with other
 work, pass --threads 1: parallel regions that wait for a busy core otherwise dominate both timings.
+
+A third workload, long_row (--long-row, 0 to skip): the decode loop's time per step with one --long-row-token
+context among --long-batch - 1 short ones (--short-context) against an all-short batch, with each row reading
+its own length (decode_step's runs of slots; with --compile the compiled block-mask step) and with every row
+reading the longest row's length (run_cost=inf, the step before runs existed), side by side.
 """
 
 import argparse
@@ -113,11 +119,99 @@ def compare(name, batch, runners: dict, repeats) -> dict:
     return r
 
 
+def decode_loop_ms(start, steps: int, decode, repeats: int, cuda_graphs: bool = False) -> float:
+    """Wall time per step of `steps` greedy decode steps from `start` = (first tokens, their positions: each
+    row's position after its prompt), best of `repeats`; each run restarts there, so each overwrites the same
+    cache entries. `decode(tokens, positions)` is one decode step (cuda_graphs: a compiled one on CUDA)."""
+    tokens0, start_positions = start
+    cuda = start_positions.is_cuda
+    best = math.inf
+    for _ in range(repeats):
+        positions, tokens = start_positions.clone(), tokens0.clone()
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(steps):
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            tokens = decode(tokens, positions).argmax(dim=-1)
+            positions = positions + 1
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - began)
+    return 1000 * best / steps
+
+
+def fill_cache(model, contexts: list[int], cache_len: int, vocab: int, seed: int):
+    """A cache of len(contexts) slots x cache_len positions, slot i prefilled with a random prompt of
+    contexts[i] tokens; returns the first decode step's (tokens, positions)."""
+    model.setup_cache(len(contexts), cache_len)
+    g = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    for slot, n in enumerate(contexts):
+        model.prefill(torch.randint(10, vocab, (n,), generator=g).tolist(), [slot])
+    return torch.randint(10, vocab, (len(contexts),), generator=g).to(device), torch.tensor(contexts, device=device)
+
+
+def cached_row(model, slot: int, length: int) -> list:
+    """A copy of one slot's first `length` keys and values in every layer."""
+    return [(b.attn.cache.k[slot:slot + 1, :, :length].clone(), b.attn.cache.v[slot:slot + 1, :, :length].clone())
+            for b in model.layers]
+
+
+def restore_row(model, slot: int, row: list) -> None:
+    """Write a cached_row back into `slot` (through KVCache.update, the cache's one write path)."""
+    device = model.embed.weight.device
+    for block, (k, v) in zip(model.layers, row):
+        block.attn.cache.update(torch.tensor([slot], device=device), torch.arange(k.shape[2], device=device)[None],
+                                k, v)
+
+
+def long_row(args, model) -> dict:
+    """The decode loop's cost with one long row among short ones against an all-short batch (issue 21): time
+    per greedy step (decode step + argmax) with rows attending in runs of neighbouring slots (decode_step:
+    the long row, in the middle slot, becomes a run of its own), with every row over the longest row's length
+    (run_cost=inf: one run, the step before runs existed), and with --compile the compiled block-mask step.
+    The two batches differ in the middle slot only, swapped in place between runs, so that every (batch,
+    step) pair is timed alternately: a change in the machine's load hits all alike."""
+    low, high = map(int, args.short_context.split(","))
+    short = torch.randint(low, high + 1, (args.long_batch,), generator=torch.Generator().manual_seed(7)).tolist()
+    middle, g = args.long_batch // 2, torch.Generator().manual_seed(8)
+    # One cache shape for both batches (as in an evaluation: the cache is sized for the longest sample), so
+    # the compiled step is one graph.
+    tokens, positions = fill_cache(model, short, args.long_row + args.long_steps + 1, args.vocab, seed=7)
+    rows = {"all_short": cached_row(model, middle, short[middle])}
+    model.prefill(torch.randint(10, args.vocab, (args.long_row,), generator=g).tolist(), [middle])
+    rows["one_long"] = cached_row(model, middle, args.long_row)
+    starts = {"all_short": (tokens, positions), "one_long": (tokens, positions.clone())}
+    starts["one_long"][1][middle] = args.long_row
+    runners = {"runs": model.decode_step, "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf)}
+    if args.compile:
+        runners["compiled"] = model.compiled_decode_step()
+    cuda_graphs = args.compile and model.embed.weight.is_cuda
+    ms = {}
+    for repeat in range(args.repeats + args.compile):  # with --compile, a first round compiles the graph, untimed
+        for name in starts:
+            restore_row(model, middle, rows[name])
+            for who, decode in runners.items():
+                step_ms = decode_loop_ms(starts[name], args.long_steps, decode, 1, cuda_graphs and who == "compiled")
+                if repeat >= args.compile:
+                    ms[f"{name}_{who}_ms"] = min(ms.get(f"{name}_{who}_ms", math.inf), step_ms)
+    model.free_cache()
+    r = {"workload": "long_row", "batch": args.long_batch, "long_context": args.long_row, "short_context": [low, high],
+         "steps": args.long_steps, **ms,
+         **{f"ratio_{who}": ms[f"one_long_{who}_ms"] / ms[f"all_short_{who}_ms"] for who in runners}}
+    print(f"long row: 1 x {args.long_row} tokens among {args.long_batch - 1} of {low}-{high}, per decode step: "
+          + " | ".join(f"{who} {ms[f'all_short_{who}_ms']:.1f} ms all short, {ms[f'one_long_{who}_ms']:.1f} ms "
+                       f"with the long row ({r[f'ratio_{who}']:.2f}x)" for who in runners), flush=True)
+    return r
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__.splitlines()[0],
                                 formatter_class=common.HelpFormatter)
     add = p.add_argument
-    add("--batches", default="1,16,64", help="batch sizes (KV cache slots), comma-separated")
+    add("--batches", default="1,16,64", help="batch sizes (KV cache slots), comma-separated; '' for none")
     add("--max-new-tokens", type=common.COUNT, default=128, help="new tokens per row at most")
     add("--prompt-len", default="16,64", help="min,max prompt length (uniform)")
     add("--hidden", type=common.COUNT, default=256, help="model width")
@@ -133,6 +227,10 @@ def parse_args(argv=None):
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="also time the compiled decode step (default: on with CUDA, off on CPU)")
     add("--compile-ragged", action="store_true", help="the compiled step on the ragged workload too")
+    add("--long-row", type=int, default=12000, help="long-row workload: the long row's context, 0 = skip it")
+    add("--short-context", default="256,1024", help="long-row workload: min,max context of the short rows")
+    add("--long-batch", type=common.COUNT, default=64, help="long-row workload: rows (one of them long)")
+    add("--long-steps", type=common.COUNT, default=16, help="long-row workload: decode steps timed")
     add("--threads", type=common.COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     add("--out", default="bench_results/decode.json", help="JSON report")
     args = p.parse_args(argv)
@@ -145,7 +243,8 @@ def load_models(args, dtype):
     end at spread-out stop ids), loaded by ours and by transformers."""
     shape = {"vocab_size": args.vocab, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
              "intermediate_size": args.intermediate or 4 * args.hidden, "num_attention_heads": args.heads,
-             "num_key_value_heads": args.kv_heads, "max_position_embeddings": 4096}
+             "num_key_value_heads": args.kv_heads,
+             "max_position_embeddings": max(4096, args.long_row + args.long_steps + 1)}
     with tempfile.TemporaryDirectory() as tmp:
         tiny.make_checkpoint(tmp, dtype=dtype, **shape)
         hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
@@ -166,7 +265,7 @@ def main(argv=None):
         warm = ragged_prompts(2, args.vocab, low, high, seed=12345)  # first-call costs out of the timings
         evaluate.generate(ours, warm, 4)
         hf_generate(hf, warm, 4, args.device)
-        for batch in map(int, args.batches.split(",")):
+        for batch in [int(b) for b in args.batches.split(",") if b]:
             prompts = ragged_prompts(batch, args.vocab, low, high, seed=batch)
             fixed = {"ours": lambda: evaluate.generate(ours, prompts, args.max_new_tokens, batch_size=batch),
                      "transformers": lambda: hf_generate(hf, prompts, args.max_new_tokens, args.device)}
@@ -187,6 +286,8 @@ def main(argv=None):
                                                                     stop_ids=stops, batch_size=batch, compile=True)
                 ragged["ours_compiled"]()
             results.append(compare("ragged", batch, ragged, args.repeats))
+        if args.long_row:
+            results.append(long_row(args, ours))
 
     cuda = torch.cuda.is_available() and args.device.startswith("cuda")
     report = {"device": torch.cuda.get_device_name() if cuda else

@@ -1,4 +1,4 @@
-"""`make gpu-check`: everything that needs a GPU, in one run of under ten minutes on one H100/H200, into ONE
+"""`make gpu-check`: everything that needs a GPU, in one run of about eleven minutes on one H100/H200, into ONE
 JSON report (default runs/gpu_check/report.json).
 
 Parts, each in its own process with its own time limit, so that one failure or hang costs only its part
@@ -11,7 +11,10 @@ Parts, each in its own process with its own time limit, so that one failure or h
            (one process per size: a size that runs out of time or memory does not lose the others).
   decode   scripts.bench_decode, 1.5B shape in bf16: evaluate.generate against transformers' generate at
            batch 1, 16 and 64, eager; at batch 64 also the compiled step (CUDA graphs), in a process of its
-           own (compile is per batch size: compiling all three would not fit; a failure there keeps the rest).
+           own (compile is per batch size: compiling all three would not fit; a failure there keeps the rest),
+           which also times the decode loop with one 12,000-token row among 63 short ones against an
+           all-short batch (each row over its own length: eager runs of slots, compiled block mask; and every
+           row over the longest, as before).
 Without CUDA it says so and exits 0 (nothing to check). Exit status 1 if any part failed.
 
     python -m scripts.gpu_check [--out runs/gpu_check] [--parts tests,train,decode]
@@ -34,11 +37,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TOKENS = (2048, 8192, 16384, 32768)
 QWEN25_15B_DECODE = ["--hidden", "1536", "--intermediate", "8960", "--layers", "28", "--heads", "12",
                      "--kv-heads", "2", "--vocab", "151936"]
-# Seconds per process, together under ten minutes with start-up: 160 + 4 x 65 (train, one per size) + 60 + 115.
+# Seconds per process, together about eleven minutes with start-up: 160 + 4 x 65 (train, one per size) + 60 + 175.
 # Estimates until a first GPU run: the report records each process's seconds, to re-fit them.
-LIMITS = {"tests": 160, "train": 65, "decode": 60, "decode_compiled": 115}
-# Decode runs: (batch sizes, compile). A compiled step is one graph per batch size, tens of seconds each at the
-# 1.5B shape, so only the evaluation's batch (64) is compiled; that run times eager and transformers there too.
+LIMITS = {"tests": 160, "train": 65, "decode": 60, "decode_compiled": 175}
+# Decode runs: (batch sizes, compile). A compiled step is one graph per (batch size, cache length), tens of
+# seconds each at the 1.5B shape, so only the evaluation's batch (64) is compiled; that run times eager and
+# transformers there too, and the long-row workload (one more graph: 64 slots x a 12k-token cache).
 DECODE_RUNS = (("1,16", False), ("64", True))
 
 
@@ -103,6 +107,7 @@ def part_decode(out: str) -> dict:
         path = os.path.join(out, f"decode_{'compiled' if compiled else 'eager'}.json")
         run = run_process([sys.executable, "-m", "scripts.bench_decode", "--device", "cuda", "--dtype", "bf16",
                            *QWEN25_15B_DECODE, "--batches", batches, "--compile" if compiled else "--no-compile",
+                           "--long-row", "12000" if compiled else "0", "--long-steps", "8",
                            "--max-new-tokens", "128", "--queue", "2", "--repeats", "1", "--out", path],
                           LIMITS["decode_compiled" if compiled else "decode"])
         if run["exit"] == 0:
@@ -129,7 +134,12 @@ def summary_line(name: str, result: dict) -> str:
         line += "".join(f"\n  {r['workload']} batch {r['batch']}: ours {r['ours_tokens_per_s']:,.0f} tok/s, "
                         f"transformers {r['transformers_tokens_per_s']:,.0f} tok/s"
                         + (f", compiled {r['ours_compiled_tokens_per_s']:,.0f} tok/s"
-                           if "ours_compiled_tokens_per_s" in r else "") for r in result["rows"])
+                           if "ours_compiled_tokens_per_s" in r else "")
+                        for r in result["rows"] if r["workload"] != "long_row")
+        line += "".join(f"\n  one {r['long_context']}-token row among {r['batch'] - 1} short, per step vs all short: "
+                        + ", ".join(f"{key.removeprefix('ratio_')} {value:.2f}x" for key, value in r.items()
+                                    if key.startswith("ratio_"))
+                        for r in result["rows"] if r["workload"] == "long_row")
     return line
 
 

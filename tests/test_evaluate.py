@@ -16,6 +16,7 @@ import transformers
 
 import data
 import evaluate
+import model as model_module
 from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
@@ -202,6 +203,27 @@ def test_greedy_equals_transformers_for_ragged_prompts(checkpoint):
     assert all(len(e) == 20 for e in expected)
 
 
+def test_one_long_row_among_short_ones_runs_apart_with_the_same_greedy_tokens(checkpoint, monkeypatch):
+    """A long prompt in the middle of short ones: the decode step attends the long row in a run of its own
+    (the short rows do not read its length), and greedy tokens equal transformers' and those of one run over
+    the longest row (the step before runs, run_cost = inf), as do seeded samples."""
+    _, hf, ours = checkpoint
+    prompts = random_prompts([3, 9, 5, 7, 1500, 4, 12, 6], seed=9)
+    runs = []
+    real_runs = model_module.slot_runs
+    monkeypatch.setattr(model_module, "slot_runs", lambda lengths, cost: runs.append(real_runs(lengths, cost))
+                        or runs[-1])
+    got = evaluate.generate(ours, prompts, 12)
+    assert runs[0] == [(0, 4), (4, 5), (5, 8)]  # the long row alone
+    assert got == [hf_greedy(hf, p, 12) for p in prompts]
+    sampled = dict(temperature=0.8, top_p=0.9, n=2, seed=3)
+    samples = evaluate.generate(ours, prompts, 12, **sampled)
+    monkeypatch.setitem(model_module.RUN_COST, "cpu", math.inf)
+    runs.clear()
+    assert evaluate.generate(ours, prompts, 12) == got and runs[0] == [(0, 8)]
+    assert evaluate.generate(ours, prompts, 12, **sampled) == samples  # seeded samples unchanged too
+
+
 def test_greedy_stops_where_transformers_stops(checkpoint):
     _, hf, ours = checkpoint
     prompts = random_prompts([4, 11, 23], seed=2)
@@ -287,7 +309,7 @@ def test_cache_shrinks_when_nothing_waits_and_results_are_unchanged(checkpoint, 
     widths = []
     real_step = ours.decode_step
     monkeypatch.setattr(ours, "decode_step",
-                        lambda t, p, kv_len: widths.append(len(t)) or real_step(t, p, kv_len))
+                        lambda t, p: widths.append(len(t)) or real_step(t, p))
     assert evaluate.generate(ours, prompts, 16, stop_ids=stops, batch_size=6) == expected
     assert widths[0] == 6 and widths[-1] < 3 and widths == sorted(widths, reverse=True)
 
@@ -461,6 +483,27 @@ def test_cli_end_to_end(checkpoint, full_run, capsys):
     assert set(summary["by_subject"]) == {"Prealgebra", "Algebra"} and set(summary["by_level"]) == {"1", "2"}
     assert summary["settings"]["seed"] == 0
     assert json.loads((out / "run.json").read_text()) == summary["settings"]
+
+
+def test_progress_lines_come_between_decode_steps_before_any_sample_finishes(checkpoint, data_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    """With the interval at 0 a line follows every decode step: the first ones come while no sample has
+    finished (samples 0/3, with tokens/s and the worst-case ETA), the last one when all have."""
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY", 0.0)
+    err, finished_at = [], []  # stderr so far; how many progress lines it held when each sample finished
+    progress_lines = lambda: [line for line in "".join(err).splitlines() if line.startswith("samples ")]
+    real_row = evaluate.sample_row  # called once per finished sample
+    monkeypatch.setattr(evaluate, "sample_row", lambda *args: err.append(capsys.readouterr().err)
+                        or finished_at.append(len(progress_lines())) or real_row(*args))
+    evaluate.main([checkpoint[0], "--data", data_file, "--num-samples", "1", "--max-new-tokens", "6",
+                   "--temperature", "0", "--out", str(tmp_path / "out")])
+    err.append(capsys.readouterr().err)
+    lines = progress_lines()
+    assert finished_at[0] >= 1  # a progress line was printed before the first sample finished
+    assert re.fullmatch(r"samples 0/3 \| \d+ new tokens, [\d.]+ tok/s \| worst-case ETA \d+:\d\d:\d\d", lines[0])
+    assert re.fullmatch(r"samples 3/3 \| \d+ new tokens, [\d.]+ tok/s \| ETA 0:00:00", lines[-1])
+    rows = read_rows(tmp_path / "out" / "samples.jsonl")
+    assert int(lines[-1].split()[3]) == sum(r["num_tokens"] for r in rows)  # every drawn token counted
 
 
 def test_cli_grades_and_scores_what_the_sampler_returns(checkpoint, data_file, tmp_path, monkeypatch):
@@ -856,8 +899,9 @@ def test_help_documents_every_flag_with_its_default_once():
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens_for_ragged_prompts(tmp_path):
-    """torch.compile (inductor, on CPU here) of the decode step. The lengths keep every step in one (slots,
-    kv_len) bucket, so this compiles a single graph (tens of seconds on a small CPU)."""
+    """torch.compile (inductor, on CPU here) of the decode step (static shapes: a FlexAttention block mask over
+    the whole cache). One slot count throughout, so this compiles a single graph (tens of seconds on a small
+    CPU)."""
     hf = make_hf_model(seed=3)
     hf.save_pretrained(tmp_path)
     model = Qwen2.from_pretrained(str(tmp_path))
@@ -872,8 +916,8 @@ def test_compiled_decode_gives_the_eager_greedy_tokens_for_ragged_prompts(tmp_pa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled decode with CUDA graphs")
 def test_compiled_decode_with_cuda_graphs_gives_the_eager_greedy_tokens(checkpoint, ragged_stop):
-    """On CUDA (fp32: cuBLAS without TF32, as eager), with ragged stops: several (slots, kv_len) graphs, slot
-    refills and the cache shrinking at the tail."""
+    """On CUDA (fp32: cuBLAS without TF32, as eager), with ragged stops: a graph per slot count, slot refills
+    and the cache shrinking at the tail."""
     model = Qwen2.from_pretrained(checkpoint[0], device="cuda")
     prompts, stops = ragged_stop
     for batch_size in (2, 6):

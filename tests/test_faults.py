@@ -337,7 +337,7 @@ def test_a_rerun_removes_a_killed_builds_temporaries_but_never_a_live_ones(tmp_p
     assert data.main(["build", "--raw", raw, "--out", str(out), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert all(f"removed {path}, left by an interrupted build" in err for path in leftovers)
-    assert sorted(os.listdir(out)) == [".lock", ".tmp-not-a-build-temporary", "groups.jsonl", "notes.txt",
+    assert sorted(os.listdir(out)) == [".tmp-not-a-build-temporary", "groups.jsonl", "notes.txt",  # .lock: removed
                                        "pairs.jsonl", "report.json", "sft.jsonl"]
 
 

@@ -1,6 +1,7 @@
 """model.py against transformers' Qwen2ForCausalLM: logits, checkpoints, KV cache, packing, errors."""
 
 import json
+import math
 import os
 
 import pytest
@@ -12,7 +13,8 @@ import data
 from common import InputError
 from scripts import tiny
 from helpers import make_hf_model
-from model import CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, to_hf_name
+from model import (CheckpointError, Qwen2, Qwen2Config, check_vocab, document_causal_mask, slot_runs,
+                   to_hf_name)
 
 transformers.logging.set_verbosity_error()
 
@@ -205,12 +207,22 @@ def test_loaded_weights_are_the_file_tensors_not_copies(tmp_path):
     assert not any(b.is_meta for b in ours.buffers())
 
 
-def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path):
+@pytest.mark.parametrize("step", ["default", "runs", "per_row", "one_run", "static"])
+def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path, step):
+    """Every decode path against transformers' full forward: the eager step as configured, rows in runs of
+    neighbouring slots (a small run_cost: the long row is a run of its own, the short rows before it one run
+    with a mask), every row alone, every row in one run over the longest length (the step before runs), and
+    the compiled step's static shapes (FlexAttention block mask over the whole cache; run uncompiled here but
+    for flex_attention)."""
     hf = make_hf_model(tie_word_embeddings=False)
     model = Qwen2.from_pretrained(save_hf(hf, tmp_path))
-    seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13)]  # three rows of different lengths
-    prompt_lens = [2, 6, 1]
-    model.setup_cache(slots=3, max_seq_len=32)
+    decode = {"default": model.decode_step, "runs": lambda t, p: model.decode_step(t, p, run_cost=64),
+              "per_row": lambda t, p: model.decode_step(t, p, run_cost=0),
+              "one_run": lambda t, p: model.decode_step(t, p, run_cost=math.inf),
+              "static": model.static_decode_step}[step]
+    seqs = [ids(1, n, seed=n)[0] for n in (5, 9, 13, 300, 4)]  # rows of different lengths, one long
+    prompt_lens = [2, 6, 1, 290, 3]
+    model.setup_cache(slots=5, max_seq_len=320)  # 3 key blocks of 128: the short rows' block mask lists 1
     with torch.no_grad():
         for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
             last = model.prefill(s[:p], [slot])
@@ -219,11 +231,28 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_prompts(tmp_path):
         for t in range(steps):
             positions = torch.tensor([min(p + t, len(s) - 1) for s, p in zip(seqs, prompt_lens)])
             tokens = torch.stack([s[pos] for s, pos in zip(seqs, positions)])
-            logits = model.decode_step(tokens, positions, kv_len=int(positions.max()) + 1)
+            logits = decode(tokens, positions)
             for slot, (s, p) in enumerate(zip(seqs, prompt_lens)):
                 if p + t < len(s):
                     full = hf(s[None, : p + t + 1]).logits[0, -1]
                     assert (logits[slot] - full).abs().max().item() <= 1e-5, (slot, t)
+
+
+def test_slot_runs_minimise_reads_plus_calls():
+    cost = lambda lengths, runs, run_cost: sum((e - b) * max(lengths[b:e]) + run_cost for b, e in runs)
+    lengths = [200, 180, 12000, 150, 190, 210]
+    assert slot_runs(lengths, 128) == [(0, 2), (2, 3), (3, 6)]  # the long row alone: 13,414 read, not 72,768
+    assert slot_runs(lengths, math.inf) == [(0, 6)]  # one run: every row reads 12,000
+    assert cost(lengths, slot_runs(lengths, 0), 0) == sum(lengths)  # free calls: each row reads its own length
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):  # the dynamic programme against every split of 8 slots into runs
+        lengths = torch.randint(1, 3000, (8,), generator=g).tolist()
+        run_cost = [0, 100, 5000][trial % 3]
+        splits = [[b for b in range(1, 8) if mask >> b & 1] for mask in range(0, 256, 2)]
+        brute = min(cost(lengths, list(zip([0] + cut, cut + [8])), run_cost) for cut in splits)
+        runs = slot_runs(lengths, run_cost)
+        assert [b for b, _ in runs] == [0] + [e for _, e in runs[:-1]] and runs[-1][1] == 8
+        assert cost(lengths, runs, run_cost) == brute
 
 
 def test_prefill_shares_one_prompt_across_slots(tmp_path):
