@@ -554,6 +554,8 @@ def draw_samples(args, d, model, requests, sources, tokenizer, stop_ids) -> None
 
     def report(tokens: int) -> None:  # stream_samples' on_step
         if progress.due(count):
+            common.heartbeat(d)  # ranks that have finished wait as long as this one makes progress (32k-token
+            # samples can take longer than --dist-timeout each: a beat per progress line, not per sample)
             rate = tokens / progress.elapsed()
             eta = (f"ETA {progress.eta(count)}" if count else "worst-case ETA "
                    + common.format_seconds((total * args.max_new_tokens - tokens) / max(rate, 1e-9)))
