@@ -1156,7 +1156,8 @@ def iterate_batches(num_examples: int, global_batch_size: int, seed: int, num_ep
 
 TOKEN_CACHE_VERSION = 1  # raise when the layout or the meaning of the arrays changes
 TOKENIZE = {"sft": tokenize_sft, "pairs": tokenize_pairs, "groups": tokenize_groups}
-CHUNK_CHARS = 1 << 22  # rows are encoded ~4M characters at a time: bounded memory, big enough batches
+CHUNK_CHARS = 1 << 21  # rows are encoded ~2M characters (~0.5M tokens) at a time: bounded memory, enough texts
+                       # per batch to keep every core busy
 
 
 def token_cache_key(data_path, tokenizer_file, fmt: str, template, max_length: int | None) -> dict:
@@ -1224,8 +1225,8 @@ def _write_token_arrays(out_dir, rows: list[dict], fmt: str, tokenizer, template
                 item_sizes.append(len(examples))
                 rewards += item_rewards
                 for ids, mask in examples:
-                    prompt = mask.index(1)
-                    if mask != [0] * prompt + [1] * (len(ids) - prompt):  # encode_example's one edge
+                    prompt = mask.index(1)  # encode_example's one edge: zeros up to it, ones after it
+                    if mask.count(1) != len(mask) - prompt:
                         raise ValueError(f"template {template!r}: a loss mask that is not one prompt/response edge")
                     f.write(np.asarray(ids, dtype=np.uint32).tobytes())
                     lengths.append(len(ids))
