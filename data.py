@@ -30,6 +30,7 @@ The path of a token, top to bottom of this file:
 
 import argparse
 import collections
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -1212,13 +1213,27 @@ def _merge_reports(reports: list[dict]) -> dict:
     return merged
 
 
+def _tokenized_chunks(rows: list[dict], fmt: str, tokenizer, template, max_length) -> Iterator[tuple]:
+    """tokenize_*'s (items, report) chunk by chunk, in order. The next chunk is tokenised in a thread while
+    the caller stores this one: encode_batch releases the GIL, so the cores encode while Python converts
+    ids, and at most two chunks are held at once."""
+    bound, pending = LengthBound(tokenizer), None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for chunk in _row_chunks(rows, CHUNK_CHARS):
+            submitted = pool.submit(TOKENIZE[fmt], chunk, tokenizer, template, max_length, bound=bound)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
+
+
 def _write_token_arrays(out_dir, rows: list[dict], fmt: str, tokenizer, template, max_length) -> dict:
     """tokenize_* over the rows chunk by chunk (each chunk one parallel encode_batch), the ids appended to
-    tokens.bin as they come: what is held at once is one chunk's encodings. Returns meta.json's counts."""
-    bound, lengths, prompt_lengths, item_sizes, rewards, reports = LengthBound(tokenizer), [], [], [], [], []
+    tokens.bin as they come: what is held at once is two chunks' encodings. Returns meta.json's counts."""
+    lengths, prompt_lengths, item_sizes, rewards, reports = [], [], [], [], []
     with open(os.path.join(out_dir, "tokens.bin"), "wb") as f:
-        for chunk in _row_chunks(rows, CHUNK_CHARS):
-            items, report = TOKENIZE[fmt](chunk, tokenizer, template, max_length, bound=bound)
+        for items, report in _tokenized_chunks(rows, fmt, tokenizer, template, max_length):
             reports.append(report)
             for item in items:
                 examples, item_rewards = _item_sequences(fmt, item)

@@ -9,10 +9,12 @@ and weighted (AdvDistill's reward-weighted NLL). The formulas live in losses.py;
 examples go into which forward pass and how the sum over the global batch is normalised.
 
   1. Arguments      flags, or a --config JSON of the same keys (recipes/); per-stage defaults from the paper.
-  2. Data           tokenised examples; which examples each rank and micro-step sees.
+  2. Data           the token cache (data.py section 7: built once, memory-mapped by every rank and start);
+                    which examples each rank and micro-step sees.
   3. Model          the model wrapped so the output projection runs inside DDP/FSDP's forward; AdamW.
   4. The step       micro-batches, one gradient-synchronising backward, the lr of the step.
-  5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
+  5. DPO reference  log-probs of the starting model, computed once and cached in the token cache directory,
+                    one file per model and settings.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     what a resume must match; common.prepare_run_dir: what OUT may already hold.
   7. Main           setup, then the loop: clip, update, logging, checkpoints, the final model.
