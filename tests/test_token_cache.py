@@ -292,3 +292,14 @@ def test_a_second_start_holds_no_token_in_memory(tok_dir, tmp_path):
     assert isinstance(dataset.cache.tokens, np.memmap) and extra_tokens > 100_000
     assert large - small < 40 * 64 + 16_384, (small, large, extra_tokens)  # vs 4 * extra_tokens = 400+ kB
     assert dataset.normalizer(list(range(len(dataset)))) == dataset.cache.report["loss_tokens"]
+
+
+def test_a_loss_mask_that_is_not_one_edge_stops_the_build(tok_dir, tmp_path, monkeypatch):
+    """The cache stores one prompt length per sequence; a template whose mask had two edges would be stored
+    wrongly, so the build checks every mask and stops (every template today gives one edge: the tests above)."""
+    data_path = write_rows(tmp_path / "sft.jsonl", hostile_rows("qwen")["sft"])
+    two_edges = data.Example([5, 6, 7, 8], [0, 1, 0, 1])
+    monkeypatch.setitem(data.TOKENIZE, "sft", lambda rows, *args, **kwargs: ([two_edges], {"rows": len(rows)}))
+    with pytest.raises(ValueError, match="not one prompt/response edge"):
+        build(tok_dir, data_path, "sft")
+    assert os.listdir(data_path + ".tokens") == []
