@@ -146,15 +146,15 @@ def encode_batch_alone(data_path, fmt: str, tokenizer) -> dict:
     """The tokenizer's encode_batch on exactly the texts the cache encodes, in the cache's chunks."""
     rows = data.LOADERS[fmt](data_path)
     sides = ("response",) if fmt == "sft" else ("chosen", "rejected")
-    seconds, tokens = 0.0, 0
+    seconds, cpu, tokens = 0.0, 0.0, 0
     for chunk in data._row_chunks(rows, data.CHUNK_CHARS):
         texts = [t for row in chunk for side in sides for t in (
             data.checked_prompt_text(tokenizer, "qwen", row["prompt"]), data.checked_response_body("qwen", row[side]))]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()  # process time: every thread's
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        seconds += time.perf_counter() - start
+        seconds, cpu = seconds + time.perf_counter() - start, cpu + time.process_time() - cpu_start
         tokens += sum(len(e.ids) for e in encodings)
-    return {"seconds": seconds, "tokens": tokens}
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens}
 
 
 def start_train(train_py: str, args: list[str], cwd: str) -> dict:
@@ -172,6 +172,9 @@ def start_train(train_py: str, args: list[str], cwd: str) -> dict:
             with open(f"/proc/{proc.pid}/status") as f:
                 hwm = next(l for l in f if l.startswith("VmHWM:"))
             result["peak_rss_mib"] = int(hwm.split()[1]) / 1024
+            with open(f"/proc/{proc.pid}/stat") as f:  # utime + stime of all its threads, in clock ticks
+                fields = f.read().rsplit(")", 1)[1].split()
+            result["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             proc.terminate()
             break
     proc.wait()
@@ -192,12 +195,13 @@ def bench_format(fmt: str, tmp: str, model: str, tokenizer, args, before_dir: st
     out = {"rows": rows, "file_mb": os.path.getsize(data_path) / 1e6,
            "encode_batch": encode_batch_alone(data_path, fmt, tokenizer)}
     print(f"{fmt}: {rows} rows, {out['file_mb']:.0f} MB, {out['encode_batch']['tokens']:,} tokens; encode_batch "
-          f"alone {out['encode_batch']['seconds']:.1f} s", flush=True)
+          f"alone {out['encode_batch']['seconds']:.1f} s ({out['encode_batch']['cpu_seconds']:.1f} CPU-s)", flush=True)
     for name in ("first", "second") + (("before",) if before_dir else ()):
         train_py, cwd = (os.path.join(before_dir, "train.py"), before_dir) if name == "before" else (
             os.path.join(ROOT, "train.py"), ROOT)
         out[name] = run(name, train_py, cwd)
-        print(f"  {name} start: {out[name]['seconds_to_first_step']:.1f} s to step 1, peak "
+        print(f"  {name} start: {out[name]['seconds_to_first_step']:.1f} s to step 1 "
+              f"({out[name]['cpu_seconds']:.1f} CPU-s), peak "
               f"{out[name]['peak_rss_mib']:,.0f} MiB | {out[name]['data_line'][-120:]}", flush=True)
     return out
 
