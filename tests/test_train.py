@@ -9,7 +9,8 @@ What each group of tests proves:
     normalisers, α, β, γ and advantages.
   - SFT memorises a small set; every stage's output loads in transformers and gives finite logits.
   - Resume reproduces the uninterrupted run; DPO's reference cache is reused on resume, recomputed when stale,
-    and matches transformers; an interrupted save leaves the previous checkpoint; a non-finite loss stops the
+    and matches transformers; a DPO run from another model writes its own table and the first run still resumes;
+    two ranks build the token cache once (rank 0) and train as from an existing cache; an interrupted save leaves the previous checkpoint; a non-finite loss stops the
     run with the last good checkpoint kept; bad input fails before any compute with a message naming the flag.
 
 Single-process runs call train.main in-process (fast); multi-process runs go through torchrun as users run it.
