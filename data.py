@@ -23,17 +23,23 @@ The path of a token, top to bottom of this file:
    end-of-turn token (the pad = EOS bug, where masking padding also masks the learned EOS, cannot occur).
 6. Order and sharding. Pure functions of (num_examples, seed, epoch, step): the whole state of the data
    pipeline is (epoch, step), so resuming is recomputing the same lists and skipping ahead.
-7. CLI: `python data.py build --raw FILE --out DIR [...]`.
+7. Token cache. The tokenised set is written once, keyed by everything it depends on, as one flat uint32
+   array of ids plus small per-sequence tables, and memory-mapped by every rank of every later run.
+8. CLI: `python data.py build --raw FILE --out DIR [...]`.
 """
 
 import argparse
 import collections
+import concurrent.futures
+import hashlib
 import json
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -289,20 +295,20 @@ def _check_content(template, text: str, what: str) -> None:
                              "boundary; remove it from the data")
 
 
-def encode_prompt(tokenizer, template, messages: list[dict]) -> list[int]:
-    """ids of template.prompt_text(messages), the full prompt including the assistant opening. Special
-    tokens written in the text are matched by the tokenizer as added tokens."""
+def checked_prompt_text(tokenizer, template, messages: list[dict]) -> str:
+    """template.prompt_text(messages), the full prompt including the assistant opening, after checking that
+    the tokenizer knows the template's special tokens and that no message writes one."""
     template = get_template(template)
     check_template_tokens(tokenizer, template)
     for m in messages:
         _check_content(template, m["content"], f"a {m['role']} message")
-    return tokenizer.encode(template.prompt_text(messages), add_special_tokens=False).ids
+    return template.prompt_text(messages)
 
 
-def encode_response(tokenizer, template, content: str) -> list[int]:
-    """ids(response body) + [end_of_turn]. A trailing end-of-turn already in the data is stripped first,
-    so the token appears exactly once (the double `<|im_end|>` bug cannot happen); one anywhere else in
-    the response is an error."""
+def checked_response_body(template, content: str) -> str:
+    """The response text that is encoded before the end-of-turn token: a trailing end-of-turn already in
+    the data is stripped first, so the token appears exactly once (the double `<|im_end|>` bug cannot
+    happen); one anywhere else in the response is an error."""
     template = get_template(template)
     body = template.response_body(content)
     if body.endswith(template.end_of_turn):
@@ -310,17 +316,44 @@ def encode_response(tokenizer, template, content: str) -> list[int]:
     _check_content(template, body, "the response")
     if not body.strip():
         raise InputError("the response is empty")
-    end_id = special_token_id(tokenizer, template.end_of_turn)
+    return body
+
+
+def encode_prompt(tokenizer, template, messages: list[dict]) -> list[int]:
+    """ids of the checked prompt text. Special tokens written in the text are matched by the tokenizer as
+    added tokens."""
+    return tokenizer.encode(checked_prompt_text(tokenizer, template, messages), add_special_tokens=False).ids
+
+
+def encode_response(tokenizer, template, content: str) -> list[int]:
+    """ids(checked response body) + [end_of_turn]."""
+    body = checked_response_body(template, content)
+    end_id = special_token_id(tokenizer, get_template(template).end_of_turn)
     return tokenizer.encode(body, add_special_tokens=False).ids + [end_id]
 
 
 def encode_example(tokenizer, template, prompt: list[dict], response: str) -> Example:
     """Prompt and response are encoded separately and concatenated (the TRL practice): the prompt ids are
     then exactly those the model sees when it generates from that prompt, and the loss mask's edge is
-    exactly the prompt/response edge, which a joint encoding could blur by merging across it."""
+    exactly the prompt/response edge, which a joint encoding could blur by merging across it. So the loss
+    mask of every template is one edge: [0] * len(prompt ids) + [1] * len(response ids + end-of-turn)."""
     prompt_ids = encode_prompt(tokenizer, template, prompt)
     response_ids = encode_response(tokenizer, template, response)
     return Example(prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids))
+
+
+def encode_examples(tokenizer, template, requests: list[tuple[dict, str]]) -> list[Example]:
+    """encode_example for many (row, response) at once: the texts are checked row by row (an error names
+    the row's file:line), then encoded in one `encode_batch`, which spreads them over every core and gives
+    each text the ids `encode` gives it alone, so the examples are encode_example's."""
+    texts = []
+    for row, response in requests:
+        texts += _with_source(row["source"], lambda: (checked_prompt_text(tokenizer, template, row["prompt"]),
+                                                      checked_response_body(template, response)))
+    end_id = special_token_id(tokenizer, get_template(template).end_of_turn) if requests else None
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [Example(prompt + response + [end_id], [0] * len(prompt) + [1] * (len(response) + 1))
+            for prompt, response in zip(ids[0::2], ids[1::2])]
 
 
 class LengthBound:
@@ -348,50 +381,38 @@ def _with_source(source: str, fn, *args):
         raise InputError(f"{source}: {e}") from None
 
 
-def _encode_row(row: dict, tokenizer, template, response: str) -> Example:
-    return _with_source(row["source"], encode_example, tokenizer, template, row["prompt"], response)
-
-
 def _prompt_texts(row: dict) -> list[str]:
     return [m["content"] for m in row["prompt"]]
 
 
-def tokenize_sft(rows, tokenizer, template, max_length: int | None):
+def _fits(example: Example, max_length: int | None) -> bool:
+    return max_length is None or len(example.input_ids) <= max_length
+
+
+def tokenize_sft(rows, tokenizer, template, max_length: int | None, bound: LengthBound | None = None):
     """SFT rows -> (examples, report). An example longer than max_length tokens (prompt + response +
     end-of-turn) is dropped and counted, never truncated: a truncated trace would teach the model to stop
-    mid-reasoning, or lose the final answer."""
-    bound, examples, too_long = LengthBound(tokenizer), [], 0
-    for row in rows:
-        if bound.surely_over(_prompt_texts(row) + [row["response"]], max_length):
-            too_long += 1
-            continue
-        example = _encode_row(row, tokenizer, template, row["response"])
-        if max_length is not None and len(example.input_ids) > max_length:
-            too_long += 1
-            continue
-        examples.append(example)
-    report = {"rows": len(rows), "kept": len(examples), "dropped_too_long": too_long,
+    mid-reasoning, or lose the final answer. The rows are encoded in one batch (encode_examples); pass
+    `bound` when calling this chunk by chunk."""
+    bound = bound or LengthBound(tokenizer)
+    fit = [row for row in rows if not bound.surely_over(_prompt_texts(row) + [row["response"]], max_length)]
+    encoded = encode_examples(tokenizer, template, [(row, row["response"]) for row in fit])
+    examples = [example for example in encoded if _fits(example, max_length)]
+    report = {"rows": len(rows), "kept": len(examples), "dropped_too_long": len(rows) - len(examples),
               "max_length": max_length, "tokens": sum(len(e.input_ids) for e in examples),
               "loss_tokens": sum(sum(e.loss_mask) for e in examples)}
     return examples, report
 
 
-def tokenize_pairs(rows, tokenizer, template, max_length: int | None):
+def tokenize_pairs(rows, tokenizer, template, max_length: int | None, bound: LengthBound | None = None):
     """Preference rows -> (list of (chosen_example, rejected_example), report). A pair is dropped whole
     when either side is too long: half a pair carries no preference."""
-    bound, pairs, too_long = LengthBound(tokenizer), [], 0
-    for row in rows:
-        prompt = _prompt_texts(row)
-        if any(bound.surely_over(prompt + [row[side]], max_length) for side in ("chosen", "rejected")):
-            too_long += 1
-            continue
-        chosen = _encode_row(row, tokenizer, template, row["chosen"])
-        rejected = _encode_row(row, tokenizer, template, row["rejected"])
-        if max_length is not None and max(len(chosen.input_ids), len(rejected.input_ids)) > max_length:
-            too_long += 1
-            continue
-        pairs.append((chosen, rejected))
-    report = {"rows": len(rows), "kept": len(pairs), "dropped_too_long": too_long,
+    bound = bound or LengthBound(tokenizer)
+    fit = [row for row in rows if not any(bound.surely_over(_prompt_texts(row) + [row[side]], max_length)
+                                          for side in ("chosen", "rejected"))]
+    encoded = encode_examples(tokenizer, template, [(row, row[side]) for row in fit for side in ("chosen", "rejected")])
+    pairs = [pair for pair in zip(encoded[0::2], encoded[1::2]) if all(_fits(e, max_length) for e in pair)]
+    report = {"rows": len(rows), "kept": len(pairs), "dropped_too_long": len(rows) - len(pairs),
               "max_length": max_length, **pair_warnings(pairs)}
     return pairs, report
 
@@ -407,32 +428,31 @@ def group_warnings(rewards: list[list[float]]) -> dict:
     return {"warning_groups_equal_rewards": sum(len(set(r)) == 1 for r in rewards)}
 
 
-def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group_size: int = 2):
+def tokenize_groups(rows, tokenizer, template, max_length: int | None, min_group_size: int = 2,
+                    bound: LengthBound | None = None):
     """Group rows -> (list of (examples, rewards), report). Over-long completions are dropped (counted)
     and the group keeps the rest; a group left with fewer than min_group_size completions is dropped
     (counted), since a group-relative advantage r - mean(r) of a single completion is always 0. A row that
     has fewer than min_group_size completions to begin with is an error: no setting could make it useful."""
-    bound, groups, too_long, too_small = LengthBound(tokenizer), [], 0, 0
+    bound, requests, too_long = bound or LengthBound(tokenizer), [], 0
     for row in rows:
         if len(row["completions"]) < min_group_size:
             raise InputError(f"{row['source']}: a group needs at least {min_group_size} completions of its "
                              f"prompt (the advantage r - mean(r) of a lone completion is always 0), this row "
                              f"has {len(row['completions'])}; add completions or drop the row")
-        examples, rewards = [], []
-        for completion, reward in zip(row["completions"], row["rewards"]):
-            if bound.surely_over(_prompt_texts(row) + [completion], max_length):
-                too_long += 1
-                continue
-            example = _encode_row(row, tokenizer, template, completion)
-            if max_length is not None and len(example.input_ids) > max_length:
-                too_long += 1
-                continue
-            examples.append(example)
-            rewards.append(float(reward))
-        if len(examples) < min_group_size:
+        fit = [(c, r) for c, r in zip(row["completions"], row["rewards"])
+               if not bound.surely_over(_prompt_texts(row) + [c], max_length)]
+        too_long += len(row["completions"]) - len(fit)
+        requests.append((row, fit))
+    encoded = iter(encode_examples(tokenizer, template, [(row, c) for row, fit in requests for c, _ in fit]))
+    groups, too_small = [], 0
+    for row, fit in requests:
+        kept = [(example, float(reward)) for (_, reward), example in zip(fit, encoded) if _fits(example, max_length)]
+        too_long += len(fit) - len(kept)
+        if len(kept) < min_group_size:
             too_small += 1
             continue
-        groups.append((examples, rewards))
+        groups.append(([e for e, _ in kept], [r for _, r in kept]))
     report = {"rows": len(rows), "kept": len(groups), "dropped_completions_too_long": too_long,
               "dropped_groups_too_small": too_small, "max_length": max_length,
               **group_warnings([rewards for _, rewards in groups])}
@@ -1215,10 +1235,255 @@ def iterate_batches(num_examples: int, global_batch_size: int, seed: int, num_ep
         yield step, epoch, batches[index]
 
 
+# ---------------------------------------------------------------------------------------------------
+# 7. Token cache: tokenise once, map everywhere
+# ---------------------------------------------------------------------------------------------------
+# A training set is tokenised once, into a directory keyed by everything its ids depend on, and every
+# rank of this and every later run (a resume, another stage's run on the same file) maps it read-only.
+# The layout is nanoGPT's train.bin (prepare.py) and open-instruct's token files: one flat array of ids
+# plus small tables, so a rank holds no token in its own memory; the page cache shares the mapped file
+# between the ranks of a node.
+#
+#   KEY/tokens.bin          uint32 [T]     every kept sequence's ids, one after another
+#   KEY/offsets.npy         int64  [S+1]   sequence s is tokens[offsets[s]:offsets[s+1]]
+#   KEY/prompt_lengths.npy  int64  [S]     loss_mask(s) = [0] * prompt_length + [1] * (the rest): one edge,
+#                                          for every template (encode_example), checked at build
+#   KEY/item_offsets.npy    int64  [I+1]   item i (an sft example, a pair, a group) is sequences
+#                                          item_offsets[i] .. item_offsets[i+1]-1 (chosen before rejected)
+#   KEY/rewards.npy         float64 [S]    groups only: each completion's reward
+#   KEY/meta.json                          the key, the counts of the arrays, tokenize_*'s report
+#
+# A directory appears whole or not at all (built in a temporary one, then renamed; a second builder that
+# loses the race discards its own), and one whose arrays disagree with meta.json is refused, never used.
+
+TOKEN_CACHE_VERSION = 1  # raise when the layout or the meaning of the arrays changes
+TOKENIZE = {"sft": tokenize_sft, "pairs": tokenize_pairs, "groups": tokenize_groups}
+CHUNK_CHARS = 1 << 21  # rows are encoded ~2M characters (~0.5M tokens) at a time: bounded memory, enough texts
+                       # per batch to keep every core busy
+
+
+def token_cache_key(data_path, tokenizer_file, fmt: str, template, max_length: int | None) -> dict:
+    """Everything the cached ids depend on: the data's and the tokenizer's bytes, the format, template and
+    length limit, the code that renders and tokenises (this file; the tokenizers library's version), and
+    the layout's version. Any difference gives another directory, so a stale cache is never read."""
+    import tokenizers
+
+    with open(__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()
+    return {"version": TOKEN_CACHE_VERSION, "format": fmt, "template": get_template(template).name,
+            "max_length": max_length, "data_sha256": common.sha256_file(data_path, chunk=1 << 16),
+            "tokenizer_sha256": common.sha256_file(tokenizer_file, chunk=1 << 16), "data_py_sha256": code,
+            "tokenizers": tokenizers.__version__}
+
+
+def token_cache_dir(root, key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return os.path.join(root, f"{key['format']}-{digest[:16]}")
+
+
+def _row_chars(row: dict) -> int:
+    texts = [m["content"] for m in row["prompt"]] + row.get("completions", [])
+    return sum(map(len, texts)) + sum(len(row[k]) for k in ("response", "chosen", "rejected") if k in row)
+
+
+def _row_chunks(rows: list[dict], max_chars: int) -> Iterator[list[dict]]:
+    chunk, size = [], 0
+    for row in rows:
+        chunk.append(row)
+        size += _row_chars(row)
+        if size >= max_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _item_sequences(fmt: str, item) -> tuple[list[Example], list[float]]:
+    """An item of tokenize_*'s output as (its sequences, their rewards: 0 outside groups)."""
+    if fmt == "groups":
+        return item
+    examples = [item] if fmt == "sft" else list(item)
+    return examples, [0.0] * len(examples)
+
+
+def _merge_reports(reports: list[dict]) -> dict:
+    merged = {}
+    for report in reports:
+        for k, v in report.items():
+            merged[k] = v if k == "max_length" else merged.get(k, 0) + v
+    return merged
+
+
+def _tokenized_chunks(rows: list[dict], fmt: str, tokenizer, template, max_length) -> Iterator[tuple]:
+    """tokenize_*'s (items, report) chunk by chunk, in order. The next chunk is tokenised in a thread while
+    the caller stores this one: encode_batch releases the GIL, so the cores encode while Python converts
+    ids, and at most two chunks are held at once."""
+    bound, pending = LengthBound(tokenizer), None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for chunk in _row_chunks(rows, CHUNK_CHARS):
+            submitted = pool.submit(TOKENIZE[fmt], chunk, tokenizer, template, max_length, bound=bound)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
+
+
+def _write_token_arrays(out_dir, rows: list[dict], fmt: str, tokenizer, template, max_length) -> dict:
+    """tokenize_* over the rows chunk by chunk (each chunk one parallel encode_batch), the ids appended to
+    tokens.bin as they come: what is held at once is two chunks' encodings. Returns meta.json's counts."""
+    lengths, prompt_lengths, item_sizes, rewards, reports = [], [], [], [], []
+    with open(os.path.join(out_dir, "tokens.bin"), "wb") as f:
+        for items, report in _tokenized_chunks(rows, fmt, tokenizer, template, max_length):
+            reports.append(report)
+            for item in items:
+                examples, item_rewards = _item_sequences(fmt, item)
+                item_sizes.append(len(examples))
+                rewards += item_rewards
+                for ids, mask in examples:
+                    prompt = mask.index(1)  # encode_example's one edge: zeros up to it, ones after it
+                    if mask.count(1) != len(mask) - prompt:
+                        raise ValueError(f"template {template!r}: a loss mask that is not one prompt/response edge")
+                    f.write(np.asarray(ids, dtype=np.uint32).tobytes())
+                    lengths.append(len(ids))
+                    prompt_lengths.append(prompt)
+    arrays = {"offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+              "prompt_lengths": np.asarray(prompt_lengths, dtype=np.int64),
+              "item_offsets": np.concatenate([[0], np.cumsum(item_sizes, dtype=np.int64)])}
+    if fmt == "groups":
+        arrays["rewards"] = np.asarray(rewards, dtype=np.float64)
+    for name, array in arrays.items():
+        np.save(os.path.join(out_dir, name + ".npy"), array)
+    return {"tokens": int(arrays["offsets"][-1]), "sequences": len(lengths), "items": len(item_sizes),
+            "report": _merge_reports(reports)}
+
+
+def build_token_cache(path, data_path, fmt: str, tokenizer, template, max_length: int | None, key: dict) -> None:
+    """Read and tokenise --data into the directory `path`, atomically: everything is written into a
+    temporary directory beside it, renamed to `path` when whole. If another builder got there first, its
+    directory (the same key, so the same arrays) stays and ours is discarded."""
+    rows = LOADERS[fmt](data_path)  # a bad row stops here with its file:line
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        meta = _write_token_arrays(tmp, rows, fmt, tokenizer, template, max_length)
+        common.write_json(os.path.join(tmp, "meta.json"), {"key": key, **meta})
+        os.chmod(tmp, 0o777 & ~common._umask())  # mkdtemp makes 0700; the cache is shared like the data
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "meta.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_token_cache(root, data_path, tokenizer, tokenizer_file, fmt: str, template,
+                       max_length: int | None) -> tuple[str, dict, bool]:
+    """(the cache directory for these inputs, its key, whether it was built now): built under `root`
+    unless it is already there. An unwritable root is an error that names --token-cache."""
+    key = token_cache_key(data_path, tokenizer_file, fmt, template, max_length)
+    path = token_cache_dir(root, key)
+    if os.path.isdir(path):
+        return path, key, False
+    try:
+        os.makedirs(root, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"{root} is not writable")
+    except OSError as e:
+        raise InputError(f"cannot write the token cache for {data_path} in {root} ({e}); pass --token-cache "
+                         "DIR, a writable directory (every later run on the same data maps it from there)") from None
+    build_token_cache(path, data_path, fmt, tokenizer, template, max_length, key)
+    return path, key, True
+
+
+@dataclass
+class TokenCache:
+    """A token cache directory, mapped read-only (numpy memmaps: nothing is read until it is used)."""
+
+    path: str
+    report: dict  # tokenize_*'s counts: rows, kept, dropped...
+    tokens: np.ndarray
+    offsets: np.ndarray
+    prompt_lengths: np.ndarray
+    item_offsets: np.ndarray
+    rewards: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.item_offsets) - 1
+
+    def example(self, s: int) -> Example:
+        """Sequence s as encode_example made it: its ids sliced from the map, the one-edge loss mask."""
+        ids = self.tokens[self.offsets[s]:self.offsets[s + 1]].tolist()
+        prompt = int(self.prompt_lengths[s])
+        return Example(ids, [0] * prompt + [1] * (len(ids) - prompt))
+
+    def item(self, fmt: str, i: int):
+        """Item i in tokenize_*'s shape: an Example (sft), a (chosen, rejected) pair, or (examples, rewards)."""
+        first, end = int(self.item_offsets[i]), int(self.item_offsets[i + 1])
+        examples = [self.example(s) for s in range(first, end)]
+        if fmt == "groups":
+            return examples, self.rewards[first:end].tolist()
+        return examples[0] if fmt == "sft" else tuple(examples)
+
+
+def _check_token_arrays(meta: dict, c: TokenCache) -> str | None:
+    """What is wrong with a cache's arrays (None: nothing), in O(sequences): sizes against meta.json and
+    each other, offsets rising from 0 to the token count, every prompt and response non-empty."""
+    num_tokens, num_seqs, num_items = meta["tokens"], meta["sequences"], meta["items"]
+    tables = [("offsets", c.offsets, num_seqs + 1), ("prompt_lengths", c.prompt_lengths, num_seqs),
+              ("item_offsets", c.item_offsets, num_items + 1)] + (
+        [("rewards", c.rewards, num_seqs)] if meta["key"]["format"] == "groups" else [])
+    for name, array, size in tables:
+        if array.shape != (size,) or array.dtype != (np.float64 if name == "rewards" else np.int64):
+            return f"{name}.npy holds {array.dtype} {array.shape}, meta.json says {size} entries"
+    if c.tokens.shape != (num_tokens,):
+        return f"tokens.bin holds {c.tokens.size} ids, meta.json says {num_tokens}"
+    lengths = np.diff(c.offsets)
+    if c.offsets[0] != 0 or c.offsets[-1] != num_tokens or (lengths <= 0).any():
+        return "offsets.npy does not cut tokens.bin into non-empty sequences"
+    if ((c.prompt_lengths < 1) | (c.prompt_lengths >= lengths)).any():
+        return "prompt_lengths.npy does not fit the sequences"
+    if c.item_offsets[0] != 0 or c.item_offsets[-1] != num_seqs or (np.diff(c.item_offsets) <= 0).any():
+        return "item_offsets.npy does not cut the sequences into items"
+    if c.rewards is not None and not np.isfinite(c.rewards).all():
+        return "rewards.npy holds a non-finite reward"
+    return None
+
+
+def open_token_cache(path, key: dict) -> TokenCache:
+    """Map a cache directory; one that is damaged (a missing or truncated file, a bad header, sizes that
+    disagree) or that names other inputs is refused with the directory's name and what to do."""
+    def damaged(what):
+        return InputError(f"token cache {path} is damaged ({what}); delete that directory and start again: "
+                          "it is rebuilt from the data")
+    if not os.path.isdir(path):
+        raise InputError(f"token cache {path}: not found on this machine; a job on several nodes needs it on a "
+                         "filesystem every node sees (--token-cache DIR)")
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        tables = {name: np.load(os.path.join(path, name + ".npy"), mmap_mode="r", allow_pickle=False)
+                  for name in ("offsets", "prompt_lengths", "item_offsets") + (
+                      ("rewards",) if key["format"] == "groups" else ())}
+        tokens_file = os.path.join(path, "tokens.bin")
+        num_ids = os.path.getsize(tokens_file) // 4 if os.path.getsize(tokens_file) % 4 == 0 else -1
+        tokens = np.memmap(tokens_file, np.uint32, "r") if num_ids > 0 else np.zeros(max(num_ids, 0), np.uint32)
+        cache = TokenCache(path, meta["report"], tokens, tables["offsets"], tables["prompt_lengths"],
+                           tables["item_offsets"], tables.get("rewards"))
+        if num_ids < 0:
+            raise ValueError("tokens.bin is not a whole number of uint32 ids")
+        if meta.get("key") != key:
+            raise ValueError("meta.json names other inputs than this directory's key")
+        problem = _check_token_arrays(meta, cache)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    if problem:
+        raise damaged(problem)
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. CLI
+# 8. CLI
 # ---------------------------------------------------------------------------------------------------
 
 

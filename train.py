@@ -9,10 +9,12 @@ and weighted (AdvDistill's reward-weighted NLL). The formulas live in losses.py;
 examples go into which forward pass and how the sum over the global batch is normalised.
 
   1. Arguments      flags, or a --config JSON of the same keys (recipes/); per-stage defaults from the paper.
-  2. Data           tokenised examples; which examples each rank and micro-step sees.
+  2. Data           the token cache (data.py section 7: built once, memory-mapped by every rank and start);
+                    which examples each rank and micro-step sees.
   3. Model          the model wrapped so the output projection runs inside DDP/FSDP's forward; AdamW.
   4. The step       micro-batches, one gradient-synchronising backward, the lr of the step.
-  5. DPO reference  log-probs of the starting model, computed once and cached next to the data.
+  5. DPO reference  log-probs of the starting model, computed once and cached in the token cache directory,
+                    one file per model and settings.
   6. Checkpoints    step-N (fp32 weights + AdamW state: exact resume) and the final model (inference only);
                     which step-N to resume from, what it must match, AdamW state read back rank by rank;
                     common.prepare_run_dir: what OUT may already hold.
@@ -28,6 +30,7 @@ unevenly the examples are spread (a micro-batch mean would weight a token of a s
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,6 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -117,7 +121,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile every transformer block")
     add("--fsdp", action="store_true", help="shard weights, gradients and AdamW state over ranks (FSDP2)")
     add("--peak-flops", type=POSITIVE, help="peak bf16 FLOP/s of one device, for MFU (default: by GPU name)")
-    add("--ref-cache", help="dpo: file caching the reference log-probs (default: DATA.ref_logps.safetensors)")
+    add("--ref-cache", help="dpo: file caching the reference log-probs (default: one file per model and settings "
+                            "in the token cache directory)")
+    add("--token-cache", help="directory of the tokenised data, built once, mapped by every run (default: DATA.tokens)")
     add("--preempt-grace", type=NON_NEGATIVE, default=25, help="on SIGTERM, seconds to save step-N and exit 143")
     add("--dist-timeout", type=common.MINUTES, default=10, help="minutes a collective waits for a silent rank")
     add("--report-to", choices=list(common.REPORT_TO), default="none", help="also send metrics.jsonl to "
@@ -196,57 +202,88 @@ def check_inputs(args):
 # 2. Data
 
 
+class PerItem:
+    """dataset.loss_tokens[i], dataset.doc_lengths[i]: a per-item value read from the numpy tables as plain
+    Python (ints for sums and JSON), computed when asked, never held per item."""
+
+    def __init__(self, get):
+        self.get = get
+
+    def __getitem__(self, i: int):
+        return self.get(i)
+
+
 @dataclass
 class Dataset:
-    """The tokenised training set, held whole by every rank (so global counts need no communication).
-    items[i] is an Example (sft), a (chosen, rejected) pair, or a group (examples, rewards)."""
+    """The tokenised training set: the token cache mapped read-only (data.TokenCache: ids stay in the file,
+    shared by the ranks through the page cache) and small per-item tables. Every rank sees the whole set,
+    so global counts need no communication. An item is an sft example, a (chosen, rejected) pair or a group."""
 
     stage: str
-    items: list
-    loss_tokens: list[int]  # per item: positions whose target is a loss token (what pack() counts)
-    doc_lengths: list[list[int]]  # per item: token count of each sequence it packs into
-    weights: list[torch.Tensor] | None = None  # weighted: per group, the advantages of its completions
+    cache: data.TokenCache
+    key: dict  # the token cache's key (data.token_cache_key): sha256 of --data and the tokenizer, settings
     ref_logps: torch.Tensor | None = None  # dpo: [num_pairs, 2] reference logπ(chosen), logπ(rejected)
 
+    def __post_init__(self):
+        c = self.cache
+        self.sequence_lengths = np.diff(c.offsets)
+        self.sequences_per_item = np.diff(c.item_offsets)
+        # pack() sets a target at t when token t+1 is a loss token, so a sequence's loss tokens are
+        # loss_mask[1:]: all but its first max(prompt, 1) tokens.
+        seq_loss = self.sequence_lengths - np.maximum(c.prompt_lengths, 1)
+        self.item_loss_tokens = np.add.reduceat(seq_loss, c.item_offsets[:-1]) if len(c) else seq_loss[:0]
+        self.loss_tokens = PerItem(lambda i: int(self.item_loss_tokens[i]))
+        self.doc_lengths = PerItem(lambda i: self.sequence_lengths[c.item_offsets[i]:c.item_offsets[i + 1]].tolist())
+
     def __len__(self):
-        return len(self.items)
+        return len(self.cache)
 
     def count(self, indices: list[int]) -> int:
         """What a loss averages over, apart from sft's tokens: pairs, completions (weighted) or sequences."""
-        return sum(len(self.doc_lengths[i]) for i in indices) if self.stage == "weighted" else len(indices)
+        return int(self.sequences_per_item[indices].sum()) if self.stage == "weighted" else len(indices)
 
     def normalizer(self, indices: list[int]) -> int:
         """N of the loss Σ_i ℓ_i / N over a global batch: loss tokens (sft), pairs or completions. Every rank
         knows the whole global batch, so it computes N itself, without an all-reduce."""
-        return sum(self.loss_tokens[i] for i in indices) if self.stage == "sft" else self.count(indices)
+        return int(self.item_loss_tokens[indices].sum()) if self.stage == "sft" else self.count(indices)
 
 
-def load_dataset(args, tokenizer) -> Dataset:
-    """Read, validate and tokenise the rows. Over-long examples are dropped and counted (never truncated)."""
-    fmt = STAGE_FORMATS[args.stage]
-    tokenize = {"sft": data.tokenize_sft, "pairs": data.tokenize_pairs, "groups": data.tokenize_groups}[fmt]
-    items, report = tokenize(data.LOADERS[fmt](args.data), tokenizer, args.template, args.max_length)
-    print0(f"data: {args.data}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-    if not items:
+def token_cache_root(args) -> str:
+    """--token-cache, or beside the data: DATA.tokens/ (one subdirectory per key; DPO's reference tables too)."""
+    return args.token_cache or args.data + ".tokens"
+
+
+def load_dataset(args, tokenizer, d: common.Dist) -> Dataset:
+    """The token cache of (--data, tokenizer, --template, --max-length): rank 0 finds it or builds it
+    (data.ensure_token_cache: every core encodes) while the other ranks wait, then every rank maps it.
+    Over-long examples are dropped and counted at build (never truncated); the counts are printed each run."""
+    fmt, start, found = STAGE_FORMATS[args.stage], time.perf_counter(), [None]
+    tokenizer_file = os.path.join(args.model, "tokenizer.json")  # what data.load_tokenizer read
+    on_main_rank(d, f"tokenizing {args.data}", lambda: found.__setitem__(0, data.ensure_token_cache(
+        token_cache_root(args), args.data, tokenizer, tokenizer_file, fmt, args.template, args.max_length)))
+    if d.world_size > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    path, key, built = found[0]
+    cache = data.open_token_cache(path, key)
+    print0(f"data: {args.data}: " + ", ".join(f"{k} {v}" for k, v in cache.report.items()) + f" (token cache "
+           f"{path}: {'built' if built else 'mapped'} in {time.perf_counter() - start:.1f} s)")
+    if not len(cache):
         raise InputError(f"--data {args.data}: no examples left after dropping those longer than --max-length "
                          f"{args.max_length}; raise --max-length")
-    examples = [[item] if fmt == "sft" else list(item) if fmt == "pairs" else item[0] for item in items]
-    # pack() sets a target at t when token t+1 is a loss token, so the loss tokens are loss_mask[1:].
-    loss_tokens = [sum(sum(e.loss_mask[1:]) for e in ex) for ex in examples]
-    # Advantages within each prompt's group, from the whole group (never split across ranks or micro-batches).
-    weights = [losses.group_advantages(torch.tensor(r), len(r)) for _, r in items] if fmt == "groups" else None
-    return Dataset(args.stage, items, loss_tokens, [[len(e.input_ids) for e in ex] for ex in examples], weights)
+    return Dataset(args.stage, cache, key)
 
 
 def pack_items(dataset: Dataset, indices: list[int], device) -> dict:
     """One padding-free row holding every sequence of these items (chosen and rejected, or a group's
     completions, side by side) and what the loss needs, on the device: pinned memory and non_blocking
-    copies on CUDA, so that the host never waits for the GPU here."""
-    fmt, items = STAGE_FORMATS[dataset.stage], [dataset.items[i] for i in indices]
+    copies on CUDA, so that the host never waits for the GPU here. Only these items' ids are read from the
+    map; weighted: each group's advantages from its whole group's rewards (never split across ranks)."""
+    fmt = STAGE_FORMATS[dataset.stage]
+    items = [dataset.cache.item(fmt, i) for i in indices]
     batch = data.pack(items) if fmt == "sft" else data.pack_pairs(items) if fmt == "pairs" else data.pack_groups(items)
     batch["item_index"] = torch.tensor(indices)
-    if dataset.weights is not None:
-        batch["weights"] = torch.cat([dataset.weights[i] for i in indices])
+    if fmt == "groups":
+        batch["weights"] = torch.cat([losses.group_advantages(torch.tensor(r), len(r)) for _, r in items])
     cuda = device.type == "cuda"
     return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -396,17 +433,26 @@ def compute_ref_logps(run) -> torch.Tensor:
 
 
 def reference_logps(run) -> torch.Tensor:
-    """The table from its cache when the cache's fingerprint (sha256 of model and data files, and the
-    settings) matches; else computed and cached. A resume never recomputes (its weights are no longer the
-    reference's): a missing, damaged or stale cache is an error there."""
+    """The table from its cache when the cache's fingerprint (sha256 of the model's, the data's and the
+    tokenizer's files, and every setting that changes the reference's forward) matches; else computed and
+    cached. A resume never recomputes (its weights are no longer the reference's): a missing, damaged or
+    stale cache is an error there."""
     args = run.args
-    fingerprint = json.dumps(dict(run.fingerprints, template=args.template, max_length=args.max_length,
-                                  dtype=args.dtype, num_pairs=len(run.dataset)), sort_keys=True)
+    fingerprint = json.dumps(dict(run.fingerprints, tokenizer=run.dataset.key["tokenizer_sha256"],
+                                  template=args.template, max_length=args.max_length, dtype=args.dtype,
+                                  rope_theta=args.rope_theta, max_position_embeddings=args.max_position_embeddings,
+                                  num_pairs=len(run.dataset)), sort_keys=True)
     refuse = ("they cannot be recomputed from a resumed model (--resume); restore that file (or pass it with "
               "--ref-cache), or start the run again") if args.resume else None
-    return common.cached_tensor(args.ref_cache or args.data + ".ref_logps.safetensors", "ref_logps", fingerprint,
-                                (len(run.dataset), 2), run.d, lambda: compute_ref_logps(run),
-                                "reference log-probs", refuse)
+    return common.cached_tensor(ref_cache_path(args, fingerprint), "ref_logps", fingerprint, (len(run.dataset), 2),
+                                run.d, lambda: compute_ref_logps(run), "reference log-probs", refuse)
+
+
+def ref_cache_path(args, fingerprint: str) -> str:
+    """--ref-cache, or one file per fingerprint in the token cache directory: a run from another --model or
+    with other settings writes its own table and never overwrites one that another run resumes from."""
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return args.ref_cache or os.path.join(token_cache_root(args), f"ref_logps-{digest}.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,8 +754,8 @@ def setup(args, d: common.Dist, tokenizer) -> Run:
     torch.manual_seed(args.seed)
     if d.device.type == "cuda":  # any fp32 matmul left outside bf16 autocast runs on tensor cores (TF32)
         torch.set_float32_matmul_precision("high")
-    dataset = load_dataset(args, tokenizer)
-    fingerprints = {"data": common.sha256_file(args.data),
+    dataset = load_dataset(args, tokenizer, d)
+    fingerprints = {"data": dataset.key["data_sha256"],  # hashed once, by the token cache's key
                     "model": common.sha256_files(checkpoint_files(args.model))}
     saved = read_resume_state(args, fingerprints) if args.resume else None
     start_step = saved["step"] if saved else 0

@@ -9,7 +9,8 @@ What each group of tests proves:
     normalisers, α, β, γ and advantages.
   - SFT memorises a small set; every stage's output loads in transformers and gives finite logits.
   - Resume reproduces the uninterrupted run; DPO's reference cache is reused on resume, recomputed when stale,
-    and matches transformers; an interrupted save leaves the previous checkpoint; a non-finite loss stops the
+    and matches transformers; a DPO run from another model writes its own table and the first run still resumes;
+    two ranks build the token cache once (rank 0) and train as from an existing cache; an interrupted save leaves the previous checkpoint; a non-finite loss stops the
     run with the last good checkpoint kept; bad input fails before any compute with a message naming the flag.
 
 Single-process runs call train.main in-process (fast); multi-process runs go through torchrun as users run it.
@@ -349,9 +350,16 @@ def test_resume_reproduces_the_uninterrupted_run(ws, tmp_path):
         "data": common.sha256_file(ws.sft), "model": {"model.safetensors": common.sha256_file(weights_file(ws.model))}}
 
 
+def default_ref_cache(ws):
+    """dpo-1's reference table: in the token cache directory beside the data, one file per fingerprint (the
+    module's DPO runs of ws.model share one)."""
+    (path,) = Path(ws.pairs + ".tokens").glob("ref_logps-*.safetensors")
+    return str(path)
+
+
 def test_dpo_reference_cache_is_reused_on_resume_and_matches_transformers(ws, tmp_path, capsys):
     full = get_run(ws, "dpo-1")
-    cache = ws.pairs + ".ref_logps.safetensors"
+    cache = default_ref_cache(ws)
     table = load_file(cache)["ref_logps"].clone()  # not a view of the file, which is damaged below
     # The cached reference log-probs are logπ_ref(chosen), logπ_ref(rejected) of each pair, in file order.
     hf = transformers.Qwen2ForCausalLM.from_pretrained(ws.model).eval()
@@ -386,14 +394,45 @@ def test_dpo_on_two_processes_splits_the_reference_pass_and_resumes(ws, tmp_path
     args = dpo_args(ws) + ["--micro-batch-size", 1, "--ref-cache", other_cache]
     out = tmp_path / "dpo-ddp"
     run_torchrun(args + ["--out", out, "--save-every", 3])
-    assert torch.allclose(load_file(other_cache)["ref_logps"], load_file(ws.pairs + ".ref_logps.safetensors")[
-        "ref_logps"], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(load_file(other_cache)["ref_logps"], load_file(default_ref_cache(ws))["ref_logps"],
+                          rtol=1e-5, atol=1e-5)
     assert rel_diff(weights(out), weights(one)) <= 1e-3
     mtime = os.stat(other_cache).st_mtime_ns
     resumed = tmp_path / "resumed"
     result = run_torchrun(args + ["--out", resumed, "--resume", out / "step-3"])
     assert "reusing reference log-probs" in result.stdout and os.stat(other_cache).st_mtime_ns == mtime
     assert rel_diff(weights(resumed), weights(out)) <= 1e-5
+
+
+def test_a_dpo_run_from_another_model_keeps_the_first_runs_reference_cache(ws, tmp_path, capsys):
+    """Run A (ws.model) and run B (another model) on the same data: B writes its own reference table beside
+    A's, never over it, and A still resumes exactly from its own."""
+    pairs = shutil.copy(ws.pairs, tmp_path / "pairs.jsonl")  # a token cache directory of its own
+    other = tiny.make_checkpoint(str(tmp_path / "other"), seed=1)
+    shutil.copy(os.path.join(ws.model, "tokenizer.json"), other)  # the same tokenizer, other weights
+    args_a = dpo_args(ws) + ["--data", pairs, "--micro-batch-size", 2, "--save-every", 3]
+    run_inprocess(args_a + ["--out", tmp_path / "a"])
+    (cache_a,) = Path(f"{pairs}.tokens").glob("ref_logps-*.safetensors")
+    before = (cache_a.read_bytes(), cache_a.stat().st_mtime_ns)
+    run_inprocess(dpo_args(ws) + ["--data", pairs, "--model", other, "--out", tmp_path / "b", "--max-steps", 1])
+    assert len(list(Path(f"{pairs}.tokens").glob("ref_logps-*.safetensors"))) == 2
+    assert (cache_a.read_bytes(), cache_a.stat().st_mtime_ns) == before
+    capsys.readouterr()
+    run_inprocess(args_a + ["--out", tmp_path / "a-resumed", "--resume", tmp_path / "a" / "step-3"])
+    assert f"reusing reference log-probs from {cache_a}" in capsys.readouterr().out
+    assert rel_diff(weights(tmp_path / "a-resumed"), weights(tmp_path / "a")) <= 1e-5
+
+
+def test_two_ranks_build_the_token_cache_once_and_train_as_from_todays_tokens(ws, tmp_path):
+    """On a fresh copy of the data, rank 0 builds the token cache while rank 1 waits, both map it, and the run
+    is the DDP run whose cache existed already (sft-ddp); the cache is built once, in --token-cache."""
+    data_copy = shutil.copy(ws.sft, tmp_path / "sft.jsonl")
+    out = tmp_path / "ddp"
+    result = run_torchrun(RUNS["sft-ddp"][0](ws) + ["--data", data_copy, "--token-cache", tmp_path / "tokens",
+                                                    "--out", out])
+    assert result.stdout.count("(token cache ") == 1 and "built in" in result.stdout
+    assert len(os.listdir(tmp_path / "tokens")) == 1 and not os.path.exists(f"{data_copy}.tokens")
+    assert rel_diff(weights(out), weights(get_run(ws, "sft-ddp"))) <= 1e-6
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(ws, tmp_path, monkeypatch):
