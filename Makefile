@@ -33,8 +33,10 @@ bench-verify: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	$(PY) -m scripts.bench_verify
 
-# Everything that needs a GPU (tests/test_gpu.py, training and decode benchmarks at the 1.5B shape), under
-# ten minutes on one H100/H200, into one report: runs/gpu_check/report.json. Without CUDA: says so, exits 0.
+# Everything that needs a GPU (tests/test_gpu.py, training and decode benchmarks at the 1.5B shape), in about
+# eleven minutes on one H100/H200, into one report: runs/gpu_check/report.json. Without CUDA: says so, exits 0.
+# Where one command may run 10 minutes at most, split it: `.venv/bin/python -m scripts.gpu_check --parts tests,train
+# --out runs/gpu_check/a`, then `--parts decode --out runs/gpu_check/b`.
 gpu-check: $(STAMP)
 	$(PY) -m scripts.gpu_check --out runs/gpu_check
 
