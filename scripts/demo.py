@@ -41,8 +41,8 @@ from common import InputError, OutputLock, cli, format_seconds, read_jsonl, writ
 from model import Qwen2, Qwen2Config
 from scripts import demo_base, tiny
 from scripts.demo_task import (carry_outs, dropped_carry_answers, longest_carry_chain, make_problems,  # noqa: F401
-                               problem_text, teacher_generation, teacher_trace, write_eval_set,
-                               write_raw_generations)
+                               problem_text, problems_with_hard_share, teacher_generation, teacher_trace,
+                               write_eval_set, write_raw_generations)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -163,7 +163,8 @@ def prepare_base(plan, seeds, out) -> dict:
     held_out = set()
     for seed in sorted(set(range(10)) | set(seeds)):
         held_out.update(*splits(plan, seed)[1:])
-    problems = make_problems(plan["corpus_problems"], BASE_SEED + 3000, exclude=frozenset(held_out))
+    problems = problems_with_hard_share(plan["corpus_problems"], BASE_SEED + 3000, plan["corpus_hard_share"],
+                                        exclude=frozenset(held_out))
     documents, corpus = demo_base.write_corpus(problems, plan["corpus_writer"], BASE_SEED + 3000)
     make_init_checkpoint(os.path.join(out, "init"), documents, plan["model"], BASE_SEED)
     print(f"pretraining the base: {plan['pretrain']['steps']} steps on {len(documents)} documents", flush=True)
@@ -524,16 +525,18 @@ def save(fig, path):
 SAMPLING = ["--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "160", "--batch-size", "64"]
 FULL = dict(train_problems=2000, val_problems=100, test_problems=200, generations=4,
             teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
-            corpus_problems=4000, corpus_writer=dict(drop_carry=[0.0, 0.3, 0.7, 0.9], final_slip=0.0),
-            pretrain=dict(steps=800, batch_size=16, lr=3e-3), premise_pairs=256,
+            corpus_problems=4000, corpus_hard_share=0.6,
+            corpus_writer=dict(drop_carry=[0.0, 0.4, 0.8, 0.9], final_slip=0.0),
+            pretrain=dict(steps=1000, batch_size=16, lr=3e-3), premise_pairs=128,
             model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-            sft=["--lr", "2e-3", "--epochs", "5", "--batch-size", "16", "--micro-batch-size", "4"],
+            sft=["--lr", "5e-4", "--epochs", "1", "--max-steps", "60", "--batch-size", "16", "--micro-batch-size", "4"],
             lrs=[1e-5, 4e-5], stage2_steps=20, stage2_batch=16, micro_batch={"sft": 4, "pairs": 2, "weighted": 1},
             story_points=4, val_eval=["--num-samples", "2"] + SAMPLING, test_eval=["--num-samples", "4"] + SAMPLING)
 QUICK = dict(train_problems=48, val_problems=4, test_problems=6, generations=4,
              teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
-             corpus_problems=64, corpus_writer=dict(drop_carry=[0.0, 0.3, 0.7, 0.9], final_slip=0.0),
+             corpus_problems=64, corpus_hard_share=0.6,
+             corpus_writer=dict(drop_carry=[0.0, 0.4, 0.8, 0.9], final_slip=0.0),
              pretrain=dict(steps=3, batch_size=8, lr=3e-3), premise_pairs=8,
              model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, vocab_size=400, max_position_embeddings=512),

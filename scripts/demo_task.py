@@ -90,6 +90,18 @@ def make_problems(count: int, seed: int, exclude=frozenset()) -> list[tuple[int,
     return problems
 
 
+def problems_with_hard_share(count: int, seed: int, hard_share: float, exclude=frozenset()) -> list:
+    """`count` distinct problems (none in `exclude`) of which round(count * hard_share) have a carry chain of 2
+    or more (hard: the long traces, where the teacher's habit lives), each part in drawing order."""
+    pool = make_problems(4 * count, seed, exclude)
+    hard = [p for p in pool if longest_carry_chain(*p)[0] >= 2]
+    easy = [p for p in pool if longest_carry_chain(*p)[0] < 2]
+    quota = round(count * hard_share)
+    if len(hard) < quota or len(easy) < count - quota:
+        raise ValueError(f"{len(pool)} candidates hold too few hard/easy problems for {count} at {hard_share}")
+    return hard[:quota] + easy[:count - quota]
+
+
 def problem_text(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
 
