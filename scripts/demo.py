@@ -530,7 +530,7 @@ FULL = dict(train_problems=2000, val_problems=100, test_problems=200, generation
             pretrain=dict(steps=1000, batch_size=16, lr=3e-3), premise_pairs=128,
             model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-            sft=["--lr", "5e-4", "--epochs", "1", "--max-steps", "60", "--batch-size", "16", "--micro-batch-size", "4"],
+            sft=["--lr", "1e-4", "--epochs", "1", "--max-steps", "10", "--batch-size", "16", "--micro-batch-size", "4"],
             lrs=[1e-5, 4e-5], stage2_steps=20, stage2_batch=16, micro_batch={"sft": 4, "pairs": 2, "weighted": 1},
             story_points=4, val_eval=["--num-samples", "2"] + SAMPLING, test_eval=["--num-samples", "4"] + SAMPLING)
 QUICK = dict(train_problems=48, val_problems=4, test_problems=6, generations=4,
