@@ -6,18 +6,23 @@ run uses. `python -m scripts.demo --seeds 5` repeats it over seeds (the README's
      that each produce a carry); the teacher's typical mistake forgets a carry that arrives inside that chain
      and carries the consequence honestly to \\boxed{}, so a wrong trace shares all its other steps with a
      correct one. A rare slip of the last digit is the teacher's only mistake on easy problems.
-  2. A tiny Qwen2 checkpoint (random weights, a byte-level BPE tokenizer trained on the toy's text, ChatML
-     tokens) in Hugging Face format; data.py labels the traces with verify.py (sft / pairs / groups files).
-  3. The paper's protocol (Xu et al. 2025, Sec. 3.2 and App. C.3-C.4): Stage 1 SFT, stopped while it is
-     still improving fast (the role of the paper's Qwen-SFT-1.5B-3ep); Stage 2 from it, the same number of
-     steps for REDI (α = 0.8), symmetric REDI (α = 1), DPO, SimPO and reward-weighted NLL (AdvDistill), each
-     with its learning rate chosen on a validation split disjoint from the test split. Two controls the paper
-     lacks: SFT continued for the same number of steps, and REDI with α = 0 (its positive term alone, same
-     length normalisation), so the effect of the negatives themselves is isolated.
-  4. Test pass@1 (evaluate.py, graded by verify.py) per method, mean ± std over seeds; the premise (which
-     share of the SFT student's wrong answers are the teacher's kind of mistake); the α = 1 vs α = 0.8 story
-     at the highest learning rate (validation accuracy at checkpoints, chosen / rejected log-probs from
-     metrics.jsonl); runs/demo/results.json and figures (PNG, matplotlib).
+  2. A pretrained base, the miniature of the paper's Qwen2.5-Math-1.5B (scripts/demo_base.py): a tiny Qwen2
+     (a byte-level BPE tokenizer trained on the toy's text, ChatML tokens) pretrained by next-token
+     prediction on an unlabelled corpus of the task written by a noisier writer with the teacher's habit
+     (it forgets a carry inside a chain far more often than the teacher), once for every seed. data.py
+     labels the teacher's traces with verify.py (sft / pairs / groups files).
+  3. The paper's protocol (Xu et al. 2025, Sec. 3.2 and App. C.3-C.4): Stage 1 SFT from the base, kept short
+     so that the student still has the teacher's habit (the premise; a longer Stage 1 erases it, measured in
+     README); Stage 2 from it, the same number of steps for REDI (α = 0.8), symmetric REDI (α = 1), DPO,
+     SimPO and reward-weighted NLL (AdvDistill), each with its learning rate chosen on a validation split
+     disjoint from the test split. Two controls the paper lacks: SFT continued for the same number of steps,
+     and REDI with α = 0 (its positive term alone, same length normalisation), so the effect of the
+     negatives themselves is isolated.
+  4. Test pass@1 (evaluate.py, graded by verify.py) of the base, the SFT start and every method, mean ± std
+     over seeds; the premise before and after each method (the share of the wrong test answers that are the
+     teacher's kind of mistake, and the log-prob per token of the teacher's chosen and rejected traces); the
+     α = 1 vs α = 0.8 story at the highest learning rate (validation accuracy at checkpoints, chosen /
+     rejected log-probs from metrics.jsonl); runs/demo/results.json and figures (PNG, matplotlib).
 
 Each step is a subprocess running the project's own command line, so the demo is also an end-to-end test of
 those commands. `--quick` shrinks everything to seconds (used by tests/test_demo.py).
@@ -401,6 +406,30 @@ def print_table(results):
             print(f"α story (lr {story['lr']:g}), α = {story[name]['alpha']:g}: validation pass@1 by step {points}")
 
 
+def markdown_tables(results) -> str:
+    """The README's two tables: per model (pass@1, paired with the SFT start, per seed, lr, premise after it)
+    and per seed (the base, the SFT start and its premise)."""
+    seeds = results["settings"]["seeds"]
+    lines = [f"| test pass@1, % (seeds {', '.join(map(str, seeds))}) | mean ± std | minus the seed's SFT start | "
+             "per seed | lr chosen | wrong answers a dropped carry | log π/token chosen / rejected |", "|---" * 7 + "|"]
+    for name in MODELS:
+        r, gain, p = results[name], results[name]["vs_sft_start"], results[name]["premise"]
+        lrs = "—" if r["lr"][0] is None else ", ".join(f"{lr:g}" for lr in r["lr"])
+        lines.append(f"| {LABELS[name]} | {percent(r['pass@1'], r['std'])} | "
+                     f"{'—' if name == 'sft_start' else percent(gain['mean'], gain['std'])} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in r['seeds'])} | {lrs} | "
+                     f"{100 * p['student_errors_in_teacher_family']:.0f}% of {p['wrong']} | "
+                     f"{p['logp_per_token_chosen']:.3f} / {p['logp_per_token_rejected']:.3f} |")
+    lines += ["", "| seed | base pass@1 | SFT start pass@1 | SFT start: wrong answers a dropped carry | "
+              "log π/token chosen | log π/token rejected |", "|---" * 6 + "|"]
+    for seed, base, start, p in zip(seeds, results["base"]["seeds"], results["sft_start"]["seeds"],
+                                    results["premise"]["per_seed"]):
+        lines.append(f"| {seed} | {100 * base:.1f} | {100 * start:.1f} | "
+                     f"{100 * p['student_errors_in_teacher_family']:.0f}% ({p['wrong_in_teacher_family']}/{p['wrong']}) | "
+                     f"{p['logp_per_token_chosen']:.3f} | {p['logp_per_token_rejected']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_figures(results, seed_results, out):
     """accuracy.png (test pass@1 per model, error bars = std over seeds, dots = seeds), premise.png (the premise
     before and after each method), logps.png and alpha_story.png (first seed)."""
@@ -511,15 +540,18 @@ def save(fig, path):
 
 # ----------------------------------------------------------------------------------------------------------
 
-# Every setting, stated. The tiny model (0.8M parameters) needs a larger SFT lr than the paper's 5e-5. Stage 1
-# is 5 epochs, which here is the paper's Qwen-SFT-1.5B-3ep situation, an SFT model still improving fast: on
-# seed 0 (a 5-epoch run saving checkpoints) validation pass@1 was 0% at step 360, 6% at 420, 19% at 480, 39% at
-# 540 and 60% at the end (600), with the loss still falling (the model learns to copy digits late). Stage 2: the same number of steps for every method and control (a third of an epoch
-# over the pairs at this budget; the paper trains one epoch), linear warmup over 10% then linear decay
-# (train.py's schedule, as in the paper). The Stage 2 lr of every method and control is chosen from `lrs` on
-# the validation split: 1/50 of the SFT lr (the paper's ratio, 5e-5 -> 1e-6) and a quarter of it; the higher
-# one carries the α story. Decoding as in the paper (temperature 0.6, top-p 0.95); 4 samples per test
-# problem (the paper's intermediate evaluations), 2 per validation problem.
+# Every setting, stated. The base: 1,000 steps x 16 corpus documents, lr 3e-3 (the tiny model learns to copy
+# digits late; at 800 steps on the natural mix it still miscopied the hundreds digits of long traces), on
+# 4,000 problems of which 60% are hard (carry chain >= 2: the long traces, where the habit lives), written
+# with drop-carry rates 0 / 0.4 / 0.8 / 0.9 for chains of 0..3 against the teacher's 0 / 0.05 / 0.35 / 0.7.
+# Stage 1: 10 steps x 16 at lr 1e-4. The base already writes the format, and SFT on the teacher's correct
+# traces erases the habit fast: on seed 0's validation split the share of wrong answers that are a dropped
+# carry was 53% after 10 steps at 1e-4, 29% after 20, 0% after 40 at 2e-4 and after 60 at 5e-4. Stage 2: the
+# same number of steps for every method and control (a third of an epoch over the pairs at this budget; the
+# paper trains one epoch), linear warmup over 10% then linear decay (train.py's schedule, as in the paper).
+# The Stage 2 lr of every method and control is chosen from `lrs` on the validation split (as before this
+# design: 1e-5 and 4e-5); the higher one carries the α story. Decoding as in the paper (temperature 0.6,
+# top-p 0.95); 4 samples per test problem (the paper's intermediate evaluations), 2 per validation problem.
 # Micro-batches hold 4 sequences per packed row: the math does not depend on it (losses are normalised over
 # the global batch), only the speed does (on CPU the dense document mask is quadratic in the row length).
 SAMPLING = ["--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "160", "--batch-size", "64"]
@@ -605,6 +637,7 @@ def main(argv=None):
             results = dict(aggregate(seed_results, settings), base_pretraining=base)
             results["figures"] = [os.path.basename(p) for p in plot_figures(results, seed_results, out)]
             write_json(os.path.join(out, "results.json"), results)
+            write_text(os.path.join(out, "tables.md"), markdown_tables(results))
         print_table(results)
         print(f"\nwrote {os.path.join(out, 'results.json')}: {format_seconds(settings['wall_seconds'])} wall, "
               f"{format_seconds(settings['cpu_seconds'])} CPU (all processes)")

@@ -222,6 +222,8 @@ def check_quick_demo(out):
     for name in demo.STORY:
         assert list(story[name]["val_pass@1"])[0] == "0" and list(story[name]["val_pass@1"])[-1] == str(steps)
         assert len(story[name]["val_pass@1"]) >= 3 and len(story[name]["logps"]) == steps
+    tables = (out / "tables.md").read_text()  # the README's tables, one row per model and one per seed
+    assert all(f"| {demo.LABELS[name]} |" in tables for name in demo.MODELS) and "\n| 0 | " in tables
     pytest.importorskip("matplotlib")
     assert results["figures"] == ["accuracy.png", "premise.png", "logps.png", "alpha_story.png"]
     for figure in results["figures"]:
