@@ -106,6 +106,13 @@ def test_base_corpus_has_the_teachers_habit_far_more_often():
     assert f"<|im_start|>user\nWhat is {a} + {b}?<|im_end|>\n<|im_start|>assistant\nAdd the ones:" in doc
 
 
+def test_corpus_problems_hard_share():
+    exclude = frozenset(demo.make_problems(50, seed=9))
+    problems = demo.problems_with_hard_share(1000, seed=4, hard_share=0.6, exclude=exclude)
+    assert len(set(problems)) == 1000 and not set(problems) & exclude
+    assert sum(demo.longest_carry_chain(a, b)[0] >= 2 for a, b in problems) == 600
+
+
 def test_pretraining_learns_and_premise_logps(tmp_path):
     """A few pretraining steps lower the next-token loss and save a checkpoint that evaluate.py can load; the
     premise's log-probs are per-token means over the pairs, chosen and rejected."""
