@@ -81,7 +81,7 @@ def pretrain(init_dir, out_dir, documents: list[str], steps: int, batch_size: in
     torch.manual_seed(seed)
     model = Qwen2.from_pretrained(init_dir).train()
     tokenizer = Tokenizer.from_file(os.path.join(init_dir, "tokenizer.json"))
-    end, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|endoftext|>")
+    end = tokenizer.token_to_id("<|endoftext|>")  # closes every document, and pads (the padding is never a target)
     encoded = [ids + [end] for ids in (e.ids for e in tokenizer.encode_batch(documents))]
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -92,7 +92,7 @@ def pretrain(init_dir, out_dir, documents: list[str], steps: int, batch_size: in
         if len(order) < batch_size:  # a new epoch in a fresh order
             order += rng.sample(range(len(encoded)), len(encoded))
         chosen, order = order[:batch_size], order[batch_size:]
-        inputs, targets = padded_batch([encoded[i] for i in chosen], pad)
+        inputs, targets = padded_batch([encoded[i] for i in chosen], end)
         logps = token_logps(model(inputs, return_hidden=True), model.lm_head_weight, targets)
         loss = -logps.sum() / (targets != IGNORE_INDEX).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +104,7 @@ def pretrain(init_dir, out_dir, documents: list[str], steps: int, batch_size: in
         if step % 50 == 0 or step == steps - 1:
             losses.append({"step": step + 1, "loss": round(loss.item(), 4)})
     model.save_pretrained(out_dir, generation_config={"eos_token_id": [tokenizer.token_to_id("<|im_end|>")],
-                                                      "pad_token_id": pad})
+                                                      "pad_token_id": end})
     return losses
 
 
