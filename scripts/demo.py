@@ -6,18 +6,23 @@ run uses. `python -m scripts.demo --seeds 5` repeats it over seeds (the README's
      that each produce a carry); the teacher's typical mistake forgets a carry that arrives inside that chain
      and carries the consequence honestly to \\boxed{}, so a wrong trace shares all its other steps with a
      correct one. A rare slip of the last digit is the teacher's only mistake on easy problems.
-  2. A tiny Qwen2 checkpoint (random weights, a byte-level BPE tokenizer trained on the toy's text, ChatML
-     tokens) in Hugging Face format; data.py labels the traces with verify.py (sft / pairs / groups files).
-  3. The paper's protocol (Xu et al. 2025, Sec. 3.2 and App. C.3-C.4): Stage 1 SFT, stopped while it is
-     still improving fast (the role of the paper's Qwen-SFT-1.5B-3ep); Stage 2 from it, the same number of
-     steps for REDI (α = 0.8), symmetric REDI (α = 1), DPO, SimPO and reward-weighted NLL (AdvDistill), each
-     with its learning rate chosen on a validation split disjoint from the test split. Two controls the paper
-     lacks: SFT continued for the same number of steps, and REDI with α = 0 (its positive term alone, same
-     length normalisation), so the effect of the negatives themselves is isolated.
-  4. Test pass@1 (evaluate.py, graded by verify.py) per method, mean ± std over seeds; the premise (which
-     share of the SFT student's wrong answers are the teacher's kind of mistake); the α = 1 vs α = 0.8 story
-     at the highest learning rate (validation accuracy at checkpoints, chosen / rejected log-probs from
-     metrics.jsonl); runs/demo/results.json and figures (PNG, matplotlib).
+  2. A pretrained base, the miniature of the paper's Qwen2.5-Math-1.5B (scripts/demo_base.py): a tiny Qwen2
+     (a byte-level BPE tokenizer trained on the toy's text, ChatML tokens) pretrained by next-token
+     prediction on an unlabelled corpus of the task written by a noisier writer with the teacher's habit
+     (it forgets a carry inside a chain far more often than the teacher), once for every seed. data.py
+     labels the teacher's traces with verify.py (sft / pairs / groups files).
+  3. The paper's protocol (Xu et al. 2025, Sec. 3.2 and App. C.3-C.4): Stage 1 SFT from the base, kept short
+     so that the student still has the teacher's habit (the premise; a longer Stage 1 erases it, measured in
+     README); Stage 2 from it, the same number of steps for REDI (α = 0.8), symmetric REDI (α = 1), DPO,
+     SimPO and reward-weighted NLL (AdvDistill), each with its learning rate chosen on a validation split
+     disjoint from the test split. Two controls the paper lacks: SFT continued for the same number of steps,
+     and REDI with α = 0 (its positive term alone, same length normalisation), so the effect of the
+     negatives themselves is isolated.
+  4. Test pass@1 (evaluate.py, graded by verify.py) of the base, the SFT start and every method, mean ± std
+     over seeds; the premise before and after each method (the share of the wrong test answers that are the
+     teacher's kind of mistake, and the log-prob per token of the teacher's chosen and rejected traces); the
+     α = 1 vs α = 0.8 story at the highest learning rate (validation accuracy at checkpoints, chosen /
+     rejected log-probs from metrics.jsonl); runs/demo/results.json and figures (PNG, matplotlib).
 
 Each step is a subprocess running the project's own command line, so the demo is also an end-to-end test of
 those commands. `--quick` shrinks everything to seconds (used by tests/test_demo.py).
@@ -38,138 +43,23 @@ from functools import partial
 import torch
 
 from common import InputError, OutputLock, cli, format_seconds, read_jsonl, write_json, write_text
-from data import SYSTEM_PROMPT
 from model import Qwen2, Qwen2Config
-from scripts import tiny
+from scripts import demo_base, tiny
+from scripts.demo_task import (carry_outs, dropped_carry_answers, longest_carry_chain, make_problems,  # noqa: F401
+                               problem_text, problems_with_hard_share, teacher_generation, teacher_trace,
+                               write_eval_set, write_raw_generations)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-COLUMN_NAMES = ["ones", "tens", "hundreds", "thousands"]
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. The synthetic teacher
-
-
-def carry_outs(a: int, b: int) -> list[int]:
-    """The carry (0 or 1) that each column of a + b passes to the next, ones column first."""
-    carries, carry = [], 0
-    for i in range(max(len(str(a)), len(str(b)))):
-        carry = 1 if a // 10**i % 10 + b // 10**i % 10 + carry >= 10 else 0
-        carries.append(carry)
-    return carries
-
-
-def longest_carry_chain(a: int, b: int) -> tuple[int, int]:
-    """(length, first column) of the longest run of consecutive carry-producing columns (the first of equal
-    runs); (0, 0) without carries. 178 + 825: ones, tens and hundreds all carry, a chain of 3."""
-    best, best_start, run = 0, 0, 0
-    for i, carry in enumerate(carry_outs(a, b)):
-        run = run + 1 if carry else 0
-        if run > best:
-            best, best_start = run, i - run + 1
-    return best, best_start
-
-
-def dropped_carry_answers(a: int, b: int) -> set[int]:
-    """The teacher's error family: every answer that forgetting one incoming carry gives. Forgetting the
-    carry into column i (or the final carry, i = number of columns) and then adding honestly computes
-    a + b − 10^i exactly, because a carry is one unit of 10^i."""
-    return {a + b - 10 ** (i + 1) for i, carry in enumerate(carry_outs(a, b)) if carry}
-
-
-def teacher_trace(a: int, b: int, drop_carry_into: int | None = None, final_slip: int = 0) -> str:
-    """Column addition of a + b written step by step, ending in \\boxed{}. drop_carry_into=i forgets the carry
-    arriving at column i (i = number of columns: the final carry) and continues honestly; final_slip adds
-    that much to the stated result."""
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    columns = max(len(xs), len(ys))
-    carry, digits, lines = 0, [], []
-    for i in range(columns):
-        if i == drop_carry_into:
-            carry = 0
-        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
-        total = x + y + carry
-        terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
-        lines.append(f"Add the {COLUMN_NAMES[i]}: {terms} = {total}. Write {total % 10}"
-                     + (", carry 1." if total >= 10 else "."))
-        digits.append(total % 10)
-        carry = 1 if total >= 10 else 0
-    if carry and drop_carry_into != columns:
-        digits.append(1)
-        lines.append("Write the final carry 1.")
-    result = int("".join(str(d) for d in reversed(digits))) + final_slip
-    lines.append(f"So {a} + {b} = {result}. The answer is \\boxed{{{result}}}.")
-    return "\n".join(lines)
-
-
-def teacher_generation(a: int, b: int, rng: random.Random, teacher: dict) -> tuple[str, str | None]:
-    """One sampled trace and its mistake ("dropped_carry", "final_slip" or None). With probability
-    teacher["drop_carry"][L] (L = longest carry chain) the teacher forgets a carry arriving inside that chain,
-    at a column drawn uniformly; otherwise, with probability teacher["final_slip"], the last digit slips by 1."""
-    length, start = longest_carry_chain(a, b)
-    if length and rng.random() < teacher["drop_carry"][length]:
-        column = rng.randint(start + 1, start + length)  # receivers of the chain's carries
-        return teacher_trace(a, b, drop_carry_into=column), "dropped_carry"
-    if rng.random() < teacher["final_slip"]:
-        return teacher_trace(a, b, final_slip=rng.choice([-1, 1])), "final_slip"
-    return teacher_trace(a, b), None
-
-
-def make_problems(count: int, seed: int, exclude=frozenset()) -> list[tuple[int, int]]:
-    """Distinct (a, b) pairs of three-digit numbers, none in `exclude`."""
-    rng = random.Random(seed)
-    problems, seen = [], set(exclude)
-    while len(problems) < count:
-        pair = (rng.randint(100, 999), rng.randint(100, 999))
-        if pair not in seen:
-            seen.add(pair)
-            problems.append(pair)
-    return problems
-
-
-def problem_text(a: int, b: int) -> str:
-    return f"What is {a} + {b}?"
-
-
-def write_raw_generations(path, problems, generations_per_problem, teacher, seed) -> dict:
-    """OpenR1-Math-Raw-style rows (no `correctness`: data.py labels them with verify.py). Returns the
-    teacher's profile: per carry-chain length, problems, traces, wrong traces, problems with no right trace."""
-    rng = random.Random(seed)
-    profile = {}
-    rows = []
-    for a, b in problems:
-        traces = [teacher_generation(a, b, rng, teacher) for _ in range(generations_per_problem)]
-        rows.append(json.dumps({"problem": problem_text(a, b), "answer": str(a + b),
-                                "generations": [trace for trace, _ in traces]}))
-        stats = profile.setdefault(str(longest_carry_chain(a, b)[0]),
-                                   {"problems": 0, "traces": 0, "wrong_traces": 0, "no_correct_trace": 0})
-        wrong = sum(mistake is not None for _, mistake in traces)
-        stats["problems"] += 1
-        stats["traces"] += len(traces)
-        stats["wrong_traces"] += wrong
-        stats["no_correct_trace"] += wrong == len(traces)
-    write_lines(path, rows)
-    return dict(sorted(profile.items()))
-
-
-def write_eval_set(path, problems, prefix):
-    write_lines(path, [json.dumps({"id": f"{prefix}-{i}", "problem": problem_text(a, b), "answer": str(a + b)})
-                       for i, (a, b) in enumerate(problems)])
-
-
-def write_lines(path, lines):
-    write_text(path, "".join(line + "\n" for line in lines))
-
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. The tiny base checkpoint (its own tokenizer: BPE merges learned on the toy's text, so the toy's words are
 #    single tokens and a trace is short)
 
 
-def make_base_checkpoint(path, problems, config_overrides, seed):
-    """Random Qwen2 + a BPE tokenizer trained on the teacher's kind of text, saved in HF format."""
-    corpus = [SYSTEM_PROMPT, "<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n", "<|im_start|>assistant\n"]
-    corpus += [problem_text(a, b) + "\n" + teacher_trace(a, b) for a, b in problems[:300]]
-    tokenizer = tiny.make_tokenizer(path, texts=corpus, vocab_size=config_overrides.get("vocab_size", 512))
+def make_init_checkpoint(path, documents, config_overrides, seed):
+    """Random Qwen2 + a BPE tokenizer trained on the first 300 corpus documents, saved in HF format: the
+    starting point of the base's pretraining (scripts/demo_base.py)."""
+    tokenizer = tiny.make_tokenizer(path, texts=documents[:300], vocab_size=config_overrides.get("vocab_size", 512))
     config = Qwen2Config.from_dict(tiny.tiny_config_dict(**{**config_overrides,
                                                              "vocab_size": tokenizer.get_vocab_size()}))
     torch.manual_seed(seed)
@@ -254,24 +144,65 @@ STAGE2 = {
     "weighted": ("weighted", "groups.jsonl", []),
 }
 STORY = ("redi", "redi_symmetric")  # α = 0.8 vs α = 1 at the highest learning rate of the grid
-MODELS = ["sft_start"] + list(STAGE2)
+MODELS = ["base", "sft_start"] + list(STAGE2)
 
 
-def prepare_seed(plan, seed, out) -> dict:
-    """Teacher data, the three disjoint problem splits, base checkpoint and data.py build for one seed.
-    Returns the evaluation problems by id, the teacher's profile and data.py's report."""
-    os.makedirs(out, exist_ok=True)
+def splits(plan, seed) -> tuple[list, list, list]:
+    """One seed's three disjoint problem sets: train (the teacher's traces), validation and test."""
     train_problems = make_problems(plan["train_problems"], seed)
     val_problems = make_problems(plan["val_problems"], seed + 1000, exclude=frozenset(train_problems))
     test_problems = make_problems(plan["test_problems"], seed + 2000,
                                   exclude=frozenset(train_problems) | frozenset(val_problems))
+    return train_problems, val_problems, test_problems
+
+
+# The base is pretrained once and every seed starts Stage 1 from it, as every run of the paper starts from the
+# one Qwen2.5-Math-1.5B. Its corpus never holds a validation or test problem of seeds 0-9 (nor of a seed asked
+# for beyond them), so `make demo` (seed 0) and the five-seed study share the same base, bit for bit.
+BASE_SEED = 0
+
+
+def prepare_base(plan, seeds, out) -> dict:
+    """The corpus (its writer's profile), the random init checkpoint with its tokenizer and the pretrained
+    base in out/base; returns what results.json reports of them."""
+    held_out = set()
+    for seed in sorted(set(range(10)) | set(seeds)):
+        held_out.update(*splits(plan, seed)[1:])
+    problems = problems_with_hard_share(plan["corpus_problems"], BASE_SEED + 3000, plan["corpus_hard_share"],
+                                        exclude=frozenset(held_out))
+    documents, corpus = demo_base.write_corpus(problems, plan["corpus_writer"], BASE_SEED + 3000)
+    make_init_checkpoint(os.path.join(out, "init"), documents, plan["model"], BASE_SEED)
+    print(f"pretraining the base: {plan['pretrain']['steps']} steps on {len(documents)} documents", flush=True)
+    started = time.time()
+    losses = demo_base.pretrain(os.path.join(out, "init"), os.path.join(out, "base"), documents, seed=BASE_SEED,
+                                **plan["pretrain"])
+    info = {"corpus": corpus, "losses": losses, "seconds": round(time.time() - started, 1), **plan["pretrain"]}
+    write_json(os.path.join(out, "base", "pretraining.json"), info)
+    return info
+
+
+def reuse_base(source, out) -> dict:
+    """--base: copy a base that an earlier demo run pretrained (its pretraining.json says how) to out/base."""
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise InputError(f"--base {source}: not a checkpoint directory (no config.json); pass the base/ folder "
+                         "of an earlier demo run")
+    shutil.copytree(source, os.path.join(out, "base"))
+    info_path = os.path.join(out, "base", "pretraining.json")
+    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    return dict(info, reused_from=os.path.abspath(source))
+
+
+def prepare_seed(plan, seed, out) -> dict:
+    """Teacher data, the three disjoint problem splits and data.py build for one seed. Returns the evaluation
+    problems by id, the teacher's profile and data.py's report."""
+    os.makedirs(out, exist_ok=True)
+    train_problems, val_problems, test_problems = splits(plan, seed)
     teacher = write_raw_generations(os.path.join(out, "raw.jsonl"), train_problems, plan["generations"],
                                     plan["teacher"], seed)
     write_eval_set(os.path.join(out, "val.jsonl"), val_problems, "val")
     write_eval_set(os.path.join(out, "test.jsonl"), test_problems, "test")
-    make_base_checkpoint(os.path.join(out, "base"), train_problems, plan["model"], seed)
     run([sys.executable, "data.py", "build", "--raw", os.path.join(out, "raw.jsonl"), "--out",
-         os.path.join(out, "data"), "--tokenizer", os.path.join(out, "base"), "--template", "qwen"],
+         os.path.join(out, "data"), "--tokenizer", os.path.join(out, "..", "base"), "--template", "qwen"],
         os.path.join(out, "data.log"))
     with open(os.path.join(out, "data", "report.json")) as f:
         report = json.load(f)
@@ -302,11 +233,14 @@ def choose_lr(validation: dict[str, float]) -> float:
 
 
 def run_seed(plan, seed, out, jobs: int, with_story: bool) -> dict:
-    """Stage 1; every Stage 2 method and control at every lr of the grid, each lr chosen by validation
-    pass@1; test pass@1 of the chosen runs and of the SFT start; the premise; (with_story) the α story."""
+    """The pretrained base; Stage 1; every Stage 2 method and control at every lr of the grid, each lr chosen
+    by validation pass@1; test pass@1 and the premise of the base, the SFT start and every chosen run;
+    (with_story) the α story."""
     prep = prepare_seed(plan, seed, out)
     sft, val, test = os.path.join(out, "sft"), os.path.join(out, "val.jsonl"), os.path.join(out, "test.jsonl")
-    train(sft, "sft", os.path.join(out, "base"), os.path.join(out, "data", "sft.jsonl"), plan["sft"])
+    base = os.path.join(os.path.dirname(out), "base")
+    in_parallel(jobs, [partial(train, sft, "sft", base, os.path.join(out, "data", "sft.jsonl"), plan["sft"]),
+                       partial(evaluate, base, test, os.path.join(out, "eval", "test", "base"), plan["test_eval"])])
     steps = min(plan["stage2_steps"], math.ceil(prep["data"]["pairs_rows"] / plan["stage2_batch"]))  # <= 1 epoch
     top_lr = max(plan["lrs"])
     grid = [(name, lr) for name in reversed(STAGE2) for lr in sorted(plan["lrs"], reverse=True)]  # slowest first
@@ -314,24 +248,45 @@ def run_seed(plan, seed, out, jobs: int, with_story: bool) -> dict:
                                         plan["val_eval"])] +
                          [partial(stage2_run, plan, out, name, lr, steps, with_story and name in STORY and lr == top_lr)
                           for name, lr in grid])
-    models = {"sft_start": {"lr": None, "validation": {"-": scores[0]}, "run_dir": "sft"}}
+    models = {"base": {"lr": None, "validation": {}, "run_dir": os.path.join("..", "base")},
+              "sft_start": {"lr": None, "validation": {"-": scores[0]}, "run_dir": "sft"}}
     for (name, lr), score in zip(grid, scores[1:]):
         models.setdefault(name, {"validation": {}})["validation"][f"{lr:g}"] = score
     for name in STAGE2:
         best = choose_lr(models[name]["validation"])
         models[name].update(lr=best, run_dir=os.path.join("stage2", f"{name}-lr{best:g}"))
-    test_pass = in_parallel(jobs, [partial(evaluate, os.path.join(out, models[name]["run_dir"]), test,
-                                           os.path.join(out, "eval", "test", name), plan["test_eval"])
-                                   for name in MODELS])
-    for name, score in zip(MODELS, test_pass):
-        models[name].update({"pass@1": score, "errors": error_profile(
-            os.path.join(out, "eval", "test", name, "samples.jsonl"), prep["problems"])})
-    result = {"seed": seed, "teacher": prep["teacher"], "data": dict(prep["data"], stage2_steps=steps),
-              "models": models, "premise": models["sft_start"]["errors"]}
+    in_parallel(jobs, [partial(evaluate, os.path.join(out, models[name]["run_dir"]), test,
+                               os.path.join(out, "eval", "test", name), plan["test_eval"])
+                       for name in MODELS if name != "base"])
+    for name in MODELS:
+        models[name].update(test_result(plan, out, name, models[name]["run_dir"], prep["problems"]))
+    result = {"seed": seed, "teacher": prep["teacher"], "data": dict(prep["data"], stage2_steps=steps), "models": models,
+              "premise": premise(models["sft_start"])}
     if with_story:
         result["alpha_story"] = alpha_story(plan, out, top_lr, models, jobs)
     write_json(os.path.join(out, "seed.json"), result)
     return result
+
+
+def test_result(plan, out, name, run_dir, problems) -> dict:
+    """A model's test pass@1 (from evaluate.py's summary), where its wrong answers fall, and its log-probs per
+    token of the teacher's chosen and rejected traces."""
+    with open(os.path.join(out, "eval", "test", name, "summary.json")) as f:
+        score = json.load(f)["pass@1"]
+    return {"pass@1": score,
+            "errors": error_profile(os.path.join(out, "eval", "test", name, "samples.jsonl"), problems),
+            "logps": demo_base.pair_logps_per_token(os.path.join(out, run_dir),
+                                                    os.path.join(out, "data", "pairs.jsonl"), plan["premise_pairs"])}
+
+
+def premise(model: dict) -> dict:
+    """The paper's premise, measured on one model: the share of its wrong test answers that are in the
+    teacher's error family, and its mean log-probability per token of the chosen and rejected traces."""
+    errors = model["errors"]
+    return {"student_errors_in_teacher_family": errors["wrong_in_teacher_family"] / max(errors["wrong"], 1),
+            "wrong": errors["wrong"], "wrong_in_teacher_family": errors["wrong_in_teacher_family"],
+            "logp_per_token_chosen": model["logps"]["logp_per_token_chosen"],
+            "logp_per_token_rejected": model["logps"]["logp_per_token_rejected"], "pairs": model["logps"]["pairs"]}
 
 
 def alpha_story(plan, out, lr, models, jobs) -> dict:
@@ -375,25 +330,38 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def aggregate(seed_results: list[dict], settings: dict) -> dict:
     """results.json: per model {"pass@1": mean over seeds, "std", "seeds": per-seed test pass@1, "vs_sft_start":
-    the same for pass@1 minus the seed's SFT start, "lr": per-seed choice}, the premise (errors pooled over seeds), the teacher's profile and the α story (first seed)."""
+    the same for pass@1 minus the seed's SFT start, "lr": per-seed choice, "errors" pooled over seeds,
+    "premise": per-seed premise of that model}; `premise`: the SFT start's (the paper's premise, at the start of
+    Stage 2: errors pooled over seeds, log-probs averaged over seeds, per seed); the teacher's and the corpus
+    writer's profiles and the α story (first seed)."""
     results = {"settings": settings}
     start = [r["models"]["sft_start"]["pass@1"] for r in seed_results]
     for name in MODELS:
         per_seed = [r["models"][name] for r in seed_results]
         mean, std = mean_std([m["pass@1"] for m in per_seed])
-        # Paired with the seed's own SFT start: the seeds' SFT models differ far more than Stage 2 moves them.
+        # Paired with the seed's own SFT start: the seeds' SFT models differ more than Stage 2 moves them.
         gains = [m["pass@1"] - s for m, s in zip(per_seed, start)]
         gain_mean, gain_std = mean_std(gains)
         results[name] = {"pass@1": mean, "std": std, "seeds": [m["pass@1"] for m in per_seed],
                          "vs_sft_start": {"mean": gain_mean, "std": gain_std, "seeds": gains},
                          "lr": [m["lr"] for m in per_seed],
                          "validation": [m["validation"] for m in per_seed],
-                         "errors": pooled([m["errors"] for m in per_seed])}
-    results["premise"] = dict(results["sft_start"]["errors"], per_seed=[r["premise"] for r in seed_results])
-    results["teacher"] = [r["teacher"] for r in seed_results]
-    results["data"] = [r["data"] for r in seed_results]
+                         "errors": pooled([m["errors"] for m in per_seed]),
+                         "premise": pooled_premise([premise(m) for m in per_seed])}
+    results["premise"] = results["sft_start"]["premise"]
+    for key in ("teacher", "data"):
+        results[key] = [r[key] for r in seed_results]
     results["alpha_story"] = seed_results[0].get("alpha_story")
     return results
+
+
+def pooled_premise(per_seed: list[dict]) -> dict:
+    """The premise over seeds: the error share pooled (wrong answers summed), the log-probs averaged."""
+    wrong = sum(p["wrong"] for p in per_seed)
+    return {"student_errors_in_teacher_family": sum(p["wrong_in_teacher_family"] for p in per_seed) / max(wrong, 1),
+            "logp_per_token_chosen": sum(p["logp_per_token_chosen"] for p in per_seed) / len(per_seed),
+            "logp_per_token_rejected": sum(p["logp_per_token_rejected"] for p in per_seed) / len(per_seed),
+            "wrong": wrong, "per_seed": per_seed}
 
 
 def pooled(profiles: list[dict]) -> dict:
@@ -406,7 +374,7 @@ def pooled(profiles: list[dict]) -> dict:
     return total
 
 
-LABELS = {"sft_start": "SFT start", "sft_continued": "SFT continued", "redi_alpha0": "REDI α=0",
+LABELS = {"base": "base (pretrained)", "sft_start": "SFT start", "sft_continued": "SFT continued", "redi_alpha0": "REDI α=0",
           "redi": "REDI α=0.8", "redi_symmetric": "REDI α=1", "dpo": "DPO", "simpo": "SimPO",
           "weighted": "weighted NLL"}
 
@@ -418,17 +386,19 @@ def percent(mean: float, std: float | None) -> str:
 
 def print_table(results):
     print(f"\ntest pass@1 (%) over seeds {results['settings']['seeds']}: mean ± std; minus the same seed's SFT "
-          "start; per seed; Stage 2 lr chosen on validation; wrong answers that are a dropped carry")
+          "start; per seed; Stage 2 lr chosen on validation; share of the wrong answers that are a dropped carry "
+          "(the teacher's error family); log-prob per token of the teacher's chosen / rejected traces")
     for name in MODELS:
-        r, gain = results[name], results[name]["vs_sft_start"]
+        r, gain, p = results[name], results[name]["vs_sft_start"], results[name]["premise"]
         lrs = "-" if r["lr"][0] is None else ", ".join(f"{lr:g}" for lr in r["lr"])
-        print(f"  {LABELS[name]:<14} {percent(r['pass@1'], r['std']):>12}  {percent(gain['mean'], gain['std']):>12}  "
+        print(f"  {LABELS[name]:<18} {percent(r['pass@1'], r['std']):>12}  {percent(gain['mean'], gain['std']):>12}  "
               f"({', '.join(f'{100 * v:.1f}' for v in r['seeds'])})  lr {lrs}  "
-              f"{r['errors']['wrong_in_teacher_family']}/{r['errors']['wrong']}")
+              f"family {100 * p['student_errors_in_teacher_family']:.0f}% of {p['wrong']}  "
+              f"logp/token {p['logp_per_token_chosen']:.3f} / {p['logp_per_token_rejected']:.3f}")
     p = results["premise"]
-    print(f"\npremise: of the SFT start's {p['wrong']} wrong test answers, {100 * p['share_in_teacher_family']:.0f}% "
-          f"are a dropped carry (the teacher's error family) and {100 * p['share_on_hard']:.0f}% fall on hard "
-          f"problems (carry chain >= 2), which hold {100 * p['hard_share_of_samples']:.0f}% of the test samples")
+    print(f"\npremise (SFT start): {100 * p['student_errors_in_teacher_family']:.0f}% of its {p['wrong']} wrong test "
+          f"answers are a dropped carry; log-prob per token of the teacher's chosen traces "
+          f"{p['logp_per_token_chosen']:.3f}, of its rejected ones {p['logp_per_token_rejected']:.3f}")
     story = results["alpha_story"]
     if story:
         for name in STORY:
@@ -436,9 +406,33 @@ def print_table(results):
             print(f"α story (lr {story['lr']:g}), α = {story[name]['alpha']:g}: validation pass@1 by step {points}")
 
 
+def markdown_tables(results) -> str:
+    """The README's two tables: per model (pass@1, paired with the SFT start, per seed, lr, premise after it)
+    and per seed (the base, the SFT start and its premise)."""
+    seeds = results["settings"]["seeds"]
+    lines = [f"| test pass@1, % (seeds {', '.join(map(str, seeds))}) | mean ± std | minus the seed's SFT start | "
+             "per seed | lr chosen | wrong answers a dropped carry | log π/token chosen / rejected |", "|---" * 7 + "|"]
+    for name in MODELS:
+        r, gain, p = results[name], results[name]["vs_sft_start"], results[name]["premise"]
+        lrs = "—" if r["lr"][0] is None else ", ".join(f"{lr:g}" for lr in r["lr"])
+        lines.append(f"| {LABELS[name]} | {percent(r['pass@1'], r['std'])} | "
+                     f"{'—' if name == 'sft_start' else percent(gain['mean'], gain['std'])} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in r['seeds'])} | {lrs} | "
+                     f"{100 * p['student_errors_in_teacher_family']:.0f}% of {p['wrong']} | "
+                     f"{p['logp_per_token_chosen']:.3f} / {p['logp_per_token_rejected']:.3f} |")
+    lines += ["", "| seed | base pass@1 | SFT start pass@1 | SFT start: wrong answers a dropped carry | "
+              "log π/token chosen | log π/token rejected |", "|---" * 6 + "|"]
+    for seed, base, start, p in zip(seeds, results["base"]["seeds"], results["sft_start"]["seeds"],
+                                    results["premise"]["per_seed"]):
+        lines.append(f"| {seed} | {100 * base:.1f} | {100 * start:.1f} | "
+                     f"{100 * p['student_errors_in_teacher_family']:.0f}% ({p['wrong_in_teacher_family']}/{p['wrong']}) | "
+                     f"{p['logp_per_token_chosen']:.3f} | {p['logp_per_token_rejected']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_figures(results, seed_results, out):
-    """accuracy.png (test pass@1 per model, error bars = std over seeds, dots = seeds), logps.png and
-    alpha_story.png (first seed)."""
+    """accuracy.png (test pass@1 per model, error bars = std over seeds, dots = seeds), premise.png (the premise
+    before and after each method), logps.png and alpha_story.png (first seed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -446,7 +440,7 @@ def plot_figures(results, seed_results, out):
     except ImportError:
         print("matplotlib is not installed: no figures (pip install -r requirements-demo.txt)")
         return []
-    paths = [os.path.join(out, name) for name in ("accuracy.png", "logps.png", "alpha_story.png")]
+    paths = [os.path.join(out, name) for name in ("accuracy.png", "premise.png", "logps.png", "alpha_story.png")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     bars(axes[0], [(results[n]["pass@1"], results[n]["std"], results[n]["seeds"]) for n in MODELS])
     bars(axes[1], [(results[n]["vs_sft_start"]["mean"], results[n]["vs_sft_start"]["std"],
@@ -458,18 +452,41 @@ def plot_figures(results, seed_results, out):
     axes[1].set_title("test pass@1 minus the same seed's SFT start", fontsize=9)
     axes[1].axhline(0, color="black", linewidth=0.8)
     save(fig, paths[0])
-    plot_logps(plt, results["settings"]["plan"]["lrs"], seed_results[0]["out"], paths[1])
+    plot_premise(plt, results, paths[1])
+    plot_logps(plt, results["settings"]["plan"]["lrs"], seed_results[0]["out"], paths[2])
     story = results["alpha_story"]
     if story:
-        plot_alpha_story(plt, story, paths[2])
+        plot_alpha_story(plt, story, paths[3])
     return paths
+
+
+def plot_premise(plt, results, path):
+    """The premise before and after each method: the share of the wrong test answers that are a dropped carry,
+    and the log-prob per token of the teacher's chosen and rejected traces (bars: over seeds; dots: seeds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    premises = [results[n]["premise"] for n in MODELS]
+    bars(axes[0], [(p["student_errors_in_teacher_family"], None,
+                    [s["wrong_in_teacher_family"] / max(s["wrong"], 1) for s in p["per_seed"]]) for p in premises])
+    axes[0].set_ylabel("% of wrong test answers")
+    axes[0].set_title("wrong answers that are the teacher's kind of mistake (a dropped carry)", fontsize=9)
+    for offset, side, color in ((-0.2, "chosen", "tab:green"), (0.2, "rejected", "tab:red")):
+        key = f"logp_per_token_{side}"
+        axes[1].bar([x + offset for x in range(len(MODELS))], [p[key] for p in premises], width=0.4, color=color,
+                    label=f"{side} ({'correct' if side == 'chosen' else 'wrong'} teacher trace)")
+        for x, p in enumerate(premises):
+            axes[1].scatter([x + offset] * len(p["per_seed"]), [s[key] for s in p["per_seed"]], color="black", s=8,
+                            zorder=3)
+    axes[1].set_xticks(range(len(MODELS)), [LABELS[n] for n in MODELS], rotation=25, ha="right")
+    axes[1].set_title("log π(y|x) / |y| of the teacher's traces, mean over pairs", fontsize=9)
+    axes[1].legend(fontsize=7)
+    save(fig, path)
 
 
 def bars(ax, stats: list[tuple]):
     """One bar per model: (mean, std or None, per-seed values) -> bar, error bar, dots; controls in gray."""
     for x, (name, (mean, std, seeds)) in enumerate(zip(MODELS, stats)):
         ax.bar(x, 100 * mean, yerr=None if std is None else 100 * std, capsize=4,
-               color="tab:gray" if name in ("sft_start", "sft_continued", "redi_alpha0") else "tab:blue")
+               color="tab:gray" if name in ("base", "sft_start", "sft_continued", "redi_alpha0") else "tab:blue")
         ax.scatter([x] * len(seeds), [100 * v for v in seeds], color="black", s=8, zorder=3)
     ax.set_xticks(range(len(MODELS)), [LABELS[n] for n in MODELS], rotation=25, ha="right")
 
@@ -523,27 +540,36 @@ def save(fig, path):
 
 # ----------------------------------------------------------------------------------------------------------
 
-# Every setting, stated. The tiny model (0.8M parameters) needs a larger SFT lr than the paper's 5e-5. Stage 1
-# is 5 epochs, which here is the paper's Qwen-SFT-1.5B-3ep situation, an SFT model still improving fast: on
-# seed 0 (a 5-epoch run saving checkpoints) validation pass@1 was 0% at step 360, 6% at 420, 19% at 480, 39% at
-# 540 and 60% at the end (600), with the loss still falling (the model learns to copy digits late). Stage 2: the same number of steps for every method and control (a third of an epoch
-# over the pairs at this budget; the paper trains one epoch), linear warmup over 10% then linear decay
-# (train.py's schedule, as in the paper). The Stage 2 lr of every method and control is chosen from `lrs` on
-# the validation split: 1/50 of the SFT lr (the paper's ratio, 5e-5 -> 1e-6) and a quarter of it; the higher
-# one carries the α story. Decoding as in the paper (temperature 0.6, top-p 0.95); 4 samples per test
-# problem (the paper's intermediate evaluations), 2 per validation problem.
+# Every setting, stated. The base: 1,000 steps x 16 corpus documents, lr 3e-3 (the tiny model learns to copy
+# digits late; at 800 steps on the natural mix it still miscopied the hundreds digits of long traces), on
+# 4,000 problems of which 60% are hard (carry chain >= 2: the long traces, where the habit lives), written
+# with drop-carry rates 0 / 0.4 / 0.8 / 0.9 for chains of 0..3 against the teacher's 0 / 0.05 / 0.35 / 0.7.
+# Stage 1: 10 steps x 16 at lr 1e-4. The base already writes the format, and SFT on the teacher's correct
+# traces erases the habit fast: on seed 0's validation split the share of wrong answers that are a dropped
+# carry was 53% after 10 steps at 1e-4, 29% after 20, 0% after 40 at 2e-4 and after 60 at 5e-4. Stage 2: the
+# same number of steps for every method and control (a third of an epoch over the pairs at this budget; the
+# paper trains one epoch), linear warmup over 10% then linear decay (train.py's schedule, as in the paper).
+# The Stage 2 lr of every method and control is chosen from `lrs` on the validation split (as before this
+# design: 1e-5 and 4e-5); the higher one carries the α story. Decoding as in the paper (temperature 0.6,
+# top-p 0.95); 4 samples per test problem (the paper's intermediate evaluations), 2 per validation problem.
 # Micro-batches hold 4 sequences per packed row: the math does not depend on it (losses are normalised over
 # the global batch), only the speed does (on CPU the dense document mask is quadratic in the row length).
 SAMPLING = ["--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "160", "--batch-size", "64"]
 FULL = dict(train_problems=2000, val_problems=100, test_problems=200, generations=4,
             teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
+            corpus_problems=4000, corpus_hard_share=0.6,
+            corpus_writer=dict(drop_carry=[0.0, 0.4, 0.8, 0.9], final_slip=0.0),
+            pretrain=dict(steps=1000, batch_size=16, lr=3e-3), premise_pairs=128,
             model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
-            sft=["--lr", "2e-3", "--epochs", "5", "--batch-size", "16", "--micro-batch-size", "4"],
+            sft=["--lr", "1e-4", "--epochs", "1", "--max-steps", "10", "--batch-size", "16", "--micro-batch-size", "4"],
             lrs=[1e-5, 4e-5], stage2_steps=20, stage2_batch=16, micro_batch={"sft": 4, "pairs": 2, "weighted": 1},
             story_points=4, val_eval=["--num-samples", "2"] + SAMPLING, test_eval=["--num-samples", "4"] + SAMPLING)
 QUICK = dict(train_problems=48, val_problems=4, test_problems=6, generations=4,
              teacher=dict(drop_carry=[0.0, 0.05, 0.35, 0.7], final_slip=0.03),
+             corpus_problems=64, corpus_hard_share=0.6,
+             corpus_writer=dict(drop_carry=[0.0, 0.4, 0.8, 0.9], final_slip=0.0),
+             pretrain=dict(steps=3, batch_size=8, lr=3e-3), premise_pairs=8,
              model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1, vocab_size=400, max_position_embeddings=512),
              sft=["--lr", "1e-3", "--epochs", "1", "--max-steps", "3", "--batch-size", "8",
@@ -571,6 +597,8 @@ def parse_args(argv=None):
                              "depend on it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds: for tests")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    parser.add_argument("--base", help="start from the pretrained base/ of an earlier demo run (same --quick) "
+                                       "instead of pretraining it again")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {args.seeds}")
@@ -589,9 +617,11 @@ def main(argv=None):
                              "or choose another --out")
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(1)  # the base's pretraining runs in this process: one thread, as every step does
     with OutputLock(out, "demo.py"):
         start, cpu_start = time.time(), cpu_seconds()
         seeds = list(range(args.seed, args.seed + args.seeds))
+        base = reuse_base(args.base, out) if args.base else prepare_base(plan, seeds, out)
         seed_results = []
         for seed in seeds:
             seed_dir = os.path.join(out, f"seed-{seed}")
@@ -604,9 +634,10 @@ def main(argv=None):
                         "wall_seconds": round(time.time() - start, 1),
                         "wall_seconds_after_seed": [r["wall_seconds"] for r in seed_results],
                         "cpu_seconds": round(cpu_seconds() - cpu_start, 1)}
-            results = aggregate(seed_results, settings)
+            results = dict(aggregate(seed_results, settings), base_pretraining=base)
             results["figures"] = [os.path.basename(p) for p in plot_figures(results, seed_results, out)]
             write_json(os.path.join(out, "results.json"), results)
+            write_text(os.path.join(out, "tables.md"), markdown_tables(results))
         print_table(results)
         print(f"\nwrote {os.path.join(out, 'results.json')}: {format_seconds(settings['wall_seconds'])} wall, "
               f"{format_seconds(settings['cpu_seconds'])} CPU (all processes)")

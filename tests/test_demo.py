@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import demo
+from scripts import demo, demo_base
+import data
 import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,52 @@ def test_teacher_profile(tmp_path):
     assert [r["answer"] for r in rows] == ["579", "300", "1003"] and all(len(r["generations"]) == 3 for r in rows)
 
 
+def test_base_corpus_has_the_teachers_habit_far_more_often():
+    """The pretrained base's corpus (scripts/demo_base.py), measured per carry-chain length on 4,000 documents:
+    its error rate is the writer's drop-carry rate (within 4 binomial standard errors), every error is a
+    dropped carry (the teacher's family), no easy problem is wrong, and it errs far more than the teacher."""
+    writer, teacher = demo.FULL["corpus_writer"], demo.FULL["teacher"]
+    problems = demo.make_problems(4000, seed=11)
+    documents, profile = demo_base.write_corpus(problems, writer, seed=3)
+    assert len(documents) == 4000 and sum(p["documents"] for p in profile.values()) == 4000
+    assert profile["0"]["wrong"] == 0
+    for length, stats in profile.items():
+        rate, n = writer["drop_carry"][int(length)], stats["documents"]
+        assert stats["dropped_carry"] == stats["wrong"] and stats["error_rate"] == stats["wrong"] / n
+        assert abs(stats["error_rate"] - rate) <= 4 * math.sqrt(rate * (1 - rate) / n) + 1e-9, length
+    for length in (1, 2, 3):
+        assert writer["drop_carry"][length] >= teacher["drop_carry"][length] + 0.2
+    # A document is the chat as the qwen template writes it, closed by <|im_end|>; its answer is graded.
+    (a, b), doc = problems[0], documents[0]
+    assert doc.startswith("<|im_start|>system\n" + data.SYSTEM_PROMPT) and doc.endswith("<|im_end|>\n")
+    assert f"<|im_start|>user\nWhat is {a} + {b}?<|im_end|>\n<|im_start|>assistant\nAdd the ones:" in doc
+
+
+def test_corpus_problems_hard_share():
+    exclude = frozenset(demo.make_problems(50, seed=9))
+    problems = demo.problems_with_hard_share(1000, seed=4, hard_share=0.6, exclude=exclude)
+    assert len(set(problems)) == 1000 and not set(problems) & exclude
+    assert sum(demo.longest_carry_chain(a, b)[0] >= 2 for a, b in problems) == 600
+
+
+def test_pretraining_learns_and_premise_logps(tmp_path):
+    """A few pretraining steps lower the next-token loss and save a checkpoint that evaluate.py can load; the
+    premise's log-probs are per-token means over the pairs, chosen and rejected."""
+    problems = demo.make_problems(40, seed=2)
+    documents, _ = demo_base.write_corpus(problems, demo.FULL["corpus_writer"], seed=0)
+    demo.make_init_checkpoint(tmp_path / "init", documents, demo.QUICK["model"], seed=0)
+    losses = demo_base.pretrain(tmp_path / "init", tmp_path / "base", documents, steps=12, batch_size=8, lr=3e-3,
+                                seed=0)
+    assert losses[0]["step"] == 1 and losses[-1]["step"] == 12 and losses[-1]["loss"] < losses[0]["loss"] - 0.5
+    rows = [{"prompt": [{"role": "user", "content": demo.problem_text(159, 141)}],
+             "chosen": demo.teacher_trace(159, 141), "rejected": demo.teacher_trace(159, 141, drop_carry_into=1)}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    result = demo_base.pair_logps_per_token(tmp_path / "base", tmp_path / "pairs.jsonl", max_pairs=2,
+                                            pairs_per_forward=1)
+    assert result["pairs"] == 2 and -20 < result["logp_per_token_chosen"] < 0
+    assert -20 < result["logp_per_token_rejected"] < 0
+
+
 def test_splits_are_disjoint():
     train = demo.make_problems(500, seed=0)
     val = demo.make_problems(100, seed=1000, exclude=frozenset(train))
@@ -146,7 +193,7 @@ def check_quick_demo(out):
     plan = results["settings"]["plan"]
     for name in demo.MODELS:
         r = results[name]
-        assert set(r) >= {"pass@1", "std", "seeds", "lr"}, name
+        assert set(r) >= {"pass@1", "std", "seeds", "lr", "premise"}, name
         assert r["std"] is None and len(r["seeds"]) == 1 and r["pass@1"] == r["seeds"][0]
         assert r["vs_sft_start"]["seeds"] == [r["pass@1"] - results["sft_start"]["pass@1"]]
         samples = [json.loads(line) for line in open(seed_dir / "eval" / "test" / name / "samples.jsonl")]
@@ -154,12 +201,22 @@ def check_quick_demo(out):
         assert len(samples) == plan["test_problems"] * n
         assert r["pass@1"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples)), name
         assert r["errors"]["wrong"] == sum(not s["correct"] for s in samples)
-        if name != "sft_start":
+        assert r["premise"]["wrong"] == r["errors"]["wrong"], name
+        if name not in ("base", "sft_start"):
             run_dir = seed_dir / "stage2" / f"{name}-lr{r['lr'][0]:g}"
             assert r["lr"][0] in plan["lrs"] and (run_dir / "config.json").exists(), name
+    # The base: pretrained once (out/base), evaluated as it is; its corpus's profile and losses reported.
+    assert (out / "base" / "config.json").exists() and results["base"]["lr"] == [None]
+    pretraining = results["base_pretraining"]
+    assert pretraining["steps"] == plan["pretrain"]["steps"] and pretraining["losses"][-1]["step"] == pretraining["steps"]
+    assert sum(p["documents"] for p in pretraining["corpus"].values()) == plan["corpus_problems"]
+    # The premise, as the issue names it: the SFT start's, with its parts traced to the samples.
     premise = results["premise"]
-    assert premise["wrong"] == results["sft_start"]["errors"]["wrong"]
-    assert 0 <= premise["share_in_teacher_family"] <= 1 and premise["per_seed"][0]["samples"] == premise["samples"]
+    assert set(premise) >= {"student_errors_in_teacher_family", "logp_per_token_chosen", "logp_per_token_rejected"}
+    errors = results["sft_start"]["errors"]
+    assert premise["student_errors_in_teacher_family"] == errors["wrong_in_teacher_family"] / max(errors["wrong"], 1)
+    assert premise["logp_per_token_chosen"] < 0 and premise["logp_per_token_rejected"] < 0
+    assert premise["per_seed"][0]["pairs"] == min(plan["premise_pairs"], results["data"][0]["pairs_rows"])
     # Every Stage 2 run takes the same number of steps: one epoch over the pairs.
     steps = results["data"][0]["stage2_steps"]
     assert steps == math.ceil(results["data"][0]["pairs_rows"] / plan["stage2_batch"])
@@ -172,7 +229,9 @@ def check_quick_demo(out):
     for name in demo.STORY:
         assert list(story[name]["val_pass@1"])[0] == "0" and list(story[name]["val_pass@1"])[-1] == str(steps)
         assert len(story[name]["val_pass@1"]) >= 3 and len(story[name]["logps"]) == steps
+    tables = (out / "tables.md").read_text()  # the README's tables, one row per model and one per seed
+    assert all(f"| {demo.LABELS[name]} |" in tables for name in demo.MODELS) and "\n| 0 | " in tables
     pytest.importorskip("matplotlib")
-    assert results["figures"] == ["accuracy.png", "logps.png", "alpha_story.png"]
+    assert results["figures"] == ["accuracy.png", "premise.png", "logps.png", "alpha_story.png"]
     for figure in results["figures"]:
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
