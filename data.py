@@ -958,8 +958,10 @@ def _worker_init(settings: BuildSettings, parent: int) -> None:
     _WORKER_SETTINGS = settings
     _die_with(parent)
     # Ctrl-C reaches the whole process group: the build process alone answers it (one line, common.cli) and
-    # shuts the pool down; a worker would print a traceback of its own.
+    # shuts the pool down; a worker would print a traceback of its own. The worker was forked with SIGINT
+    # blocked (_submit): it ignores it before unblocking, so a Ctrl-C during its start-up is dropped too.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # One worker = one core: the tokenizer's own thread pool would make --workers N oversubscribe the CPUs.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -980,6 +982,19 @@ def _die_with(parent: int) -> None:
 
 def _worker_chunk(path, chunk):
     return process_chunk(_WORKER_SETTINGS, path, chunk)
+
+
+def _submit(pool, path, chunk):
+    """pool.submit with SIGINT blocked: the pool forks its workers inside submit, and a Ctrl-C landing between
+    a fork and the worker's _worker_init would stop that worker half-started (a traceback, or a pool waiting on
+    it for ever). A Ctrl-C that comes meanwhile reaches this process when SIGINT is unblocked."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(_worker_chunk, path, chunk)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _chunks(path, max_rows: int = 32, max_bytes: int = 8 << 20) -> Iterator[tuple[int, list]]:
@@ -1013,7 +1028,7 @@ def _ordered_results(s: BuildSettings, path, workers: int) -> Iterator[tuple[int
     try:
         pending = collections.deque()
         for done, chunk in _chunks(path):
-            pending.append((done, pool.submit(_worker_chunk, path, chunk)))
+            pending.append((done, _submit(pool, path, chunk)))
             if len(pending) >= 2 * workers:
                 done, result = pending.popleft()
                 yield done, result.result()
