@@ -1373,12 +1373,41 @@ def _write_token_arrays(out_dir, rows: list[dict], fmt: str, tokenizer, template
             "report": _merge_reports(reports)}
 
 
+def _builder_prefix(pid: int) -> str:
+    import socket
+
+    return f".tmp-{socket.gethostname()}-{pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def remove_dead_builders_temporaries(root) -> None:
+    """A build killed outright (SIGKILL, the out-of-memory killer) leaves its temporary directory: those of
+    builders on this host whose process is gone are removed. A live builder's (another job racing this one)
+    and other hosts' (a shared filesystem) are left alone."""
+    host_prefix = _builder_prefix(0)[:-1]  # ".tmp-HOST-"
+    for name in os.listdir(root):
+        pid = name[len(host_prefix):].split("-", 1)[0]
+        if name.startswith(host_prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            print(f"removed {os.path.join(root, name)}, left by an interrupted token-cache build", file=sys.stderr)
+
+
 def build_token_cache(path, data_path, fmt: str, tokenizer, template, max_length: int | None, key: dict) -> None:
     """Read and tokenise --data into the directory `path`, atomically: everything is written into a
     temporary directory beside it, renamed to `path` when whole. If another builder got there first, its
     directory (the same key, so the same arrays) stays and ours is discarded."""
     rows = LOADERS[fmt](data_path)  # a bad row stops here with its file:line
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    remove_dead_builders_temporaries(os.path.dirname(path))
+    tmp = tempfile.mkdtemp(prefix=f"{_builder_prefix(os.getpid())}-", dir=os.path.dirname(path))
     try:
         meta = _write_token_arrays(tmp, rows, fmt, tokenizer, template, max_length)
         common.write_json(os.path.join(tmp, "meta.json"), {"key": key, **meta})

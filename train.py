@@ -862,7 +862,7 @@ def log_step(run, step: int, batch_indices: list[int], values: list[float], name
               flush=True)
 
 
-def train(run) -> None:
+def train(run, tokenizer) -> None:
     """One global batch per step. The step's one host synchronisation reads the loss and the gradient norm,
     which must be finite before the optimizer applies them; the weights are checked before every save.
     SIGTERM (common.Preemption) stops the run at the end of a step, every rank at the same one, with step-N
@@ -870,7 +870,7 @@ def train(run) -> None:
     within half of --preempt-grace instead."""
     args, preemption = run.args, common.PREEMPTION
     tracker = common.open_tracker(args.report_to, args.out, vars(args), run.start_step, run.d)
-    eval_set = make_eval_set(args, data.load_tokenizer(args.model), run.d.rank, run.d.world_size)
+    eval_set = make_eval_set(args, tokenizer, run.d.rank, run.d.world_size)
     progress, last, seconds = common.Progress(run.total_steps, done=run.start_step), time.perf_counter(), None
     for step, _, batch_indices in data.iterate_batches(len(run.dataset), args.batch_size, args.seed,
                                                        args.epochs, run.start_step, stop_step=run.total_steps):
@@ -931,7 +931,7 @@ def main(argv=None) -> None:
             stack.enter_context(common.PREEMPTION.armed(args.preempt_grace, "train.py",
                                                         lambda: common.last_good(args.out, math.inf)))
             on_main_rank(d, f"locking {args.out}", lambda: stack.enter_context(common.OutputLock(args.out, "train.py")))
-            train(setup(args, d, tokenizer))
+            train(setup(args, d, tokenizer), tokenizer)  # the tokenizer check_inputs loaded, not a second one
             common.barrier(d)  # every rank finishes its last collective before any tears the group down
     finally:
         common.close_distributed()

@@ -303,3 +303,22 @@ def test_a_loss_mask_that_is_not_one_edge_stops_the_build(tok_dir, tmp_path, mon
     with pytest.raises(ValueError, match="not one prompt/response edge"):
         build(tok_dir, data_path, "sft")
     assert os.listdir(data_path + ".tokens") == []
+
+
+def test_a_killed_builders_temporary_is_removed_by_the_next_build_but_never_a_live_ones(tok_dir, tmp_path, capsys):
+    """A build killed outright leaves its temporary directory beside the cache: the next build on this host
+    removes those of builders that are gone, and leaves a live one's (a racing job) and other hosts'."""
+    data_path = write_rows(tmp_path / "sft.jsonl", hostile_rows("qwen")["sft"])
+    root = Path(data_path + ".tokens")
+    root.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(gone.stdout), os.getpid()
+    leftovers = {name: root / f"{data._builder_prefix(pid)}-{name}" for name, pid in (("dead", dead), ("live", live))}
+    other_host = root / f".tmp-some-other-host-{dead}-x"
+    for d in [*leftovers.values(), other_host]:
+        (d / "tokens.bin").parent.mkdir()
+        (d / "tokens.bin").write_bytes(b"\0" * 64)
+    _, built = build(tok_dir, data_path, "sft")
+    assert built
+    assert not leftovers["dead"].exists() and leftovers["live"].exists() and other_host.exists()
+    assert f"removed {leftovers['dead']}, left by an interrupted token-cache build" in capsys.readouterr().err
